@@ -1,0 +1,39 @@
+"""The inference backend interface: load a model, describe its tensors, run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgefleet.agent.tensors import TensorSpec
+
+__all__ = ["Backend", "Feeds", "Outputs"]
+
+Feeds = dict[str, np.ndarray[Any, Any]]
+Outputs = dict[str, np.ndarray[Any, Any]]
+
+
+class Backend(Protocol):
+    """One loaded model on one runtime.
+
+    ``run`` receives arrays already checked against ``inputs`` (name, dtype, shape) and returns
+    every output by name, in the tensor's own dtype. It need not be thread-safe; the caller locks
+    when ``thread_safe`` is false.
+    """
+
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    thread_safe: bool
+
+    def run(self, feeds: Feeds) -> Outputs: ...
+
+    def bare_callable(self) -> Callable[[Feeds], object]:
+        """The runtime's own call with no edgefleet code around it (for benchmarks)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Runtime name, version, threads, providers or delegates actually used."""
+        ...

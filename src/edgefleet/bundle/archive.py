@@ -1,0 +1,215 @@
+"""Reading and writing ``.efb`` bundles: a tar archive, ``manifest.json`` first, the members beside it.
+
+Reading is strict. Every member must be a regular file with a flat name that the manifest lists, with
+exactly the size the manifest gives; its sha256 is checked as it is read. Links, folders, devices,
+absolute paths, ``..``, unlisted or duplicate members are refused before a byte is written, and
+:func:`unpack_bundle` builds the result in a temp folder beside the target, renaming it into place only
+when every member checked out, so a bad bundle leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+from edgefleet.bundle.manifest import MAX_MANIFEST_BYTES, FileRef, Manifest, parse_manifest
+from edgefleet.durable import atomic_writer, fsync_dir
+from edgefleet.errors import BundleError
+
+__all__ = ["BundleReader", "file_ref", "read_manifest", "unpack_bundle", "write_bundle"]
+
+MANIFEST = "manifest.json"
+MAX_MEMBERS = 16
+_CHUNK = 1 << 20
+
+
+def file_ref(path: str, data: bytes) -> FileRef:
+    """The manifest entry for a member with these bytes."""
+    return FileRef(path=path, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_bundle(out: str | os.PathLike[str], manifest: Manifest, members: Mapping[str, bytes]) -> Path:
+    """Write a reproducible bundle atomically: same manifest and members, same bytes.
+
+    ``members`` maps each member path the manifest lists to its bytes; a missing, extra or
+    mismatching member raises :class:`BundleError`.
+    """
+    expected = {r.path: r for r in manifest.members()}
+    if set(members) != set(expected):
+        raise BundleError(f"bundle members {sorted(members)} do not match the manifest's {sorted(expected)}")
+    for name, data in members.items():
+        ref = expected[name]
+        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise BundleError(f"member {name}: bytes do not match the manifest's size/sha256")
+    mtime = int(manifest.created_at.timestamp())
+    out_path = Path(out)
+    with atomic_writer(out_path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        head = manifest.to_json()
+        tar.addfile(_tarinfo(MANIFEST, len(head), mtime), io.BytesIO(head))
+        for name in sorted(members):
+            data = members[name]
+            tar.addfile(_tarinfo(name, len(data), mtime), io.BytesIO(data))
+    return out_path
+
+
+class BundleReader:
+    """A checked, read-only view of a bundle file. Use as a context manager.
+
+    Opening reads and validates the manifest and every member header (not the contents);
+    :meth:`read` returns a member's bytes after checking their sha256.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._file: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise BundleError(f"{self.path}: cannot open bundle: {e.strerror or e}") from e
+        try:
+            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - closed in close()
+            self._infos = self._scan()
+            self.manifest = self._read_manifest()
+            self._check_members()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if hasattr(self, "_tar"):
+            self._tar.close()
+        self._file.close()
+
+    def _fail(self, msg: str) -> BundleError:
+        return BundleError(f"{self.path}: {msg}")
+
+    def _scan(self) -> dict[str, tarfile.TarInfo]:
+        infos: dict[str, tarfile.TarInfo] = {}
+        try:
+            for info in self._tar:
+                name = info.name
+                if name.startswith("/") or ".." in name.split("/") or "/" in name.strip("/") or "\\" in name:
+                    raise self._fail(f"member {name!r}: path escapes the bundle folder or is not flat")
+                if not info.isreg():
+                    raise self._fail(f"member {name!r}: only regular files are allowed (links, folders refused)")
+                if name in infos:
+                    raise self._fail(f"member {name!r}: appears twice")
+                infos[name] = info
+                if len(infos) > MAX_MEMBERS:
+                    raise self._fail(f"more than {MAX_MEMBERS} members")
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise self._fail(f"not a valid bundle (truncated or not a tar archive): {e}") from e
+        if not infos:
+            raise self._fail("not a valid bundle: empty or not a tar archive")
+        return infos
+
+    def _raw(self, info: tarfile.TarInfo, limit: int) -> bytes:
+        if info.size > limit:
+            raise self._fail(f"member {info.name!r}: {info.size} bytes, more than the {limit} allowed")
+        try:
+            f = self._tar.extractfile(info)
+            data = f.read() if f is not None else b""
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise self._fail(f"member {info.name!r}: cannot be read (truncated?): {e}") from e
+        if len(data) != info.size:
+            raise self._fail(f"member {info.name!r}: truncated ({len(data)} of {info.size} bytes)")
+        return data
+
+    def _read_manifest(self) -> Manifest:
+        info = self._infos.get(MANIFEST)
+        if info is None:
+            raise self._fail(f"no {MANIFEST} at the root of the bundle")
+        return parse_manifest(self._raw(info, MAX_MANIFEST_BYTES), where=f"{self.path}: {MANIFEST}")
+
+    def _check_members(self) -> None:
+        listed = {r.path: r for r in self.manifest.members()}
+        for name, info in self._infos.items():
+            if name == MANIFEST:
+                continue
+            ref = listed.get(name)
+            if ref is None:
+                raise self._fail(f"member {name!r}: not listed in the manifest")
+            if info.size != ref.size:
+                raise self._fail(f"member {name!r}: {info.size} bytes, the manifest says {ref.size}")
+        missing = sorted(set(listed) - set(self._infos))
+        if missing:
+            raise self._fail(f"member(s) {missing}: listed in the manifest but missing")
+
+    def ref(self, name: str) -> FileRef:
+        for r in self.manifest.members():
+            if r.path == name:
+                return r
+        raise self._fail(f"member {name!r}: not listed in the manifest")
+
+    def read(self, name: str) -> bytes:
+        """The member's bytes, after checking size and sha256 against the manifest."""
+        ref = self.ref(name)
+        data = self._raw(self._infos[name], ref.size)
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise self._fail(f"member {name!r}: sha256 does not match the manifest (tampered or corrupt)")
+        return data
+
+    def read_model(self) -> bytes:
+        return self.read(self.manifest.model.path)
+
+    def verify_hashes(self) -> None:
+        """Check every member's sha256 (reads the whole bundle)."""
+        for ref in self.manifest.members():
+            self.read(ref.path)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """The validated manifest of a bundle (member headers are checked; contents are not read)."""
+    with BundleReader(path) as b:
+        return b.manifest
+
+
+def unpack_bundle(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Manifest:
+    """Unpack a bundle into the new folder ``dest``, all or nothing.
+
+    Every member is verified before ``dest`` appears; on any error nothing is left behind.
+    """
+    target = Path(dest)
+    if target.exists():
+        raise BundleError(f"{target}: already exists; unpack into a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with BundleReader(path) as b:
+            for ref in b.manifest.members():
+                data = b.read(ref.path)
+                with atomic_writer(tmp / ref.path) as f:
+                    f.write(data)
+            with atomic_writer(tmp / MANIFEST) as f:
+                f.write(b.manifest.to_json())
+            manifest = b.manifest
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
