@@ -217,7 +217,8 @@ def package_model(
     except ValidationError as e:
         raise BundleError(format_validation_error(e, "manifest")) from e
     target = Path(out) if out is not None else Path(manifest.bundle_name)
-    if target.is_dir():
+    if target.is_dir() or target.suffix != ".efb":  # a folder, existing or to be made
+        target.mkdir(parents=True, exist_ok=True)
         target = target / manifest.bundle_name
     write_bundle(target, manifest, members)
     return target, manifest

@@ -85,7 +85,10 @@ class BundleReader:
         except OSError as e:
             raise BundleError(f"{self.path}: cannot open bundle: {e.strerror or e}") from e
         try:
-            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - closed in close()
+            try:
+                self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - closed in close()
+            except (tarfile.TarError, EOFError) as e:
+                raise self._fail(f"not a valid bundle (truncated or not a tar archive): {e}") from e
             self._infos = self._scan()
             self.manifest = self._read_manifest()
             self._check_members()
