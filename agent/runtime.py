@@ -115,7 +115,7 @@ class Model:
     def prepare(self, inputs: Mapping[str, Any]) -> tuple[Feeds, bool]:
         """Check and convert inputs; returns the feeds and whether integer data was given for a
         quantized input (then outputs stay integer by default). Raises :class:`ModelError`."""
-        if not isinstance(inputs, Mapping):
+        if type(inputs) is not dict and not isinstance(inputs, Mapping):
             raise ModelError(f"inputs must be a mapping of tensor name to array, got {type(inputs).__name__}")
         feeds: Feeds = {}
         raw = False
@@ -159,7 +159,11 @@ class Model:
         by name. Raises :class:`ModelError` naming the tensor, what was expected and what was given.
         """
         feeds, raw = self.prepare(inputs)
-        result = self._run(feeds)
+        if self._lock is None:
+            result = self.backend.run(feeds)
+        else:
+            with self._lock:
+                result = self.backend.run(feeds)
         if outputs is not None:
             unknown = [n for n in outputs if n not in self._out]
             if unknown:

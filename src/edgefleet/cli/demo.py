@@ -88,7 +88,7 @@ def demo(
             xs = (x[:, None] if layout == "nchw" else x[..., None]).astype(np.float32) / 16
             inp = "input" if fname.endswith(".onnx") else "image"
             name = fname.replace("_", "-").replace(".", "-")  # digits-cnn-int8-tflite
-            bundle, manifest = package_model(
+            bundle, _ = package_model(
                 path,
                 name,
                 "1.0.0",
