@@ -10,12 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
-from datetime import datetime, timezone
+import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import tomllib
 from pydantic import ValidationError
 
 from edgefleet.agent.runtime import Model, load_model
@@ -129,7 +129,7 @@ def _golden(
 
 def _created_at(model_path: Path, created_at: datetime | None) -> datetime:
     if created_at is not None:
-        return created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)
+        return created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch:
         try:
@@ -138,7 +138,7 @@ def _created_at(model_path: Path, created_at: datetime | None) -> datetime:
             raise BundleError(f"SOURCE_DATE_EPOCH: expected whole seconds, got {epoch!r}") from e
     else:
         ts = int(model_path.stat().st_mtime)
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 def package_model(

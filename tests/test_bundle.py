@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from edgefleet.bundle import BundleReader, parse_manifest, read_manifest, unpack
 from edgefleet.bundle.manifest import PipelineSpec
 from edgefleet.converters.package import package_model
 
-WHEN = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+WHEN = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 PIPE = PipelineSpec.model_validate(
     {
         "preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nhwc"}],
@@ -95,7 +95,7 @@ def test_same_inputs_give_the_same_bytes(tmp_path: Path, models_dir: Path, holdo
 def test_created_at_defaults_to_source_date_epoch(tmp_path: Path, models_dir: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     _, m = package_model(models_dir / "multi_io.onnx", "multi", "0.1.0", out=tmp_path)
-    assert m.created_at == datetime.fromtimestamp(1700000000, tz=timezone.utc)
+    assert m.created_at == datetime.fromtimestamp(1700000000, tz=UTC)
 
 
 def test_multi_input_bundle_with_scalar_golden(tmp_path: Path, models_dir: Path) -> None:

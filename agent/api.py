@@ -1,0 +1,353 @@
+"""The local inference API: the Open Inference Protocol (KServe v2) as a plain ASGI app.
+
+No web framework: routing is a split of the path, so a request costs little more than the
+inference itself. Inference runs on a thread pool, never on the event loop. Every bad request gets
+a 4xx with ``{"error": ...}``; nothing a client sends can take the agent down.
+
+Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
+``.../ready``, ``.../config``, ``POST .../infer`` (JSON, or the binary tensor extension with
+``Inference-Header-Content-Length``), and ``GET /metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from edgefleet import __version__
+from edgefleet.agent.metrics import AgentMetrics
+from edgefleet.agent.oip import (
+    DATATYPES,
+    RequestError,
+    api_datatype,
+    datatype_of,
+    decode_binary,
+    decode_json,
+    encode_binary,
+    encode_json_data,
+    parse_shape,
+    tensor_metadata,
+)
+from edgefleet.agent.registry import ModelRegistry, Served
+from edgefleet.errors import EdgefleetError
+
+__all__ = ["InferenceApp"]
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON = [(b"content-type", b"application/json")]
+HEADER_LENGTH = b"inference-header-content-length"
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class InferenceApp:
+    """ASGI application serving a :class:`ModelRegistry`."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: AgentMetrics | None = None,
+        max_body_bytes: int = 64 << 20,
+        workers: int | None = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics or AgentMetrics()
+        self.max_body_bytes = max_body_bytes
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers or min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="infer"
+        )
+        self.in_flight = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        self.in_flight += 1
+        try:
+            status, headers, body = await self._route(scope, receive)
+        except RequestError as e:
+            status, headers, body = e.status, _JSON, _error(str(e))
+        except _Disconnected:
+            return
+        except Exception:  # a bug, not the client's fault: log it, answer, keep serving
+            log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            status, headers, body = 500, _JSON, _error("internal error; see the agent's log")
+        finally:
+            self.in_flight -= 1
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        path: str = scope["path"].rstrip("/") or "/"
+        method: str = scope["method"]
+        parts = path.split("/")[1:]
+        if parts[:1] == ["metrics"] and len(parts) == 1:
+            _only(method, "GET")
+            return 200, [(b"content-type", self.metrics.content_type.encode())], self.metrics.render()
+        if parts[:1] != ["v2"]:
+            raise RequestError(f"no such endpoint: {path}", 404)
+        if len(parts) == 1:
+            _only(method, "GET")
+            return _ok({"name": "edgefleet", "version": __version__, "extensions": ["binary_tensor_data"]})
+        if parts[1] == "health" and len(parts) == 3:
+            _only(method, "GET")
+            if parts[2] == "live":
+                return _ok({"live": True})
+            if parts[2] == "ready":
+                ready = self.registry.ready
+                return (200 if ready else 503), _JSON, json.dumps({"ready": ready}).encode()
+            raise RequestError(f"no such endpoint: {path}", 404)
+        if parts[1] != "models" or len(parts) < 3:
+            raise RequestError(f"no such endpoint: {path}", 404)
+        served = self.registry.get(parts[2])
+        rest = parts[3:]
+        if len(rest) >= 2 and rest[0] == "versions":
+            if served is not None and rest[1] != served.version:
+                raise RequestError(f"model {parts[2]!r} has no version {rest[1]!r}; it serves {served.version!r}", 404)
+            rest = rest[2:]
+        if served is None:
+            if rest == ["ready"]:
+                raise RequestError(f"model {parts[2]!r} is not loaded", 404)
+            known = sorted(s.name for s in self.registry.all())
+            raise RequestError(f"unknown model {parts[2]!r}; this agent serves {known}", 404)
+        if not rest:
+            _only(method, "GET")
+            return _ok(_model_metadata(served))
+        if rest == ["ready"]:
+            _only(method, "GET")
+            return _ok({"name": served.name, "ready": True})
+        if rest == ["config"]:
+            _only(method, "GET")
+            return _ok(_model_config(served))
+        if rest == ["infer"]:
+            _only(method, "POST")
+            return await self._infer(served, scope, receive)
+        raise RequestError(f"no such endpoint: {path}", 404)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(f"request body of {int(declared)} bytes is over the {limit}-byte limit", 413)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"request body is over the {limit}-byte limit", 413)
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                break
+        body = b"".join(chunks)
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding in (b"gzip", b"deflate"):
+            d = zlib.decompressobj(31 if encoding == b"gzip" else 15)
+            try:
+                body = d.decompress(body, limit + 1)
+            except zlib.error as e:
+                raise RequestError(f"body is not valid {encoding.decode()} data: {e}") from e
+            if len(body) > limit or d.unconsumed_tail:
+                raise RequestError(f"decompressed body is over the {limit}-byte limit", 413)
+        elif encoding != b"identity":
+            raise RequestError(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}", 415)
+        return body
+
+    async def _infer(
+        self, served: Served, scope: Scope, receive: Receive
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        body = await self._read_body(scope, receive)
+        header_len = dict(scope["headers"]).get(HEADER_LENGTH)
+        if header_len is not None:
+            if not header_len.isdigit() or int(header_len) > len(body):
+                raise RequestError(
+                    f"Inference-Header-Content-Length {header_len.decode(errors='replace')!r} is not a length "
+                    f"within the {len(body)}-byte body"
+                )
+            n = int(header_len)
+            head, binary = body[:n], memoryview(body)[n:]
+        else:
+            head, binary = body, memoryview(b"")
+        try:
+            req = json.loads(head)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"request body is not valid JSON: {e}") from e
+        feeds, outputs, binary_out = _parse_request(req, served, binary)
+        model = served.model
+        started = time.perf_counter()
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict, feeds, outputs)
+        except EdgefleetError as e:
+            self.metrics.error(served.name, "bad_input")
+            raise RequestError(str(e)) from e
+        except Exception as e:  # the runtime refused the input in its own words (e.g. ORT's shape errors)
+            self.metrics.error(served.name, "runtime")
+            raise RequestError(f"model {served.name!r} failed on this input: {str(e).strip().splitlines()[0]}") from e
+        self.metrics.inference(served.name, time.perf_counter() - started)
+        response: dict[str, Any] = {"model_name": served.name, "model_version": served.version, "outputs": []}
+        if isinstance(req.get("id"), str):
+            response["id"] = req["id"]
+        blobs: list[bytes] = []
+        for name, arr in result.items():
+            out: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+            if binary_out.get(name):
+                blob = encode_binary(arr)
+                out["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                out["data"] = encode_json_data(arr)
+            response["outputs"].append(out)
+        head_out = json.dumps(response).encode()
+        if not blobs:
+            return 200, _JSON, head_out
+        headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head_out)).encode())]
+        return 200, headers, head_out + b"".join(blobs)
+
+
+def _parse_request(
+    req: Any, served: Served, binary: memoryview
+) -> tuple[dict[str, np.ndarray[Any, Any]], list[str] | None, dict[str, bool]]:
+    if not isinstance(req, dict):
+        raise RequestError("request body must be a JSON object")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError("'inputs' must be a non-empty list")
+    specs = {s.name: s for s in served.model.inputs}
+    feeds: dict[str, np.ndarray[Any, Any]] = {}
+    offset = 0
+    for i, inp in enumerate(inputs):
+        if not isinstance(inp, dict):
+            raise RequestError(f"inputs[{i}] must be an object")
+        name = inp.get("name")
+        if not isinstance(name, str):
+            raise RequestError(f"inputs[{i}].name must be a string")
+        where = f"input {name!r}"
+        spec = specs.get(name)
+        if spec is None:
+            raise RequestError(f"unknown input {name!r}; model {served.name!r} takes {list(specs)}")
+        if name in feeds:
+            raise RequestError(f"{where} appears twice")
+        datatype = inp.get("datatype")
+        if datatype not in DATATYPES:
+            raise RequestError(f"{where}: datatype must be one of {list(DATATYPES)}, got {datatype!r}")
+        expected = api_datatype(spec)
+        native = datatype_of(spec.dtype)
+        if datatype not in (expected, native):
+            raise RequestError(f"{where}: datatype {datatype} does not match the model's {expected}")
+        shape = parse_shape(inp.get("shape"), where)
+        params = inp.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RequestError(f"{where}: parameters must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise RequestError(f"{where}: parameters.binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise RequestError(
+                    f"{where}: binary data truncated: needs bytes {offset}..{offset + size}, the body has {len(binary)}"
+                )
+            feeds[name] = decode_binary(binary[offset : offset + size], datatype, shape, where)
+            offset += size
+        else:
+            feeds[name] = decode_json(inp.get("data"), datatype, shape, where)
+    if offset != len(binary):
+        raise RequestError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    req_params = req.get("parameters") or {}
+    if not isinstance(req_params, dict):
+        raise RequestError("parameters must be an object")
+    default_binary = bool(req_params.get("binary_data_output", False))
+    requested = req.get("outputs")
+    out_names = [s.name for s in served.model.outputs]
+    binary_out = dict.fromkeys(out_names, default_binary)
+    if requested is None:
+        return feeds, None, binary_out
+    if not isinstance(requested, list):
+        raise RequestError("'outputs' must be a list")
+    names: list[str] = []
+    for j, o in enumerate(requested):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise RequestError(f"outputs[{j}] must be an object with a string 'name'")
+        if o["name"] not in binary_out:
+            raise RequestError(f"unknown output {o['name']!r}; model {served.name!r} gives {out_names}")
+        p = o.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise RequestError(f"outputs[{j}].parameters must be an object")
+        if p.get("classification"):
+            raise RequestError(f"outputs[{j}]: the classification extension is not supported; use a pipeline")
+        binary_out[o["name"]] = bool(p.get("binary_data", default_binary))
+        names.append(o["name"])
+    return feeds, names or None, binary_out
+
+
+def _model_metadata(s: Served) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "versions": [s.version],
+        "platform": "onnxruntime_onnx" if s.model.backend.name == "onnxruntime" else "tensorflow_lite",
+        "inputs": [tensor_metadata(t) for t in s.model.inputs],
+        "outputs": [tensor_metadata(t) for t in s.model.outputs],
+    }
+
+
+def _model_config(s: Served) -> dict[str, Any]:
+    meta = _model_metadata(s)
+    return {
+        "name": s.name,
+        "platform": meta["platform"],
+        "max_batch_size": 0,
+        "input": [
+            {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]} for t in meta["inputs"]
+        ],
+        "output": [
+            {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"]} for t in meta["outputs"]
+        ],
+    }
+
+
+def _only(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise RequestError(f"method {method} not allowed here; use {allowed}", 405)
+
+
+def _ok(obj: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    return 200, _JSON, json.dumps(obj).encode()
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()

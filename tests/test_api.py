@@ -1,0 +1,293 @@
+"""The local inference API against real clients: tritonclient.http and raw HTTP (httpx)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from _server import running_api
+from _support import digits_input
+
+from edgefleet.agent import load_model
+
+SERVED = {
+    "digits-onnx": "digits_cnn_float.onnx",
+    "digits-tflite": "digits_cnn_int8.tflite",
+    "multi-onnx": "multi_io.onnx",
+    "multi-tflite": "multi_io.tflite",
+}
+
+
+@pytest.fixture(scope="module")
+def api(models_dir: Path) -> Iterator[str]:
+    with running_api({k: models_dir / v for k, v in SERVED.items()}) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(api: str) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(url=api)
+    yield c
+    c.close()
+
+
+def test_health_and_metadata_through_tritonclient(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "edgefleet" and "binary_tensor_data" in meta["extensions"]
+    for name in SERVED:
+        assert client.is_model_ready(name)
+    m = client.get_model_metadata("digits-tflite")
+    # quantized tensors speak float on the API; the agent quantizes with the tensor's scale
+    assert m["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+    m = client.get_model_metadata("multi-onnx")
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in m["inputs"]} == {
+        "features": ("FP32", [-1, -1]),
+        "scale": ("INT64", []),
+    }
+    assert not client.is_model_ready("nope")
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize(
+    ("name", "layout", "inp"), [("digits-onnx", "nchw", "input"), ("digits-tflite", "nhwc", "image")]
+)
+def test_infer_digits_matches_load_model(
+    client: triton.InferenceServerClient, models_dir: Path, holdout: Any, binary: bool, name: str, layout: str, inp: str
+) -> None:
+    x, _ = holdout
+    batch = digits_input(x[:4], layout) if name == "digits-onnx" else digits_input(x[:1], layout)
+    i = triton.InferInput(inp, list(batch.shape), "FP32")
+    i.set_data_from_numpy(batch, binary_data=binary)
+    out_name = "logits" if name == "digits-onnx" else "output_0"
+    res = client.infer(name, [i], outputs=[triton.InferRequestedOutput(out_name, binary_data=binary)])
+    want = load_model(models_dir / SERVED[name]).predict({inp: batch})[out_name]
+    np.testing.assert_array_equal(res.as_numpy(out_name), want)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("name", ["multi-onnx", "multi-tflite"])
+def test_infer_several_inputs_int64_scalar_and_outputs(
+    client: triton.InferenceServerClient, models_dir: Path, binary: bool, name: str
+) -> None:
+    feats = np.arange(6, dtype=np.float32).reshape(2, 3)
+    scale = np.array(3, dtype=np.int64)
+    a = triton.InferInput("features", [2, 3], "FP32")
+    a.set_data_from_numpy(feats, binary_data=binary)
+    b = triton.InferInput("scale", [], "INT64")
+    b.set_data_from_numpy(scale, binary_data=binary)
+    res = client.infer(
+        name,
+        [a, b],
+        outputs=[triton.InferRequestedOutput(n, binary_data=binary) for n in ("weighted", "total", "best")],
+    )
+    want = load_model(models_dir / SERVED[name]).predict({"features": feats, "scale": scale})
+    for k, v in want.items():
+        got = res.as_numpy(k)
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(got, v)
+    assert res.get_response()["model_name"] == name
+
+
+def test_raw_json_infer_with_nested_data_and_id(api: str) -> None:
+    body = {
+        "id": "req-1",
+        "inputs": [
+            {"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [[1, 2]]},
+            {"name": "scale", "shape": [], "datatype": "INT64", "data": 2},
+        ],
+    }
+    r = httpx.post(f"http://{api}/v2/models/multi-onnx/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "req-1"
+    assert out["weighted"]["data"] == [2.5, 4.5] and out["weighted"]["shape"] == [1, 2]
+    assert out["best"]["datatype"] == "INT64"
+
+
+def test_gzip_request_body_is_accepted(api: str) -> None:
+    body = {
+        "inputs": [
+            {"name": "features", "shape": [1, 1], "datatype": "FP32", "data": [1]},
+            {"name": "scale", "shape": [], "datatype": "INT64", "data": [1]},
+        ]
+    }
+    r = httpx.post(
+        f"http://{api}/v2/models/multi-onnx/infer",
+        content=gzip.compress(json.dumps(body).encode()),
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_versioned_paths_and_config(api: str) -> None:
+    assert httpx.get(f"http://{api}/v2/models/multi-onnx/versions/1").status_code == 200
+    assert httpx.get(f"http://{api}/v2/models/multi-onnx/versions/7").status_code == 404
+    assert httpx.get(f"http://{api}/v2/models/multi-onnx/config").json()["input"][1]["data_type"] == "TYPE_INT64"
+
+
+def test_metrics_count_inferences(api: str, client: triton.InferenceServerClient) -> None:
+    a = triton.InferInput("features", [1, 1], "FP32")
+    a.set_data_from_numpy(np.ones((1, 1), np.float32))
+    b = triton.InferInput("scale", [], "INT64")
+    b.set_data_from_numpy(np.array(1, np.int64))
+    client.infer("multi-tflite", [a, b])
+    text = httpx.get(f"http://{api}/metrics").text
+    assert 'edgefleet_inference_seconds_count{model="multi-tflite"}' in text
+    assert "edgefleet_models_loaded" in text
+
+
+# --- bad requests: a 4xx with {"error": ...}, never a 5xx ----------------------------------------
+
+
+def _multi(**override: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "inputs": [
+            {"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]},
+            {"name": "scale", "shape": [], "datatype": "INT64", "data": [2]},
+        ]
+    }
+    body.update(override)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "headers", "status", "message"),
+    [
+        ("/v2/models/multi-onnx/infer", b"{not json", {}, 400, "not valid JSON"),
+        ("/v2/models/multi-onnx/infer", b"[]", {}, 400, "must be a JSON object"),
+        ("/v2/models/nope/infer", json.dumps(_multi()).encode(), {}, 404, "unknown model 'nope'"),
+        (
+            "/v2/models/multi-onnx/infer",
+            json.dumps(
+                _multi(
+                    inputs=[
+                        {"name": "features", "shape": [2, 2], "datatype": "FP32", "data": [1.0, 2.0]},
+                        {"name": "scale", "shape": [], "datatype": "INT64", "data": [1]},
+                    ]
+                )
+            ).encode(),
+            {},
+            400,
+            "input 'features': data has 2 elements, shape [2, 2] needs 4",
+        ),
+        (
+            "/v2/models/digits-onnx/infer",
+            json.dumps(
+                {"inputs": [{"name": "input", "shape": [1, 1, 8, 9], "datatype": "FP32", "data": [0.0] * 72}]}
+            ).encode(),
+            {},
+            400,
+            "input 'input': expected shape [?, 1, 8, 8], got [1, 1, 8, 9]",
+        ),
+        (
+            "/v2/models/multi-onnx/infer",
+            json.dumps(
+                _multi(
+                    inputs=[
+                        {"name": "features", "shape": [1, 2], "datatype": "FP64", "data": [1.0, 2.0]},
+                        {"name": "scale", "shape": [], "datatype": "INT64", "data": [1]},
+                    ]
+                )
+            ).encode(),
+            {},
+            400,
+            "input 'features': datatype FP64 does not match the model's FP32",
+        ),
+        (
+            "/v2/models/multi-onnx/infer",
+            json.dumps(
+                _multi(
+                    inputs=[
+                        {"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]},
+                        {"name": "scale", "shape": [], "datatype": "INT64", "data": [1.5]},
+                    ]
+                )
+            ).encode(),
+            {},
+            400,
+            "input 'scale': data holds 'f'-kind values, not INT64",
+        ),
+        (
+            "/v2/models/multi-onnx/infer",
+            json.dumps(_multi(inputs=[{"name": "feature", "shape": [1], "datatype": "FP32", "data": [1.0]}])).encode(),
+            {},
+            400,
+            "unknown input 'feature'",
+        ),
+        (
+            "/v2/models/multi-onnx/infer",
+            json.dumps(_multi(inputs=[_multi()["inputs"][0]])).encode(),
+            {},
+            400,
+            "missing input(s) ['scale']",
+        ),
+        (
+            "/v2/models/multi-onnx/infer",
+            json.dumps(_multi(outputs=[{"name": "nope"}])).encode(),
+            {},
+            400,
+            "unknown output 'nope'",
+        ),
+        ("/v2/models/multi-onnx/infer", b"x" * (2 << 20), {}, 413, "over the 1048576-byte limit"),
+        ("/v2/models/multi-onnx/infer", b"{}", {"Content-Encoding": "br"}, 415, "unsupported Content-Encoding"),
+        (
+            "/v2/models/multi-onnx/infer",
+            b"{}",
+            {"Inference-Header-Content-Length": "999"},
+            400,
+            "Inference-Header-Content-Length '999'",
+        ),
+        ("/v2/nothing", b"", {}, 404, "no such endpoint"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(
+    api: str, path: str, content: bytes, headers: dict[str, str], status: int, message: str
+) -> None:
+    r = httpx.post(f"http://{api}{path}", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def _binary_request(header: dict[str, Any], blob: bytes) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    return head + blob, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def test_truncated_binary_payload_is_a_400(api: str) -> None:
+    feats = np.ones((1, 2), np.float32).tobytes()
+    header = {
+        "inputs": [
+            {"name": "features", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": len(feats)}},
+            {"name": "scale", "shape": [], "datatype": "INT64", "parameters": {"binary_data_size": 8}},
+        ]
+    }
+    body, headers = _binary_request(header, feats + struct.pack("<q", 2)[:5])
+    r = httpx.post(f"http://{api}/v2/models/multi-onnx/infer", content=body, headers=headers)
+    assert r.status_code == 400
+    assert "input 'scale': binary data truncated" in r.json()["error"]
+
+
+def test_binary_size_that_does_not_fit_the_shape_is_a_400(api: str) -> None:
+    header = {
+        "inputs": [
+            {"name": "features", "shape": [1, 2], "datatype": "FP32", "parameters": {"binary_data_size": 4}},
+            {"name": "scale", "shape": [], "datatype": "INT64", "data": [1]},
+        ]
+    }
+    body, headers = _binary_request(header, b"\0" * 4)
+    r = httpx.post(f"http://{api}/v2/models/multi-onnx/infer", content=body, headers=headers)
+    assert r.status_code == 400 and "needs 8" in r.json()["error"]
+
+
+def test_wrong_method_is_a_405(api: str) -> None:
+    r = httpx.get(f"http://{api}/v2/models/multi-onnx/infer")
+    assert r.status_code == 405 and "use POST" in r.json()["error"]
