@@ -291,3 +291,37 @@ def test_binary_size_that_does_not_fit_the_shape_is_a_400(api: str) -> None:
 def test_wrong_method_is_a_405(api: str) -> None:
     r = httpx.get(f"http://{api}/v2/models/multi-onnx/infer")
     assert r.status_code == 405 and "use POST" in r.json()["error"]
+
+
+def test_swapping_a_model_drops_no_request(models_dir: Path, holdout: Any) -> None:
+    """Clients keep inferring while the model is swapped between two versions many times."""
+    import threading
+
+    from edgefleet.agent.runtime import load_model as load
+
+    x, _ = holdout
+    batch = digits_input(x[:1], "nchw")
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": batch.reshape(-1).tolist()}]
+    }
+    versions = [load(models_dir / "digits_cnn_float.onnx"), load(models_dir / "digits_cnn_int8.onnx")]
+    with running_api({"digits": models_dir / "digits_cnn_float.onnx"}) as (url, app):
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=f"http://{url}") as c:
+                while not stop.is_set():
+                    statuses.append(c.post("/v2/models/digits/infer", json=body).status_code)
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(40):
+            app.registry.put("digits", versions[i % 2], version=str(i + 2))
+            while len(statuses) < 5 * (i + 1):  # let some requests through on each version
+                stop.wait(0.001)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert statuses and set(statuses) == {200}
