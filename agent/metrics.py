@@ -31,6 +31,7 @@ class AgentMetrics:
             registry=self.registry,
         )
         self.models = Gauge("edgefleet_models_loaded", "Models being served", registry=self.registry)
+        self.in_flight = Gauge("edgefleet_requests_in_flight", "HTTP requests being served", registry=self.registry)
         self._children: dict[str, Histogram] = {}
 
     def inference(self, model: str, seconds: float) -> None:

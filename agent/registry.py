@@ -11,9 +11,13 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
 
-from edgefleet.agent.pipeline import Pipeline
 from edgefleet.agent.runtime import Model
+
+if TYPE_CHECKING:
+    from edgefleet.agent.pipeline import Pipeline
 
 __all__ = ["ModelRegistry", "Served"]
 
@@ -25,8 +29,14 @@ class Served:
     name: str
     version: str
     model: Model
-    pipeline: Pipeline
     loaded_at: float = field(default_factory=time.time)
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        """The model's pipeline, built on first use (the API's infer path does not need it)."""
+        from edgefleet.agent.pipeline import Pipeline
+
+        return Pipeline(self.model)
 
 
 class ModelRegistry:
@@ -43,7 +53,6 @@ class ModelRegistry:
             name=name,
             version=version or (model.manifest.version if model.manifest else "1"),
             model=model,
-            pipeline=Pipeline(model),
         )
         with self._write:
             self._models = {**self._models, name: served}

@@ -15,17 +15,18 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgefleet.agent.backends.base import Backend, Feeds, Outputs
 from edgefleet.agent.tensors import Quantization, TensorSpec
-from edgefleet.bundle.archive import BundleReader
-from edgefleet.bundle.manifest import Manifest, parse_labels
 from edgefleet.errors import ModelError
 
-__all__ = ["Model", "dequantize", "load_model", "quantize"]
+if TYPE_CHECKING:  # the bundle format (and pydantic) is imported only when a bundle is loaded
+    from edgefleet.bundle.manifest import Manifest
+
+__all__ = ["Model", "dequantize", "detect_runtime", "load_model", "quantize"]
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,19 @@ def _detect(path: Path) -> str:
     return "onnx"
 
 
+def detect_runtime(path: str | os.PathLike[str]) -> str:
+    """``"onnx"`` or ``"tflite"``: what runtime a model file or bundle needs (a bundle's manifest says)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: no such model file")
+    kind = _detect(p)
+    if kind == "efb":
+        from edgefleet.bundle.archive import read_manifest
+
+        return read_manifest(p).runtime
+    return kind
+
+
 def _make_backend(
     kind: str, model: bytes | str, where: str, threads: int | None, delegates: Sequence[Any], options: dict[str, Any]
 ) -> Backend:
@@ -280,6 +294,9 @@ def load_model(
     labels: list[str] | None = None
     model: bytes | str = str(p)
     if kind == "efb":
+        from edgefleet.bundle.archive import BundleReader
+        from edgefleet.bundle.manifest import parse_labels
+
         with BundleReader(p) as bundle:
             manifest = bundle.manifest
             model = bundle.read_model()

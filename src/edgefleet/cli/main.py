@@ -7,6 +7,7 @@ import sys
 import typer
 
 from edgefleet import __version__
+from edgefleet.cli import agent as agent_cmd
 from edgefleet.cli import demo as demo_cmd
 from edgefleet.cli import model as model_cmd
 from edgefleet.errors import EdgefleetError
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(model_cmd.app, name="model")
+app.add_typer(agent_cmd.app, name="agent")
 app.command("demo")(demo_cmd.demo)
 
 

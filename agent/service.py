@@ -1,0 +1,242 @@
+"""The long-running agent: load and warm the models, serve the local API, run the flows.
+
+systemd integration: ``READY=1`` once every model is loaded and warmed and the listeners are open,
+``WATCHDOG=1`` from the event loop's own tick at half the watchdog interval (so a hung loop is
+restarted), ``STATUS=`` lines, and ``STOPPING=1`` on SIGTERM, after which no new connection is
+taken, requests in flight finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from edgefleet.agent import hardware
+from edgefleet.agent.api import InferenceApp
+from edgefleet.agent.config import AgentConfig, ModelConfig
+from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.agent.metrics import AgentMetrics
+from edgefleet.agent.registry import ModelRegistry
+from edgefleet.agent.runtime import Model, detect_runtime, load_model
+from edgefleet.agent.sdnotify import Notifier
+from edgefleet.errors import ConfigError, EdgefleetError, ModelError
+
+__all__ = ["AgentService", "bind_sockets"]
+
+log = logging.getLogger(__name__)
+
+
+def bind_sockets(host: str, port: int, uds: Path | None) -> list[socket.socket]:
+    """Open the listeners before serving, so that a port in use is a clear error, not a crash."""
+    socks: list[socket.socket] = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without
+    # it a response's head and body wait on the client's delayed ACK (40 ms a request).
+    tcp = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        tcp.bind((host, port))
+    except OSError as e:
+        tcp.close()
+        raise ConfigError(f"api: cannot listen on {host}:{port}: {e.strerror or e}") from e
+    tcp.set_inheritable(True)
+    socks.append(tcp)
+    if uds is not None:
+        if uds.exists() and stat.S_ISSOCK(uds.stat().st_mode):
+            uds.unlink()  # a stale socket from a previous run
+        uds.parent.mkdir(parents=True, exist_ok=True)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            unix.bind(str(uds))
+        except OSError as e:
+            unix.close()
+            tcp.close()
+            raise ConfigError(f"api.uds: cannot listen on {uds}: {e.strerror or e}") from e
+        os.chmod(uds, 0o660)
+        socks.append(unix)
+    return socks
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with systemd notifications, and a SIGTERM that ends in exit code 0."""
+
+    def __init__(self, config: uvicorn.Config, service: AgentService) -> None:
+        super().__init__(config)
+        self.service = service
+        self._next_ping = 0.0
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        log.info(
+            "signal %s: finishing %d request(s) in flight, then stopping",
+            signal.Signals(sig).name,
+            self.service.app.in_flight,
+        )
+        self.service.notifier.stopping()
+        self.should_exit = True
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self.service.on_listening()
+
+    async def on_tick(self, counter: int) -> bool:
+        interval = self.service.watchdog_interval
+        if interval is not None:
+            now = time.monotonic()
+            if now >= self._next_ping:
+                self.service.notifier.watchdog()
+                self._next_ping = now + interval / 2
+        return await super().on_tick(counter)
+
+
+class AgentService:
+    """The agent process. ``run()`` blocks until SIGTERM/SIGINT and returns the exit code."""
+
+    def __init__(self, config: AgentConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.watchdog_interval = self.notifier.watchdog_interval()
+        self.metrics = AgentMetrics()
+        self.registry = ModelRegistry()
+        self.app = InferenceApp(self.registry, self.metrics, config.api.max_body_bytes, config.api.workers)
+        self.flows: list[Any] = []
+        self._sockets: list[socket.socket] = []
+        self.profile = self._hardware_profile()
+
+    def _hardware_profile(self) -> HardwareProfile:
+        hw = self.config.hardware
+        profile = hardware.load_profile(hw.profile) if hw.profile else hardware.detect().profile
+        if hw.overrides:
+            profile = hardware.apply_overrides(profile, hw.overrides)
+        return profile
+
+    def _load(self, mc: ModelConfig) -> Model:
+        """Load with the hardware profile's threads and delegates (Edge TPU, TensorRT...). A delegate
+        or provider this device lacks is logged and the model runs on the CPU instead."""
+        runtime = mc.backend or detect_runtime(mc.path)
+        opts = self.profile.runtime_options(runtime)
+        threads = mc.threads or opts["threads"]
+        try:
+            return load_model(mc.path, threads=threads, backend=mc.backend, delegates=opts["delegates"])
+        except ModelError as e:
+            if not opts["delegates"] or not any(w in str(e) for w in ("delegate", "execution provider")):
+                raise
+            log.warning("%s; running %s on the CPU instead", e, mc.path)
+            return load_model(mc.path, threads=threads, backend=mc.backend)
+
+    def load_models(self) -> None:
+        """Load and warm every configured model (a model that fails stops the start, naming it)."""
+        names = []
+        for mc in self.config.models:
+            self.notifier.status(f"loading {mc.path}")
+            model = self._load(mc)
+            name = mc.name or model.name
+            self.registry.put(name, model)
+            names.append(name)
+            log.info("serving %s (%s) from %s", name, model.backend.name, mc.path)
+        self.registry.expected = set(names)
+        self.metrics.models.set(len(names))
+
+    def start_flows(self) -> None:
+        if not self.config.flows:
+            return
+        from edgefleet.agent.flow import Flow, FlowConfig  # type: ignore[import-not-found,unused-ignore]
+
+        for i, raw in enumerate(self.config.flows):
+            try:
+                cfg = FlowConfig.model_validate(raw)
+            except Exception as e:
+                raise ConfigError(f"flows.{i}: {e}") from e
+            served = self.registry.get(cfg.model)
+            if served is None:
+                raise ConfigError(f"flows.{i}.model: {cfg.model!r} is not one of the served models")
+            name = cfg.model
+            flow = Flow(cfg, self._pipeline_of(name), device_id=self.config.device_id)
+            flow.start()
+            self.flows.append(flow)
+
+    def _pipeline_of(self, name: str) -> Any:
+        """A getter for the current pipeline of a served model (so a swapped model is picked up)."""
+
+        def get() -> Any:
+            served = self.registry.get(name)
+            if served is None:
+                raise ModelError(f"model {name!r} is no longer served")
+            return served.pipeline
+
+        return get
+
+    def on_listening(self) -> None:
+        where = [f"http://{self.config.api.host}:{self.port}"]
+        if self.config.api.uds:
+            where.append(f"unix:{self.config.api.uds}")
+        msg = f"ready: {len(self.registry.all())} model(s) on {', '.join(where)}"
+        log.info(msg)
+        print(msg, flush=True)
+        self.notifier.ready()
+        self.notifier.status(msg)
+
+    @property
+    def port(self) -> int:
+        return int(self._sockets[0].getsockname()[1]) if self._sockets else self.config.api.port
+
+    async def serve(self) -> None:
+        api = self.config.api
+        self._sockets = bind_sockets(api.host, api.port, api.uds)
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(self.config.shutdown_timeout),
+            server_header=False,
+        )
+        server = _Server(config, self)
+        try:
+            self.start_flows()
+            await server.serve(sockets=self._sockets)
+        finally:
+            for flow in self.flows:
+                flow.stop()
+            self.app.close()
+            for s in self._sockets:
+                s.close()
+            if api.uds is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    api.uds.unlink()
+
+    def run(self) -> int:
+        try:
+            self.load_models()
+        except EdgefleetError:
+            self.notifier.status("failed to load models")
+            raise
+        asyncio.run(self.serve())
+        log.info("stopped")
+        return 0

@@ -1,0 +1,184 @@
+"""The agent as a real process: systemd notifications, watchdog, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+EDGEFLEET = shutil.which("edgefleet", path=str(Path(sys.executable).parent)) or "edgefleet"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET like systemd's: a datagram socket collecting what the agent sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+
+    def wait_for(self, text: str, timeout: float = 60) -> float:
+        """Receive until a datagram containing ``text`` arrives; returns its arrival time."""
+        deadline = time.monotonic() + timeout
+        for t, m in self.messages:
+            if text in m:
+                return t
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            now = time.monotonic()
+            self.messages.append((now, data))
+            if text in data:
+                return now
+        raise AssertionError(f"no {text!r} within {timeout}s; got {[m for _, m in self.messages]}")
+
+    def count(self, text: str) -> int:
+        return sum(text in m for _, m in self.messages)
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    lst = NotifyListener(tmp_path / "notify.sock")
+    yield lst
+    lst.sock.close()
+
+
+def start_agent(models: list[Path], port: int, env: dict[str, str], uds: Path | None = None) -> subprocess.Popen[str]:
+    args = [EDGEFLEET, "agent", "serve", *map(str, models), "--port", str(port)]
+    if uds is not None:
+        args += ["--uds", str(uds)]
+    return subprocess.Popen(args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ready_after_warm_up_watchdog_and_stopping(listener: NotifyListener, models_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    uds = tmp_path / "agent.sock"
+    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
+    proc = start_agent([models_dir / "digits_cnn_int8.tflite", models_dir / "multi_io.onnx"], port, env, uds)
+    try:
+        listener.wait_for("READY=1")
+        # READY means every model is loaded and warmed: the API answers ready at once, on both listeners.
+        assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(uds))) as c:
+            assert c.get("http://agent/v2/models/multi_io/ready").status_code == 200
+        loading = [t for t, m in listener.messages if "STATUS=loading" in m]
+        ready = listener.wait_for("READY=1")
+        assert loading and max(loading) <= ready
+        # WATCHDOG=1 at half the 0.4 s interval, from the serving loop.
+        for _ in range(3):
+            listener.messages = [(t, m) for t, m in listener.messages if "WATCHDOG=1" not in m]
+            listener.wait_for("WATCHDOG=1", timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        listener.wait_for("STOPPING=1")
+        assert proc.wait(30) == 0
+        assert not uds.exists(), "the Unix socket is removed on exit"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _in_flight(port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith("edgefleet_requests_in_flight "))
+    return int(float(line.split()[1])) - 1  # not counting this scrape
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(listener: NotifyListener, models_dir: Path) -> None:
+    port = free_port()
+    proc = start_agent([models_dir / "digits_cnn_float.onnx"], port, {"NOTIFY_SOCKET": str(listener.path)})
+    try:
+        listener.wait_for("READY=1")
+        batch = np.random.default_rng(1).random((60000, 1, 8, 8), dtype=np.float32)  # a slow request
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": list(batch.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": batch.nbytes},
+                    }
+                ],
+                "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        result: dict[str, Any] = {}
+
+        def slow_request() -> None:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v2/models/digits_cnn_float/infer",
+                content=head + batch.tobytes(),
+                headers={"Inference-Header-Content-Length": str(len(head))},
+                timeout=120,
+            )
+            result["status"] = r.status_code
+            result["size"] = len(r.content)
+
+        t = threading.Thread(target=slow_request)
+        t.start()
+        deadline = time.monotonic() + 30
+        while _in_flight(port) < 1:
+            assert time.monotonic() < deadline, "the request never got in flight"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result.get("status") == 200, result
+        assert result["size"] > 60000 * 10 * 4  # the whole logits tensor came back
+        assert proc.wait(30) == 0
+        assert listener.count("STOPPING=1") or listener.wait_for("STOPPING=1", timeout=1)
+        _, err = proc.communicate()
+        assert "finishing 1 request(s) in flight" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_model_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    r = subprocess.run(
+        [EDGEFLEET, "agent", "serve", str(bad), "--port", str(free_port())], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1
+    assert f"error: {bad}: not a loadable ONNX model" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(models_dir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [EDGEFLEET, "agent", "serve", str(models_dir / "multi_io.onnx"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1
+    assert f"error: api: cannot listen on 127.0.0.1:{port}" in r.stderr
