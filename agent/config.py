@@ -9,7 +9,6 @@ secrets are ``SecretStr`` and never printed.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgefleet.errors import ConfigError
+from edgefleet.tomlconf import problems
 
 __all__ = ["AgentConfig", "ApiConfig", "HardwareConfig", "ModelConfig", "load_config", "parse_config"]
 
@@ -77,33 +77,9 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
-def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
-    """The line of the longest prefix of ``loc`` (a pydantic error location) found in the TOML text."""
-    current: tuple[int | str, ...] = ()
-    counts: dict[str, int] = {}
-    best, best_len = None, 0
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        s = raw.strip()
-        if s.startswith("[["):
-            name = s[2 : s.find("]]")].strip()
-            counts[name] = counts.get(name, -1) + 1
-            current = (*name.split("."), counts[name])
-            path = current
-        elif s.startswith("["):
-            current = tuple(s[1 : s.find("]")].strip().split("."))
-            path = current
-        else:
-            m = re.match(r'^"?([A-Za-z0-9_-]+)"?\s*=', s)
-            if not m:
-                continue
-            path = (*current, m.group(1))
-        n = len(path)
-        if n > best_len and tuple(loc[:n]) == path:
-            best, best_len = lineno, n
-    return best
-
-
-def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Apply ``EDGEFLEET_*`` variables to ``data`` in place; returns key path -> variable name."""
+    applied: dict[tuple[str, ...], str] = {}
     for key, raw in sorted(env.items()):
         if not key.startswith(ENV_PREFIX) or key == "EDGEFLEET_TOKEN":
             continue
@@ -119,7 +95,8 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
                 raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a table")
             node = child
         node[parts[-1]] = value
-    return data
+        applied[tuple(parts)] = key
+    return applied
 
 
 def parse_config(
@@ -130,19 +107,11 @@ def parse_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML: {e}") from e
-    data = _env_overrides(data, os.environ if env is None else env)
+    from_env = _env_overrides(data, os.environ if env is None else env)
     try:
         cfg = AgentConfig.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            line = _line_of(text, loc)
-            at = f" (line {line})" if line else ""
-            problems.append(
-                f"{'.'.join(str(p) for p in loc) or '(root)'}{at}: {err['msg'].removeprefix('Value error, ')}"
-            )
-        raise ConfigError(f"{where}: " + "; ".join(problems)) from e
+        raise ConfigError(f"{where}: " + "; ".join(problems(e, text, from_env))) from e
     if base is not None:
         for m in cfg.models:
             if not m.path.is_absolute():

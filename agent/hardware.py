@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgefleet.errors import ConfigError
+from edgefleet.tomlconf import problems
 
 __all__ = [
     "LIB_DIRS", "PROFILES_DIR", "Delegate", "Detection", "Evidence", "HardwareProfile", "Sensor", "apply_overrides",
@@ -137,41 +138,6 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 
 
-def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
-    """The line of the longest prefix of ``loc`` (a pydantic error location) set in the TOML text."""
-    table: tuple[int | str, ...] = ()
-    counts: dict[str, int] = {}
-    best: tuple[int, int] | None = None
-    path: tuple[int | str, ...]
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        s = raw.strip()
-        if s.startswith("[["):
-            name = s[2 : s.find("]]")].strip()
-            counts[name] = counts.get(name, -1) + 1
-            path = table = (name, counts[name])
-        elif s.startswith("["):
-            path = table = (s[1 : s.find("]")].strip(),)
-        elif m := re.match(r'"?([A-Za-z0-9_-]+)"?\s*=', s):
-            path = (*table, m.group(1))
-        else:
-            continue
-        if tuple(loc[: len(path)]) == path and (best is None or len(path) > best[1]):
-            best = (lineno, len(path))
-    return best[0] if best else None
-
-
-def _problems(e: ValidationError, text: str | None = None) -> list[str]:
-    out = []
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc)
-        line = _line_of(text, loc) if text is not None else None
-        at = f" (line {line})" if line else ""
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        out.append(f"{field}{at}: {msg}" if loc else msg)
-    return out
-
-
 def parse_profile(text: str, where: str = "profile") -> HardwareProfile:
     """Validate a profile's TOML text; ``where`` names it in errors. Raises :class:`ConfigError`."""
     try:
@@ -181,7 +147,7 @@ def parse_profile(text: str, where: str = "profile") -> HardwareProfile:
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{where}: " + "; ".join(_problems(e, text))) from e
+        raise ConfigError(f"{where}: " + "; ".join(problems(e, text))) from e
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
@@ -217,7 +183,7 @@ def apply_overrides(profile: HardwareProfile, overrides: Mapping[str, Any]) -> H
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("; ".join(f"hardware.overrides.{p}" for p in _problems(e))) from e
+        raise ConfigError("; ".join(f"hardware.overrides.{p}" for p in problems(e))) from e
 
 
 # --- detection: evidence (I/O), then a pure choice ------------------------------------------------------

@@ -1,0 +1,92 @@
+"""agent.toml: validation errors name the key and the line; environment overrides."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgefleet.agent.config import load_config, parse_config
+from edgefleet.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "agent.example.toml"
+EDGEFLEET = shutil.which("edgefleet", path=str(Path(sys.executable).parent)) or "edgefleet"
+
+GOOD = """\
+device_id = "pi-01"
+state_dir = "state"
+
+[api]
+port = 9000
+uds = "/run/edgefleet/agent.sock"
+
+[[models]]
+path = "models/digits.efb"
+
+[[models]]
+path = "/opt/m/other.onnx"
+threads = 2
+"""
+
+
+def test_the_shipped_example_is_valid() -> None:
+    cfg = load_config(EXAMPLE, env={})
+    assert cfg.api.port == 8500 and cfg.api.host == "127.0.0.1"
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(GOOD)
+    cfg = load_config(p, env={})
+    assert cfg.models[0].path == tmp_path / "models" / "digits.efb"
+    assert cfg.models[1].path == Path("/opt/m/other.onnx") and cfg.models[1].threads == 2
+    assert cfg.state_dir == tmp_path / "state"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace("port = 9000", "port = 99999"), "api.port (line 5): Input should be less than or equal to 65535"),
+        (
+            GOOD.replace("threads = 2", "threads = 0"),
+            "models.1.threads (line 13): Input should be greater than or equal to 1",
+        ),
+        (GOOD.replace("port = 9000", "prot = 9000"), "api.prot (line 5): unknown field"),
+        (GOOD + "\n[hardware]\nprofile = 3\n", "hardware.profile (line 16): Input should be a valid string"),
+        (GOOD.replace('path = "models/digits.efb"', "paht = 1"), "models.0.paht (line 9): unknown field"),
+        ("[api\nport = 1", "not valid TOML"),
+        (GOOD + '\n[[models]]\npath = "/x/other.onnx"\n', "two models are served under the same name(s) ['other']"),
+    ],
+)
+def test_errors_name_the_key_and_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.toml: ") as e:
+        parse_config(text, "agent.toml", env={})
+    assert message in str(e.value)
+
+
+def test_environment_overrides_nested_keys() -> None:
+    cfg = parse_config(GOOD, env={"EDGEFLEET_API__PORT": "9100", "EDGEFLEET_DEVICE_ID": "pi-99", "OTHER": "x"})
+    assert cfg.api.port == 9100 and cfg.device_id == "pi-99"
+
+
+def test_bad_environment_override_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"api.port \(from \$EDGEFLEET_API__PORT\): Input should be a valid integer"):
+        parse_config(GOOD, env={"EDGEFLEET_API__PORT": "lots"})
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(GOOD)
+    r = subprocess.run(
+        [EDGEFLEET, "agent", "check-config", str(p), "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["api"]["port"] == 9000
+    p.write_text(GOOD.replace("port = 9000", "port = -1"))
+    r = subprocess.run([EDGEFLEET, "agent", "check-config", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "api.port (line 5)" in r.stderr and "Traceback" not in r.stderr
