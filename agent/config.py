@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgefleet.agent.flow import FlowConfig
 from edgefleet.errors import ConfigError
 from edgefleet.tomlconf import problems
 
@@ -61,7 +62,7 @@ class AgentConfig(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     models: list[ModelConfig] = Field(default_factory=list)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
-    flows: list[dict[str, Any]] = Field(default_factory=list, description="sources -> model -> sinks")
+    flows: list[FlowConfig] = Field(default_factory=list, description="sources -> model -> sinks")
     shutdown_timeout: float = Field(default=30.0, gt=0, le=600, description="seconds to finish in-flight work")
 
     @model_validator(mode="after")
@@ -70,6 +71,10 @@ class AgentConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"two models are served under the same name(s) {dup}")
+        flows = [f.name for f in self.flows]
+        dup = sorted({n for n in flows if flows.count(n) > 1})
+        if dup:
+            raise ValueError(f"two flows share the name(s) {dup}")
         return self
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["AgentMetrics"]
@@ -34,6 +38,10 @@ class AgentMetrics:
         self.in_flight = Gauge("edgefleet_requests_in_flight", "HTTP requests being served", registry=self.registry)
         self._children: dict[str, Histogram] = {}
 
+    def watch_flows(self, counters: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export the flows' counters (``{flow: Flow.counters()}``), read at scrape time."""
+        self.registry.register(_FlowCollector(counters))
+
     def inference(self, model: str, seconds: float) -> None:
         child = self._children.get(model)
         if child is None:
@@ -45,3 +53,27 @@ class AgentMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FlowCollector:
+    """``edgefleet_flow_items{flow, stage, counter}``: the flow's own, its source's and each sink's."""
+
+    def __init__(self, counters: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "edgefleet_flow_items",
+            "Items counted by each flow, its source and sinks",
+            labels=["flow", "stage", "counter"],
+        )
+        for flow, c in self._counters().items():
+            for key, value in c.items():
+                if isinstance(value, int | float):
+                    g.add_metric([flow, "flow", key], value)
+            for key, value in c.get("source", {}).items():
+                g.add_metric([flow, "source", key], value)
+            for sink, sc in c.get("sinks", {}).items():
+                for key, value in sc.items():
+                    g.add_metric([flow, f"sink:{sink}", key], value)
+        yield g

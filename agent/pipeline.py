@@ -121,6 +121,8 @@ def _color(x: np.ndarray[Any, Any], s: ColorStep) -> np.ndarray[Any, Any]:
     if s.source == s.target:
         return x
     channels = x.shape[2]
+    if s.target == "gray" and channels == 1:
+        return x  # already one channel (a gray image, or an array fed straight in)
     if s.source == "gray":
         if channels != 1:
             raise PipelineError(f"step color: source gray needs 1 channel, got {channels}")

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import uvicorn
 from edgefleet.agent import hardware
 from edgefleet.agent.api import InferenceApp
 from edgefleet.agent.config import AgentConfig, ModelConfig
+from edgefleet.agent.flow import Flow
 from edgefleet.agent.hardware import HardwareProfile
 from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.registry import ModelRegistry
@@ -125,7 +127,7 @@ class AgentService:
         self.metrics = AgentMetrics()
         self.registry = ModelRegistry()
         self.app = InferenceApp(self.registry, self.metrics, config.api.max_body_bytes, config.api.workers)
-        self.flows: list[Any] = []
+        self.flows: list[Flow] = []
         self._sockets: list[socket.socket] = []
         self.profile = self._hardware_profile()
 
@@ -164,22 +166,27 @@ class AgentService:
         self.metrics.models.set(len(names))
 
     def start_flows(self) -> None:
-        if not self.config.flows:
-            return
-        from edgefleet.agent.flow import Flow, FlowConfig  # type: ignore[import-not-found,unused-ignore]
-
-        for i, raw in enumerate(self.config.flows):
-            try:
-                cfg = FlowConfig.model_validate(raw)
-            except Exception as e:
-                raise ConfigError(f"flows.{i}: {e}") from e
-            served = self.registry.get(cfg.model)
-            if served is None:
-                raise ConfigError(f"flows.{i}.model: {cfg.model!r} is not one of the served models")
-            name = cfg.model
-            flow = Flow(cfg, self._pipeline_of(name), device_id=self.config.device_id)
+        """Start every configured flow (after the models are loaded; a flow names a served model)."""
+        for i, cfg in enumerate(self.config.flows):
+            if self.registry.get(cfg.model) is None:
+                served = sorted(s.name for s in self.registry.all())
+                raise ConfigError(f"flows.{i}.model: {cfg.model!r} is not a served model; served: {served}")
+            flow = Flow(cfg, self._pipeline_of(cfg.model), device_id=self.config.device_id)
             flow.start()
             self.flows.append(flow)
+        if self.flows:
+            self.metrics.watch_flows(lambda: {f.name: f.counters() for f in self.flows})
+            log.info(
+                "flow %s: %s -> %s -> %s", flow.name, cfg.source.type, cfg.model, ", ".join(k.type for k in cfg.sinks)
+            )
+
+    def stop_flows(self) -> None:
+        """Stop every flow at once (each drains its queue within its own drain_timeout)."""
+        threads = [threading.Thread(target=f.stop, name=f"stop-{f.name}") for f in self.flows]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _pipeline_of(self, name: str) -> Any:
         """A getter for the current pipeline of a served model (so a swapped model is picked up)."""
@@ -222,8 +229,7 @@ class AgentService:
             self.start_flows()
             await server.serve(sockets=self._sockets)
         finally:
-            for flow in self.flows:
-                flow.stop()
+            self.stop_flows()
             self.app.close()
             for s in self._sockets:
                 s.close()

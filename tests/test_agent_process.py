@@ -182,3 +182,66 @@ def test_port_in_use_is_a_clear_error(models_dir: Path) -> None:
         )
     assert r.returncode == 1
     assert f"error: api: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_agent_run_config_folder_flow_to_jsonl(models_dir: Path, holdout: Any, tmp_path: Path) -> None:
+    """agent run --config: a bundle served over the API and fed by a folder flow writing JSON lines."""
+    from edgefleet.bundle.manifest import PipelineSpec
+    from edgefleet.converters.package import package_model
+
+    x, y = holdout
+    spec = PipelineSpec.model_validate(
+        {
+            "preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nhwc"}],
+            "postprocess": [{"op": "softmax"}, {"op": "topk", "k": 1}],
+        }
+    )
+    bundle, _ = package_model(
+        models_dir / "digits_cnn_float.tflite",
+        "digits",
+        "1.0.0",
+        out=tmp_path,
+        labels=models_dir / "digits_labels.txt",
+        pipeline=spec,
+    )
+    inbox, out = tmp_path / "inbox", tmp_path / "predictions.jsonl"
+    inbox.mkdir()
+    port = free_port()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"""
+device_id = "test-device"
+state_dir = "state"
+[api]
+port = {port}
+[[models]]
+path = "{bundle}"
+[[flows]]
+name = "inbox"
+model = "digits"
+source = {{ type = "folder", path = "{inbox}", poll_interval = 0.05 }}
+sinks = [{{ type = "jsonl", path = "{out}" }}]
+""")
+    proc = subprocess.Popen(
+        [EDGEFLEET, "agent", "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert "ready" in proc.stdout.readline()
+        for i in range(10):
+            np.save(inbox / f"digit{i}.npy", x[i].astype(np.float32))
+        deadline = time.monotonic() + 60
+        lines: list[dict[str, Any]] = []
+        while len(lines) < 10:
+            assert time.monotonic() < deadline, f"only {len(lines)} predictions"
+            time.sleep(0.05)
+            lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+        by_file = {r["meta"]["file"]: r["top_k"][0]["index"] for r in lines}
+        assert sum(by_file[f"digit{i}.npy"] == y[i] for i in range(10)) >= 8
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'edgefleet_flow_items{counter="processed",flow="inbox",stage="flow"} 10.0' in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,298 @@
+"""A flow: one source feeds one model through its pipeline, and every result goes to the sinks.
+
+::
+
+    source thread(s) --emit--> bounded queue --> worker thread --> pipeline.run --> sinks
+
+The worker asks ``get_pipeline()`` for the pipeline on every item, so a model swapped in the
+registry is used from the next item on. When the queue is full, a source that can wait (folder,
+stdin, camera) is made to wait: files stay in the folder, stdin is not read, and a camera keeps
+only its newest frame, counting the stale ones it drops. A source that cannot wait (MQTT) never
+blocks; the flow drops the ``oldest`` queued item or the ``newest`` one, per ``drop``, and counts
+it in ``dropped_queue_full``. An item that fails (bad input, a model error) is counted and logged;
+the flow goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgefleet.agent.sinks import Sink, SinkConfig, build_sink
+from edgefleet.agent.sources import Item, Source, SourceConfig, build_source
+from edgefleet.agent.sources.base import Counters, Outcome
+from edgefleet.errors import EdgefleetError
+
+__all__ = ["Flow", "FlowConfig", "Runner"]
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What a flow needs of a :class:`~edgefleet.agent.pipeline.Pipeline`."""
+
+    def run(self, data: Any) -> dict[str, Any]: ...
+
+
+class FlowConfig(BaseModel):
+    """``[[flows]]`` in ``agent.toml``: a source, the served model it feeds, and the sinks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="", max_length=64, description="name in logs, counters and meta; default: source-model")
+    model: str = Field(min_length=1, description="name of a served model")
+    source: SourceConfig
+    sinks: list[SinkConfig] = Field(min_length=1, description="every result goes to each of these")
+    queue_size: int = Field(
+        default=16, ge=1, le=100_000, description="items waiting for the model; default 1 for a camera (freshest frame)"
+    )
+    drop: Literal["oldest", "newest"] = Field(
+        default="oldest",
+        description="when the queue is full and the source cannot wait: drop the oldest or the new item",
+    )
+    send_errors: bool = Field(default=False, description='also send {"error": ..., "meta": ...} for failed inputs')
+    drain_timeout: float = Field(default=10.0, ge=0, le=600, description="seconds stop() spends on queued items")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _camera_queue(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "queue_size" not in data:
+            src = data.get("source")
+            kind = src.get("type") if isinstance(src, dict) else getattr(src, "type", None)
+            if kind == "camera":
+                data = {**data, "queue_size": 1}
+        return data
+
+    @model_validator(mode="after")
+    def _default_name(self) -> FlowConfig:
+        if not self.name:
+            self.name = f"{self.source.type}-{self.model}"
+        return self
+
+
+class Flow:
+    """Runs a :class:`FlowConfig`. ``source`` and ``sinks`` may be given instead of built from it."""
+
+    def __init__(
+        self,
+        config: FlowConfig,
+        get_pipeline: Callable[[], Runner],
+        device_id: str = "",
+        *,
+        source: Source | None = None,
+        sinks: Sequence[Sink] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.device_id = device_id
+        self.source: Source = source if source is not None else build_source(config.source)
+        self.sinks: dict[str, Sink] = {}
+        self.last_error: str | None = None
+        self._given_sinks = list(sinks) if sinks is not None else None
+        self._get_pipeline = get_pipeline
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=config.queue_size)
+        self._counters = Counters(
+            "received", "processed", "errors", "dropped_queue_full", "dropped_on_stop", "sink_errors"
+        )
+        self._put_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._pending = 0  # items in the queue or being processed
+        self._stopping = threading.Event()  # no more items are taken in
+        self._closing = threading.Event()  # the worker exits once the queue is empty
+        self._abort = threading.Event()  # the worker drops what is left
+        self._worker: threading.Thread | None = None
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the sinks, start the worker, then the source. Raises :class:`EdgefleetError`."""
+        if self._worker is not None or self._stopped:
+            raise RuntimeError(f"flow {self.name}: already started")
+        try:
+            given = self._given_sinks
+            built = given if given is not None else (build_sink(c, self.device_id) for c in self.config.sinks)
+            for i, sink in enumerate(built):  # each one kept at once, so that stop() closes it
+                key = sink.name if sink.name not in self.sinks else f"{sink.name}-{i}"
+                self.sinks[key] = sink
+            self._worker = threading.Thread(target=self._work, name=f"flow-{self.name}", daemon=True)
+            self._worker.start()
+            self.source.start(self._emit)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("flow %s: %s -> %s -> %s", self.name, self.source.name, self.config.model, ", ".join(self.sinks))
+
+    def stop(self) -> None:
+        """Stop the source, finish queued items (for up to ``drain_timeout`` seconds, then drop the
+        rest), close the sinks. Idempotent."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._stopping.set()  # a source blocked in emit gives up its item
+        try:
+            self.source.stop()
+        except Exception:
+            log.exception("flow %s: stopping source %s failed", self.name, self.source.name)
+        self._closing.set()
+        worker = self._worker
+        if worker is not None:
+            worker.join(self.config.drain_timeout)
+            if worker.is_alive():
+                self._abort.set()
+                worker.join(60.0)
+                if worker.is_alive():
+                    log.warning("flow %s: an inference did not finish within 60 s; leaving it", self.name)
+        for name, sink in self.sinks.items():
+            try:
+                sink.close()
+            except Exception:
+                log.exception("flow %s: closing sink %s failed", self.name, name)
+        c = self._counters.snapshot()
+        log.info("flow %s: stopped; %s", self.name, ", ".join(f"{k} {v}" for k, v in c.items()))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the source has ended and every item it emitted was handled; true if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.source.ended.wait(timeout):
+            return False
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, left)
+
+    def counters(self) -> dict[str, Any]:
+        """The flow's counters, with ``queued`` (now), ``source`` and ``sinks`` (by name)."""
+        c: dict[str, Any] = self._counters.snapshot()
+        c["queued"] = self._queue.qsize()
+        c["source"] = self.source.counters()
+        c["sinks"] = {name: s.counters() for name, s in self.sinks.items()}
+        return c
+
+    # -- source side -----------------------------------------------------------------------------
+
+    def _emit(self, item: Item) -> None:
+        self._counters.inc("received")
+        if self._stopping.is_set():
+            self._drop(item, "dropped_on_stop")
+            return
+        with self._idle:
+            self._pending += 1
+        if self.source.can_wait:
+            while True:
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    if self._stopping.is_set():
+                        self._drop(item, "dropped_on_stop", pending=True)
+                        return
+        with self._put_lock:  # drop policy; one producer at a time so the put below cannot fail
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                pass
+            if self.config.drop == "newest":
+                self._drop(item, "dropped_queue_full", pending=True)
+                return
+            try:
+                old = self._queue.get_nowait()
+            except queue.Empty:
+                old = None
+            self._queue.put_nowait(item)
+        if old is not None:
+            self._drop(old, "dropped_queue_full", pending=True)
+
+    def _drop(self, item: Item, counter: str, pending: bool = False) -> None:
+        self._counters.inc(counter)
+        self._ack(item, "dropped")
+        if pending:
+            self._done_one()
+
+    def _done_one(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.notify_all()
+
+    def _ack(self, item: Item, outcome: Outcome) -> None:
+        if item.ack is None:
+            return
+        try:
+            item.ack(outcome)
+        except Exception:
+            log.exception("flow %s: acknowledging an item from %s failed", self.name, self.source.name)
+
+    # -- worker ----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            if self._abort.is_set():
+                self._drop(item, "dropped_on_stop", pending=True)
+                continue
+            try:
+                self._process(item)
+            except Exception:  # a bug here must not end the flow
+                self._counters.inc("errors")
+                log.exception("flow %s: unexpected error", self.name)
+            finally:
+                self._done_one()
+
+    def _process(self, item: Item) -> None:
+        t0 = time.monotonic()
+        try:
+            result = self._get_pipeline().run(item.data)
+        except Exception as e:
+            msg = str(e) if isinstance(e, EdgefleetError) else f"{type(e).__name__}: {e}"
+            self._counters.inc("errors")
+            self.last_error = msg
+            log.warning("flow %s: %s: %s", self.name, _describe(item), msg, exc_info=not isinstance(e, EdgefleetError))
+            self._ack(item, "error")
+            if self.config.send_errors:
+                self._send({"error": msg, "model": self.config.model, "meta": self._meta(item, t0)})
+            return
+        result["meta"] = self._meta(item, t0)
+        self._send(result)
+        self._counters.inc("processed")
+        self._ack(item, "ok")
+
+    def _meta(self, item: Item, t0: float) -> dict[str, Any]:
+        t1 = time.monotonic()
+        return {
+            **item.meta,
+            "flow": self.name,
+            "finished_at": time.time(),
+            "latency_ms": round((t1 - item.received) * 1000, 3),
+            "inference_ms": round((t1 - t0) * 1000, 3),
+        }
+
+    def _send(self, result: dict[str, Any]) -> None:
+        for name, sink in self.sinks.items():
+            try:
+                sink.send(result)
+            except Exception:
+                self._counters.inc("sink_errors")
+                log.exception("flow %s: sink %s failed", self.name, name)
+
+
+def _describe(item: Item) -> str:
+    m = item.meta
+    for key in ("path", "topic", "frame", "line"):
+        if key in m:
+            extra = f" (id {m['id']})" if "id" in m else ""
+            return f"{m.get('source', 'input')} {key} {m[key]}{extra}"
+    return str(m.get("source", "input"))

@@ -1,0 +1,204 @@
+"""Inputs from MQTT topics (paho-mqtt 2, MQTT 3.1.1 or 5), and the broker settings the MQTT sink
+shares.
+
+Each message is one JSON payload (see :mod:`edgefleet.agent.sources.base`). A malformed one is
+counted as an error and logged with the field at fault; it never stops the source. paho's network
+thread reconnects with a growing delay and the source subscribes again on every connect. The
+password is a ``SecretStr``: it is never logged or printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from edgefleet.agent.sources.base import Counters, Emit, Item, PayloadError, _Strict, parse_payload_bytes
+from edgefleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
+__all__ = ["MqttBrokerConfig", "MqttSource", "MqttSourceConfig", "MqttTls", "make_client"]
+
+log = logging.getLogger(__name__)
+
+
+class MqttTls(_Strict):
+    """TLS to the broker."""
+
+    ca_certs: Path | None = Field(default=None, description="CA bundle (PEM) to trust; none: the system's")
+    certfile: Path | None = Field(default=None, description="client certificate (PEM) for mutual TLS")
+    keyfile: Path | None = Field(default=None, description="the client certificate's private key (PEM)")
+    insecure: bool = Field(default=False, description="skip the host name check (test set-ups only)")
+
+
+class MqttBrokerConfig(_Strict):
+    """How to reach the broker (shared by the MQTT source and sink)."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="broker host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="broker TCP port (8883 is usual with TLS)")
+    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT protocol version")
+    client_id: str = Field(default="", max_length=128, description="client id; empty: edgefleet-<random>")
+    username: str | None = Field(default=None, description="user name, if the broker wants one")
+    password: SecretStr | None = Field(default=None, description="password (never logged)")
+    keepalive: int = Field(default=30, ge=5, le=3600, description="keep-alive interval, seconds")
+    tls: MqttTls | None = Field(default=None, description="TLS settings; none: plain TCP")
+    reconnect_min_delay: int = Field(default=1, ge=1, le=600, description="first reconnect delay, seconds")
+    reconnect_max_delay: int = Field(default=30, ge=1, le=3600, description="longest reconnect delay, seconds")
+
+    @model_validator(mode="after")
+    def _delays(self) -> MqttBrokerConfig:
+        if self.reconnect_max_delay < self.reconnect_min_delay:
+            raise ValueError("reconnect_max_delay is shorter than reconnect_min_delay")
+        if self.password is not None and self.username is None:
+            raise ValueError("password is set without username")
+        return self
+
+
+class MqttSourceConfig(MqttBrokerConfig):
+    """Subscribe to topics; every message is one input."""
+
+    type: Literal["mqtt"]
+    name: str = Field(default="mqtt", description="name in counters, logs and result meta")
+    topics: list[str] = Field(min_length=1, description="topic filters to subscribe to (wildcards allowed)")
+    qos: Literal[0, 1, 2] = Field(default=1, description="subscription QoS")
+    max_payload_bytes: int = Field(default=16 << 20, ge=16, description="larger messages are errors, bytes")
+
+    @model_validator(mode="after")
+    def _topics(self) -> MqttSourceConfig:
+        for i, t in enumerate(self.topics):
+            if not t or "\0" in t:
+                raise ValueError(f"topics.{i}: empty or invalid topic filter")
+        return self
+
+
+def make_client(cfg: MqttBrokerConfig, role: str) -> mqtt.Client:
+    """A paho v2 client set up from ``cfg`` (not yet connected). Raises :class:`ConfigError`."""
+    try:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+    except ImportError as e:
+        raise ConfigError(f"{role}: MQTT needs paho-mqtt (pip install 'edgefleet[agent]')") from e
+    protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=cfg.client_id or f"edgefleet-{role}-{uuid.uuid4().hex[:10]}",
+        protocol=protocol,
+    )
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+    if cfg.tls is not None:
+        t = cfg.tls
+        try:
+            client.tls_set(
+                ca_certs=str(t.ca_certs) if t.ca_certs else None,
+                certfile=str(t.certfile) if t.certfile else None,
+                keyfile=str(t.keyfile) if t.keyfile else None,
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{role}: tls: cannot load the certificates: {e}") from e
+        client.tls_insecure_set(t.insecure)
+    client.reconnect_delay_set(min_delay=cfg.reconnect_min_delay, max_delay=cfg.reconnect_max_delay)
+    client.suppress_exceptions = True  # a bug in a callback must not end the network thread: log it
+    client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+    return client
+
+
+def connect(client: mqtt.Client, cfg: MqttBrokerConfig) -> None:
+    """Connect in the background: paho's thread retries the first connection and every reconnect."""
+    client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
+    client.loop_start()
+
+
+class MqttSource:
+    """Emits one item per well-formed message; never blocks paho's thread (the flow drops instead)."""
+
+    can_wait = False
+
+    def __init__(self, config: MqttSourceConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.ended = threading.Event()
+        self.subscribed = threading.Event()  # set on every (re)subscription, cleared on disconnect
+        self.last_error: str | None = None
+        self._counters = Counters("received", "errors", "connects", "disconnects")
+        self._client: mqtt.Client | None = None
+        self._emit: Emit | None = None
+        self._lock = threading.Lock()
+
+    def counters(self) -> dict[str, int]:
+        return self._counters.snapshot()
+
+    def start(self, emit: Emit) -> None:
+        with self._lock:
+            if self._client is not None or self.ended.is_set():
+                raise RuntimeError(f"source {self.name}: already started")
+            self._emit = emit
+            client = make_client(self.config, f"source-{self.name}")
+            client.on_connect = self._on_connect
+            client.on_disconnect = self._on_disconnect
+            client.on_subscribe = self._on_subscribe
+            client.on_message = self._on_message
+            self._client = client
+        log.info("source %s: connecting to %s:%s", self.name, self.config.host, self.config.port)
+        connect(client, self.config)
+
+    def stop(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        self.ended.set()
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    # -- paho callbacks (paho's network thread) --------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._error(f"broker {self.config.host}:{self.config.port} refused the connection: {reason}")
+            return
+        self._counters.inc("connects")
+        topics: list[tuple[str, int]] = [(t, self.config.qos) for t in self.config.topics]
+        client.subscribe(topics)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        bad = [str(r) for r in reasons if r.is_failure]
+        if bad:
+            self._error(f"subscription to {self.config.topics} refused: {bad}")
+        else:
+            self.subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.subscribed.clear()
+        if not self.ended.is_set():
+            self._counters.inc("disconnects")
+            log.warning("source %s: disconnected from the broker (%s); reconnecting", self.name, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._counters.inc("received")
+        try:
+            where, payload, limit = f"topic {msg.topic}", bytes(msg.payload), self.config.max_payload_bytes
+            if len(payload) > limit:
+                raise PayloadError(f"{where}: {len(payload)} bytes is over the limit of {limit}")
+            data, meta = parse_payload_bytes(payload, where)
+        except PayloadError as e:
+            self._error(str(e))
+            return
+        except Exception as e:  # e.g. a topic that is not UTF-8
+            self._error(f"message dropped: {e!r}")
+            return
+        meta.update(source=self.name, received_at=time.time(), topic=msg.topic)
+        emit = self._emit
+        if emit is not None:
+            emit(Item(data, meta))
+
+    def _error(self, msg: str) -> None:
+        self._counters.inc("errors")
+        self.last_error = msg
+        log.warning("source %s: %s", self.name, msg)

@@ -1,0 +1,146 @@
+"""Flows: the bounded queue between a source and the model, its drop policies and counters, per-item
+pipeline look-up (hot swap) and errors that do not stop a flow."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from edgefleet.agent.flow import Flow, FlowConfig
+from edgefleet.agent.sources import Item
+
+
+class CollectSink:
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.results: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def send(self, result: dict[str, Any]) -> None:
+        self.results.put(result)
+
+    def close(self) -> None:
+        pass
+
+    def counters(self) -> dict[str, int]:
+        return {"sent": self.results.qsize()}
+
+    def take(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        return [self.results.get(timeout=timeout) for _ in range(n)]
+
+
+class PushSource:
+    """A live source the test drives by hand; like MQTT it cannot wait."""
+
+    name = "push"
+    can_wait = False
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.emit: Callable[[Item], None] | None = None
+
+    def start(self, emit: Callable[[Item], None]) -> None:
+        self.emit = emit
+
+    def stop(self) -> None:
+        self.ended.set()
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def push(self, i: int, acks: dict[int, str] | None = None) -> None:
+        assert self.emit is not None
+        ack = None if acks is None else (lambda outcome: acks.__setitem__(i, outcome))
+        self.emit(Item(np.array([i]), {"source": self.name, "i": i}, ack=ack))
+
+
+class GatePipeline:
+    """Holds every call until released; tells when the first call has begun."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, data: Any) -> dict[str, Any]:
+        self.entered.set()
+        assert self.release.wait(10)
+        return {"model": "gate", "value": int(data[0])}
+
+
+def push_flow(run: Callable[[], Any], **cfg: Any) -> tuple[Flow, PushSource, CollectSink]:
+    config = FlowConfig.model_validate(
+        {"model": "m", "source": {"type": "stdin"}, "sinks": [{"type": "stdout"}], **cfg}
+    )
+    src, sink = PushSource(), CollectSink()
+    return Flow(config, run, source=src, sinks=[sink]), src, sink
+
+
+# -- back-pressure and errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "kept"), [("oldest", [0, 8, 9]), ("newest", [0, 1, 2])])
+def test_full_queue_drops_by_policy_and_counts_it(policy: str, kept: list[int]) -> None:
+    gate = GatePipeline()
+    flow, src, sink = push_flow(lambda: gate, queue_size=2, drop=policy)
+    acks: dict[int, str] = {}
+    flow.start()
+    try:
+        src.push(0, acks)
+        assert gate.entered.wait(10)  # item 0 is in the model; the queue is empty
+        for i in range(1, 10):
+            src.push(i, acks)
+        assert flow.counters()["dropped_queue_full"] == 7
+        assert flow.counters()["queued"] == 2
+        gate.release.set()
+        src.ended.set()
+        assert flow.join(timeout=10)
+    finally:
+        flow.stop()
+    assert [r["value"] for r in sink.take(3)] == kept
+    assert sorted(i for i, o in acks.items() if o == "dropped") == sorted(set(range(10)) - set(kept))
+    c = flow.counters()
+    assert (c["received"], c["processed"], c["errors"]) == (10, 3, 0)
+
+
+def test_pipeline_is_fetched_per_item_and_a_failing_item_does_not_stop_the_flow() -> None:
+    class Doubler:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, data: Any) -> dict[str, Any]:
+            if int(data[0]) == 1:
+                raise ValueError("cannot take a one")
+            return {"model": self.name, "value": int(data[0]) * 2}
+
+    current = [Doubler("v1")]
+    flow, src, sink = push_flow(lambda: current[0], send_errors=True)
+    flow.start()
+    try:
+        src.push(0)
+        src.push(1)
+        first = sink.take(2)
+        current[0] = Doubler("v2")  # hot swap: the next item uses the new model
+        src.push(2)
+        second = sink.take(1)
+    finally:
+        flow.stop()
+    assert first[0]["model"] == "v1" and first[0]["value"] == 0
+    assert "cannot take a one" in first[1]["error"] and first[1]["meta"]["i"] == 1
+    assert second[0] == {**second[0], "model": "v2", "value": 4}
+    assert {"latency_ms", "inference_ms", "finished_at", "flow"} <= set(second[0]["meta"])
+    assert flow.counters()["errors"] == 1 and flow.counters()["processed"] == 2
+
+
+def test_flow_config_errors_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="kamera"):
+        FlowConfig.model_validate({"model": "m", "source": {"type": "kamera"}, "sinks": [{"type": "stdout"}]})
+    with pytest.raises(ValidationError, match="sinks"):
+        FlowConfig.model_validate({"model": "m", "source": {"type": "stdin"}, "sinks": []})
+    cfg = FlowConfig.model_validate({"model": "m", "source": {"type": "stdin"}, "sinks": [{"type": "stdout"}]})
+    assert (cfg.name, cfg.queue_size, cfg.drop) == ("stdin-m", 16, "oldest")
