@@ -90,6 +90,11 @@ def main() -> int:
         r = bench_model(model, feeds, runs=args.runs)
         r["case"] = "native dtype"
         rows.append((fname, r))
+        if fname.startswith("digits_cnn"):  # a batch: where the 5% part of the bound, not the 30 µs, matters
+            big = {k: np.repeat(v, 256, axis=0) for k, v in feeds.items()}
+            r = bench_model(model, big, runs=max(50, args.runs // 10))
+            r["case"] = "batch 256"
+            rows.append((fname, r))
         if any(s.quantization is not None for s in model.inputs):
             ffeeds = random_inputs(model.inputs, float_for_quantized=True)
             r = bench_model(model, ffeeds, runs=args.runs, bare_feeds=ffeeds, bare_prep=hand_quantizer(model))
@@ -106,12 +111,13 @@ def main() -> int:
     for fname, r in rows:
         a, b = r["agent"], r["bare"]
         within = a["p50_us"] <= b["p50_us"] * 1.05 + 30
-        ok &= within or r["case"] != "native dtype"
+        ok &= within or r["case"] == "float input, quantized"
         print(
             f"{fname:28} {r['case']:24} {a['p50_us']:10.1f} {b['p50_us']:10.1f} {r['ratio_p50']:7.3f} "
             f"{r['overhead_p50_us']:7.1f} {a['p99_us']:10.1f} {b['p99_us']:10.1f}  {'ok' if within else 'OVER'}"
         )
     print(f"\nall native-dtype rows within 5% (+30 µs) of the bare runtime: {'yes' if ok else 'NO'}")
+    print("(float-input rows compare with hand-written numpy quantization on the bare side)")
     if args.json:
         args.json.write_text(
             json.dumps({"machine": info, "threads": args.threads, "rows": [r for _, r in rows]}, indent=2)
