@@ -26,6 +26,8 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/runtime_overhead.py
+	$(BIN)/python bench/api_roundtrip.py
+	$(BIN)/python bench/agent_footprint.py
 
 # Regenerates tests/fixtures/models (needs TensorFlow: see the script's docstring).
 fixtures:

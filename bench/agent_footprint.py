@@ -1,5 +1,6 @@
-"""The agent's idle footprint: RSS with one ONNX model loaded against a bare onnxruntime process
-holding the same model, and the agent's idle CPU, measured in the same run.
+"""The agent's idle footprint, as systemd runs it (``edgefleet agent run --config``): RSS with one
+ONNX model loaded against a bare onnxruntime process holding the same model, and the agent's idle
+CPU, measured in the same run.
 
 Goal (issue 3): RSS within 25 MB of the bare process; idle CPU near zero.
 
@@ -14,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,8 +56,14 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle to measure CPU over")
     args = ap.parse_args()
     port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="edgefleet-footprint-"))
+    config = tmp / "agent.toml"
+    config.write_text(
+        f'state_dir = "{tmp}"\nlog_level = "warning"\n[api]\nport = {port}\n[[models]]\npath = "{MODEL}"\n'
+    )
+    # What a device's systemd unit runs.
     agent = subprocess.Popen(
-        [str(BIN / "edgefleet"), "agent", "serve", str(MODEL), "--port", str(port), "--log-level", "warning"],
+        [str(BIN / "edgefleet"), "agent", "run", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -90,3 +90,21 @@ def test_check_config_command(tmp_path: Path) -> None:
     r = subprocess.run([EDGEFLEET, "agent", "check-config", str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "api.port (line 5)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_run_entry_points(tmp_path: Path) -> None:
+    """`agent run` starts without the interactive CLI, yet errors and --help behave as elsewhere."""
+    r = subprocess.run(
+        [EDGEFLEET, "agent", "run", "--config", str(tmp_path / "missing.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "error: " in r.stderr and "missing.toml: cannot read config" in r.stderr
+    r = subprocess.run([EDGEFLEET, "agent", "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--config" in r.stdout
+    r = subprocess.run([EDGEFLEET, "agent", "run"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--config" in r.stderr
+    probe = "import sys; import edgefleet.cli.entry, edgefleet.agent.service; print('typer' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False"

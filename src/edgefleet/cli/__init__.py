@@ -1,5 +1,3 @@
-"""The ``edgefleet`` command line."""
+"""The ``edgefleet`` command line: ``entry`` (the console script) dispatches to ``main`` (typer)."""
 
-from edgefleet.cli.main import app, main
-
-__all__ = ["app", "main"]
+__all__: list[str] = []
