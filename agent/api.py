@@ -123,7 +123,9 @@ class InferenceApp:
             raise RequestError(f"no such endpoint: {path}", 404)
         if len(parts) == 1:
             _only(method, "GET")
-            return _ok({"name": "edgefleet", "version": __version__, "extensions": ["binary_tensor_data"]})
+            return _ok(
+                {"name": "edgefleet", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
+            )
         if parts[1] == "health" and len(parts) == 3:
             _only(method, "GET")
             if parts[2] == "live":
@@ -132,6 +134,9 @@ class InferenceApp:
                 ready = self.registry.ready
                 return (200 if ready else 503), _JSON, json.dumps({"ready": ready}).encode()
             raise RequestError(f"no such endpoint: {path}", 404)
+        if parts[1:] == ["repository", "index"]:  # the model repository extension's listing
+            _only(method, "POST")
+            return _ok([{"name": s.name, "version": s.version, "state": "READY"} for s in self.registry.all()])
         if parts[1] != "models" or len(parts) < 3:
             raise RequestError(f"no such endpoint: {path}", 404)
         served = self.registry.get(parts[2])

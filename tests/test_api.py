@@ -54,6 +54,8 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
         "scale": ("INT64", []),
     }
     assert not client.is_model_ready("nope")
+    index = client.get_model_repository_index()
+    assert {m["name"] for m in index} == set(SERVED) and {m["state"] for m in index} == {"READY"}
 
 
 @pytest.mark.parametrize("binary", [False, True])

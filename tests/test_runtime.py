@@ -295,3 +295,22 @@ def test_missing_delegate_library_is_named(models_dir):
 def test_unavailable_execution_provider_is_named(models_dir):
     with pytest.raises(ModelError, match=r"execution provider\(s\) \['TensorrtExecutionProvider'\] not available"):
         load_model(models_dir / "multi_io.onnx", delegates=["TensorrtExecutionProvider"])
+
+
+def test_sklearn_zipmap_output_is_passed_through(tmp_path, holdout):
+    """A scikit-learn classifier exported with ZipMap: probabilities are a sequence of maps."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = holdout
+    flat = (x.reshape(len(x), -1) / 16).astype(np.float32)
+    clf = LogisticRegression(max_iter=500).fit(flat, y)
+    path = tmp_path / "logreg.onnx"
+    path.write_bytes(to_onnx(clf, flat[:1]).SerializeToString())
+    model = load_model(path)
+    assert [o.dtype for o in model.outputs] == [np.dtype(np.int64), np.dtype(object)]
+    out = model.predict({model.inputs[0].name: flat[:3]})
+    labels, probs = out["output_label"], out["output_probability"]
+    np.testing.assert_array_equal(labels, clf.predict(flat[:3]))
+    assert probs.shape == (3,) and set(probs[0]) == set(range(10))
+    assert abs(sum(probs[0].values()) - 1) < 1e-4

@@ -36,9 +36,12 @@ _OPT_LEVELS = ("disable", "basic", "extended", "all")
 OPTIONS = ("providers", "graph_optimization_level", "inter_op_threads")
 
 
-def _spec(node: Any, where: str) -> TensorSpec:
+def _spec(node: Any, where: str, output: bool = False) -> TensorSpec:
     dtype = _ORT_TYPES.get(node.type)
     if dtype is None:
+        if output and node.type.startswith(("seq(", "map(")):
+            # e.g. scikit-learn's ZipMap probabilities: passed through as a numpy object array
+            return TensorSpec(node.name, (None,) if node.type.startswith("seq(") else (), np.dtype(object))
         raise ModelError(f"{where}: tensor {node.name!r} has type {node.type}, which edgefleet does not support")
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (node.shape or []))
     return TensorSpec(node.name, shape, np.dtype(dtype))
@@ -93,13 +96,24 @@ class OnnxBackend:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{where}: not a loadable ONNX model: {first}") from e
         self.inputs = [_spec(n, where) for n in self._session.get_inputs()]
-        self.outputs = [_spec(n, where) for n in self._session.get_outputs()]
+        self.outputs = [_spec(n, where, output=True) for n in self._session.get_outputs()]
+        self._wrap = [o.name for o in self.outputs if o.dtype.kind == "O"]
         self._output_names = [o.name for o in self.outputs]
         self._threads = threads
         self._version = ort.__version__
 
     def run(self, feeds: Feeds) -> Outputs:
-        return dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
+        out = dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
+        for name in self._wrap:  # sequences/maps come back as Python lists and dicts
+            value = out[name]
+            if not isinstance(value, np.ndarray):
+                arr = np.empty(len(value) if isinstance(value, list) else (), dtype=object)
+                if isinstance(value, list):
+                    arr[:] = value
+                else:
+                    arr[()] = value
+                out[name] = arr
+        return out
 
     def bare_callable(self) -> Callable[[Feeds], object]:
         run = self._session.run
