@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +27,35 @@ def digits_input(x: np.ndarray[Any, Any], layout: str) -> np.ndarray[Any, Any]:
     """uint8 pixels 0..16 [N, 8, 8] to the float [0, 1] batch a digits model takes."""
     f = x.astype(np.float32) / 16.0
     return np.ascontiguousarray(f[:, None] if layout == "nchw" else f[..., None])
+
+
+class CollectSink:
+    """An in-memory sink for flow tests: every result lands in a queue."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.results: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def send(self, result: dict[str, Any]) -> None:
+        self.results.put(result)
+
+    def close(self) -> None:
+        pass
+
+    def counters(self) -> dict[str, int]:
+        return {"sent": self.results.qsize()}
+
+    def take(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        return [self.results.get(timeout=timeout) for _ in range(n)]
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Wait for a condition that no event signals (files moved by another thread, say)."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.02)
+    return True

@@ -3,36 +3,17 @@ pipeline look-up (hot swap) and errors that do not stop a flow."""
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from _support import CollectSink
 from pydantic import ValidationError
 
 from edgefleet.agent.flow import Flow, FlowConfig
 from edgefleet.agent.sources import Item
-
-
-class CollectSink:
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.results: queue.Queue[dict[str, Any]] = queue.Queue()
-
-    def send(self, result: dict[str, Any]) -> None:
-        self.results.put(result)
-
-    def close(self) -> None:
-        pass
-
-    def counters(self) -> dict[str, int]:
-        return {"sent": self.results.qsize()}
-
-    def take(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        return [self.results.get(timeout=timeout) for _ in range(n)]
 
 
 class PushSource:

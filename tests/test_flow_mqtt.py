@@ -10,14 +10,14 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from _support import CollectSink, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.agent import Pipeline, load_model
@@ -46,35 +46,6 @@ def digits_pipeline(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         pipeline=spec,
     )
     return Pipeline(load_model(bundle))
-
-
-class CollectSink:
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.results: queue.Queue[dict[str, Any]] = queue.Queue()
-
-    def send(self, result: dict[str, Any]) -> None:
-        self.results.put(result)
-
-    def close(self) -> None:
-        pass
-
-    def counters(self) -> dict[str, int]:
-        return {"sent": self.results.qsize()}
-
-    def take(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        return [self.results.get(timeout=timeout) for _ in range(n)]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.02)
-    return True
 
 
 # -- MQTT ---------------------------------------------------------------------------------------

@@ -6,9 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import queue
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from _support import CollectSink, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,38 +65,6 @@ def digits_model(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         pipeline=spec,
     )
     return load_model(bundle)
-
-
-class CollectSink:
-    """An in-memory sink: every result lands in a queue."""
-
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.results: queue.Queue[dict[str, Any]] = queue.Queue()
-
-    def send(self, result: dict[str, Any]) -> None:
-        self.results.put(result)
-
-    def close(self) -> None:
-        pass
-
-    def counters(self) -> dict[str, int]:
-        return {"sent": self.results.qsize()}
-
-    def take(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        return [self.results.get(timeout=timeout) for _ in range(n)]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Wait for a condition that no event signals (files moved by another thread)."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.02)
-    return True
 
 
 def top1(result: dict[str, Any]) -> int:
