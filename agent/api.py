@@ -74,7 +74,7 @@ class InferenceApp:
             max_workers=workers or min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="infer"
         )
         self.in_flight = 0
-        self.metrics.in_flight.set_function(lambda: self.in_flight)
+        self.metrics.in_flight = lambda: self.in_flight
         self._latency: dict[str, float] = {}  # moving average of each model's inference, seconds
 
     def close(self) -> None:

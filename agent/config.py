@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgefleet.agent.flow import FlowConfig
 from edgefleet.errors import ConfigError
 from edgefleet.tomlconf import problems
 
@@ -62,7 +61,9 @@ class AgentConfig(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     models: list[ModelConfig] = Field(default_factory=list)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
-    flows: list[FlowConfig] = Field(default_factory=list, description="sources -> model -> sinks")
+    # FlowConfig objects after parse_config: validated there, so that the sources' and sinks' modules
+    # are imported only by an agent that has flows.
+    flows: list[Any] = Field(default_factory=list, description="sources -> model -> sinks")
     shutdown_timeout: float = Field(default=30.0, gt=0, le=600, description="seconds to finish in-flight work")
 
     @model_validator(mode="after")
@@ -71,10 +72,6 @@ class AgentConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"two models are served under the same name(s) {dup}")
-        flows = [f.name for f in self.flows]
-        dup = sorted({n for n in flows if flows.count(n) > 1})
-        if dup:
-            raise ValueError(f"two flows share the name(s) {dup}")
         return self
 
 
@@ -117,6 +114,8 @@ def parse_config(
         cfg = AgentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{where}: " + "; ".join(problems(e, text, from_env))) from e
+    if cfg.flows:
+        cfg.flows = _flows(cfg.flows, text, where, from_env)
     if base is not None:
         for m in cfg.models:
             if not m.path.is_absolute():
@@ -124,6 +123,22 @@ def parse_config(
         if not cfg.state_dir.is_absolute():
             cfg.state_dir = base / cfg.state_dir
     return cfg
+
+
+def _flows(raw: list[Any], text: str, where: str, from_env: dict[tuple[str, ...], str]) -> list[Any]:
+    from edgefleet.agent.flow import FlowConfig
+
+    flows = []
+    for i, item in enumerate(raw):
+        try:
+            flows.append(FlowConfig.model_validate(item))
+        except ValidationError as e:
+            raise ConfigError(f"{where}: " + "; ".join(problems(e, text, from_env, prefix=("flows", i)))) from e
+    names = [f.name for f in flows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: flows: two flows share the name(s) {dup}")
+    return flows
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:

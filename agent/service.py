@@ -26,7 +26,6 @@ import uvicorn
 from edgefleet.agent import hardware
 from edgefleet.agent.api import InferenceApp
 from edgefleet.agent.config import AgentConfig, ModelConfig
-from edgefleet.agent.flow import Flow
 from edgefleet.agent.hardware import HardwareProfile
 from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.registry import ModelRegistry
@@ -127,7 +126,7 @@ class AgentService:
         self.metrics = AgentMetrics()
         self.registry = ModelRegistry()
         self.app = InferenceApp(self.registry, self.metrics, config.api.max_body_bytes, config.api.workers)
-        self.flows: list[Flow] = []
+        self.flows: list[Any] = []  # edgefleet.agent.flow.Flow, imported only when flows are configured
         self._sockets: list[socket.socket] = []
         self.profile = self._hardware_profile()
 
@@ -163,11 +162,14 @@ class AgentService:
             names.append(name)
             log.info("serving %s (%s) from %s", name, model.backend.name, mc.path)
         self.registry.expected = set(names)
-        self.metrics.models.set(len(names))
+        self.metrics.models_loaded = len(names)
 
     def start_flows(self) -> None:
         """Start every configured flow (after the models are loaded; a flow names a served model)."""
-        for i, cfg in enumerate(self.config.flows):
+        from edgefleet.agent.flow import Flow, FlowConfig
+
+        for i, raw in enumerate(self.config.flows):
+            cfg = raw if isinstance(raw, FlowConfig) else FlowConfig.model_validate(raw)
             if self.registry.get(cfg.model) is None:
                 served = sorted(s.name for s in self.registry.all())
                 raise ConfigError(f"flows.{i}.model: {cfg.model!r} is not a served model; served: {served}")

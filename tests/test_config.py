@@ -108,3 +108,16 @@ def test_agent_run_entry_points(tmp_path: Path) -> None:
     probe = "import sys; import edgefleet.cli.entry, edgefleet.agent.service; print('typer' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False"
+
+
+def test_flow_errors_name_the_key_and_line() -> None:
+    text = (
+        GOOD
+        + '\n[[flows]]\nmodel = "digits"\nsource = { type = "folder", path = "/in" }\nsinks = [{ type = "jsonl" }]\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "agent.toml", env={})
+    assert "flows.0.sinks.0.jsonl.path (line 18): Field required" in str(e.value)
+    text = GOOD + '\n[[flows]]\nmodel = "digits"\nsource = { type = "webcam" }\nsinks = [{ type = "stdout" }]\n'
+    with pytest.raises(ConfigError, match=r"flows\.0\.source \(line 17\): Input tag 'webcam'"):
+        parse_config(text, "agent.toml", env={})

@@ -42,13 +42,16 @@ def line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
 
 
 def problems(
-    e: ValidationError, text: str | None = None, overrides: dict[tuple[str, ...], str] | None = None
+    e: ValidationError,
+    text: str | None = None,
+    overrides: dict[tuple[str, ...], str] | None = None,
+    prefix: tuple[int | str, ...] = (),
 ) -> list[str]:
     """One ``field (line N): message`` per error of ``e``; a value that came from an environment
     variable (``overrides``: key path -> variable) is attributed to it instead of a line."""
     out = []
     for err in e.errors():
-        loc = tuple(err["loc"])
+        loc = (*prefix, *err["loc"])
         field = ".".join(str(p) for p in loc)
         var = next((v for k, v in (overrides or {}).items() if loc[: len(k)] == k), None)
         line = line_of(text, loc) if text is not None and var is None else None
