@@ -1,7 +1,7 @@
 """The long-running agent: load and warm the models, serve the local API, run the flows.
 
 systemd integration: ``READY=1`` once every model is loaded and warmed and the listeners are open,
-``WATCHDOG=1`` from the event loop's own tick at half the watchdog interval (so a hung loop is
+``WATCHDOG=1`` from the serving event loop at half the watchdog interval (so a hung loop is
 restarted), ``STATUS=`` lines, and ``STOPPING=1`` on SIGTERM, after which no new connection is
 taken, requests in flight finish, and the process exits 0.
 """
@@ -16,17 +16,14 @@ import signal
 import socket
 import stat
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from edgefleet.agent import hardware
 from edgefleet.agent.api import InferenceApp
 from edgefleet.agent.config import AgentConfig, ModelConfig
 from edgefleet.agent.hardware import HardwareProfile
+from edgefleet.agent.http import HttpServer
 from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.registry import ModelRegistry
 from edgefleet.agent.runtime import Model, detect_runtime, load_model
@@ -68,52 +65,6 @@ def bind_sockets(host: str, port: int, uds: Path | None) -> list[socket.socket]:
         os.chmod(uds, 0o660)
         socks.append(unix)
     return socks
-
-
-class _Server(uvicorn.Server):
-    """uvicorn with systemd notifications, and a SIGTERM that ends in exit code 0."""
-
-    def __init__(self, config: uvicorn.Config, service: AgentService) -> None:
-        super().__init__(config)
-        self.service = service
-        self._next_ping = 0.0
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    def _on_signal(self, sig: int) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-            return
-        log.info(
-            "signal %s: finishing %d request(s) in flight, then stopping",
-            signal.Signals(sig).name,
-            self.service.app.in_flight,
-        )
-        self.service.notifier.stopping()
-        self.should_exit = True
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if not self.should_exit:
-            self.service.on_listening()
-
-    async def on_tick(self, counter: int) -> bool:
-        interval = self.service.watchdog_interval
-        if interval is not None:
-            now = time.monotonic()
-            if now >= self._next_ping:
-                self.service.notifier.watchdog()
-                self._next_ping = now + interval / 2
-        return await super().on_tick(counter)
 
 
 class AgentService:
@@ -216,21 +167,39 @@ class AgentService:
         return int(self._sockets[0].getsockname()[1]) if self._sockets else self.config.api.port
 
     async def serve(self) -> None:
+        """Serve until SIGTERM/SIGINT; then stop taking requests, finish those in flight, stop flows."""
         api = self.config.api
         self._sockets = bind_sockets(api.host, api.port, api.uds)
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=int(self.config.shutdown_timeout),
-            server_header=False,
-        )
-        server = _Server(config, self)
+        server = HttpServer(self.app, api.max_body_bytes)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(sig: int) -> None:
+            if stop.is_set():
+                return
+            log.info(
+                "%s: finishing %d request(s) in flight, then stopping", signal.Signals(sig).name, self.app.in_flight
+            )
+            self.notifier.stopping()
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             self.start_flows()
-            await server.serve(sockets=self._sockets)
+            await server.start(self._sockets)
+            self.on_listening()
+            # The watchdog is fed from the event loop that serves requests: a hung loop gets restarted.
+            interval = self.watchdog_interval
+            while not stop.is_set():
+                if interval is not None:
+                    self.notifier.watchdog()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval / 2 if interval else None)
+            await server.stop(self.config.shutdown_timeout)
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             self.stop_flows()
             self.app.close()
             for s in self._sockets:

@@ -1,17 +1,16 @@
-"""An in-process agent API on a free loopback port, for tests that talk HTTP to it."""
+"""An in-process agent API (the agent's own HTTP server) on a free loopback port, in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
-
 from edgefleet.agent.api import InferenceApp
+from edgefleet.agent.http import HttpServer
 from edgefleet.agent.registry import ModelRegistry
 from edgefleet.agent.runtime import load_model
 
@@ -24,21 +23,28 @@ def running_api(models: dict[str, Path], max_body_bytes: int = 1 << 20) -> Itera
         registry.put(name, load_model(path))
     registry.expected = set(models)
     app = InferenceApp(registry, max_body_bytes=max_body_bytes)
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    server = HttpServer(app, max_body_bytes)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start([sock]))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("test API server did not start")
-        time.sleep(0.01)
+    if not started.wait(10):
+        raise RuntimeError("test API server did not start")
     try:
         yield f"127.0.0.1:{port}", app
     finally:
-        server.should_exit = True
+        asyncio.run_coroutine_threadsafe(server.stop(5), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         app.close()
         sock.close()

@@ -1,0 +1,111 @@
+"""The agent's HTTP/1.1 server at the protocol level: raw sockets and curl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _server import running_api
+
+BODY = json.dumps(
+    {
+        "inputs": [
+            {"name": "features", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]},
+            {"name": "scale", "shape": [], "datatype": "INT64", "data": [2]},
+        ]
+    }
+).encode()
+
+
+@pytest.fixture(scope="module")
+def api(models_dir: Path) -> Iterator[str]:
+    with running_api({"multi": models_dir / "multi_io.onnx"}, max_body_bytes=64 * 1024) as (url, _):
+        yield url
+
+
+def raw(api: str, payload: bytes, read_until_close: bool = True) -> bytes:
+    host, port = api.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(payload)
+        if not read_until_close:
+            return s.recv(65536)
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def request(path: str, body: bytes, extra: bytes = b"", close: bool = True) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode() + extra
+    return head + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(api: str) -> None:
+    payload = request("/v2/models/multi/infer", BODY, close=False) * 20 + request("/v2/models/multi/infer", BODY)
+    answer = raw(api, payload)
+    assert answer.count(b"HTTP/1.1 200") == 21
+
+
+def test_chunked_request_body(api: str) -> None:
+    half = len(BODY) // 2
+    chunked = (
+        f"{half:x}\r\n".encode()
+        + BODY[:half]
+        + b"\r\n"
+        + f"{len(BODY) - half:x}\r\n".encode()
+        + BODY[half:]
+        + b"\r\n0\r\n\r\n"
+    )
+    head = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    answer = raw(api, head + chunked)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"weighted"' in answer
+
+
+def test_malformed_http_is_a_400(api: str) -> None:
+    answer = raw(api, b"NONSENSE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b"bad HTTP request" in answer
+
+
+def test_declared_oversized_body_is_refused_before_it_is_read(api: str) -> None:
+    head = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"
+    answer = raw(api, head)
+    assert answer.startswith(b"HTTP/1.1 413") and b"over the 65536-byte limit" in answer
+
+
+def test_huge_header_is_refused(api: str) -> None:
+    answer = raw(api, b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_with_expect_100_continue(api: str, tmp_path: Path) -> None:
+    body = json.loads(BODY)
+    body["padding"] = "x" * 4000
+    f = tmp_path / "body.json"
+    f.write_text(json.dumps(body))
+    r = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "-v",
+            "--max-time",
+            "5",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            f"@{f}",
+            f"http://{api}/v2/models/multi/infer",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Expect: 100-continue" in r.stderr and "HTTP/1.1 100" in r.stderr
+    assert json.loads(r.stdout)["model_name"] == "multi"
