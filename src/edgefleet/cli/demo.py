@@ -130,6 +130,7 @@ def demo(
                 ", ".join(f"{t['label']} {t['score']:.2f}" for t in top),
             )
         console.print(pred)
+        _serve(out_dir / "digits-cnn-int8-tflite-1.0.0.efb", x[:3].astype(np.float32) / 16, y[:3])
         console.print(
             f"bundles written to {out_dir}"
             if tmp is None
@@ -138,3 +139,63 @@ def demo(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _serve(bundle: Path, images: Any, labels: Any) -> None:
+    """Start a real agent process on the bundle and ask it over the Open Inference Protocol."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "edgefleet"
+    console.rule("[bold]the agent serving it: Open Inference Protocol on 127.0.0.1")
+    console.print(f"$ edgefleet agent serve {bundle.name} --port {port}")
+    proc = subprocess.Popen(
+        [str(exe), "agent", "serve", str(bundle), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        console.print(proc.stdout.readline().strip())
+        base = f"http://127.0.0.1:{port}"
+        for img, label in zip(images, labels, strict=True):
+            body = {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 8, 8, 1],
+                        "datatype": "FP32",
+                        "data": img.reshape(-1).round(4).tolist(),
+                    }
+                ]
+            }
+            req = urllib.request.Request(
+                f"{base}/v2/models/digits-cnn-int8-tflite/infer",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=10) as r:
+                out = json.loads(r.read())["outputs"][0]
+            ms = (time.perf_counter() - t0) * 1e3
+            logits = out["data"]
+            console.print(
+                f"POST /v2/models/digits-cnn-int8-tflite/infer  true {label}  predicted "
+                f"{max(range(len(logits)), key=logits.__getitem__)}  ({ms:.1f} ms round trip)"
+            )
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        count = next(line for line in text.splitlines() if line.startswith("edgefleet_inference_seconds_count"))
+        console.print(f"GET /metrics  {count}")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    console.print(f"agent stopped on SIGTERM (exit {proc.returncode})")
