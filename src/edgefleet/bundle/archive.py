@@ -80,6 +80,7 @@ class BundleReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._tar: tarfile.TarFile | None = None
         try:
             self._file: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except OSError as e:
@@ -103,7 +104,7 @@ class BundleReader:
         self.close()
 
     def close(self) -> None:
-        if hasattr(self, "_tar"):
+        if self._tar is not None:
             self._tar.close()
         self._file.close()
 
@@ -133,6 +134,7 @@ class BundleReader:
     def _raw(self, info: tarfile.TarInfo, limit: int) -> bytes:
         if info.size > limit:
             raise self._fail(f"member {info.name!r}: {info.size} bytes, more than the {limit} allowed")
+        assert self._tar is not None
         try:
             f = self._tar.extractfile(info)
             data = f.read() if f is not None else b""
