@@ -87,10 +87,11 @@ class BundleReader:
             raise BundleError(f"{self.path}: cannot open bundle: {e.strerror or e}") from e
         try:
             try:
-                self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - closed in close()
+                tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - closed in close()
             except (tarfile.TarError, EOFError) as e:
                 raise self._fail(f"not a valid bundle (truncated or not a tar archive): {e}") from e
-            self._infos = self._scan()
+            self._tar = tar
+            self._infos = self._scan(tar)
             self.manifest = self._read_manifest()
             self._check_members()
         except BaseException:
@@ -111,10 +112,10 @@ class BundleReader:
     def _fail(self, msg: str) -> BundleError:
         return BundleError(f"{self.path}: {msg}")
 
-    def _scan(self) -> dict[str, tarfile.TarInfo]:
+    def _scan(self, tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
         infos: dict[str, tarfile.TarInfo] = {}
         try:
-            for info in self._tar:
+            for info in tar:
                 name = info.name
                 if name.startswith("/") or ".." in name.split("/") or "/" in name.strip("/") or "\\" in name:
                     raise self._fail(f"member {name!r}: path escapes the bundle folder or is not flat")
