@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/runtime_overhead.py
 	$(BIN)/python bench/api_roundtrip.py
 	$(BIN)/python bench/agent_footprint.py
+	$(BIN)/python bench/quantization.py
 
 # Regenerates tests/fixtures/models (needs TensorFlow: see the script's docstring).
 fixtures:

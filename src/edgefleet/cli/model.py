@@ -163,3 +163,9 @@ def verify(
                 console.print(f"  {f}")
     if not report["ok"]:
         raise EdgefleetError(f"{bundle}: golden self-test failed")
+
+
+from edgefleet.cli.convert import convert, quantize  # noqa: E402  (registered last: the converters' commands)
+
+app.command("quantize")(quantize)
+app.command("convert")(convert)
