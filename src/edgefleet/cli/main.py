@@ -9,6 +9,7 @@ import typer
 from edgefleet import __version__
 from edgefleet.cli import agent as agent_cmd
 from edgefleet.cli import demo as demo_cmd
+from edgefleet.cli import fleet as fleet_cmd
 from edgefleet.cli import model as model_cmd
 from edgefleet.errors import EdgefleetError
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(agent_cmd.app, name="agent")
 app.command("demo")(demo_cmd.demo)
+fleet_cmd.register(app)  # device, token, server
 
 
 def _version(value: bool) -> None:

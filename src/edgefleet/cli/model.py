@@ -169,3 +169,9 @@ from edgefleet.cli.convert import convert, quantize  # noqa: E402  (registered l
 
 app.command("quantize")(quantize)
 app.command("convert")(convert)
+
+from edgefleet.cli import fleet as fleet_cmd  # noqa: E402  (the fleet server's side of `model`)
+
+app.command("push")(fleet_cmd.push)
+app.command("list")(fleet_cmd.list_models)
+app.command("show")(fleet_cmd.show)

@@ -1,0 +1,104 @@
+"""Server settings: one pydantic model, loaded from ``server.toml`` and ``EDGEFLEET_SERVER_*`` variables.
+
+``EDGEFLEET_SERVER_PORT=9000`` sets ``port``; values are parsed as TOML literals when they can be
+(``EDGEFLEET_SERVER_TRUSTED_PROXIES='["10.0.0.1"]'``), else taken as strings. Errors name the key and
+the line (or the variable). No I/O happens inside the model; :func:`load_settings` reads the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from edgefleet.errors import ConfigError
+from edgefleet.tomlconf import problems
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "EDGEFLEET_SERVER_"
+
+
+class Settings(BaseModel):
+    """Everything the server reads at start; immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default=Path("edgefleet-data"), description="database (SQLite), blobs, fleet CA")
+    db_url: SecretStr | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite under data_dir; postgresql+psycopg://... for fleets"
+    )
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8400, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    tls_certfile: Path | None = Field(default=None, description="server certificate (PEM); TLS when set")
+    tls_keyfile: Path | None = Field(default=None, description="its private key (PEM)")
+    allow_plain_http_devices: bool = Field(
+        default=False,
+        description="accept device requests over plain HTTP (tests on loopback only; devices pin TLS otherwise)",
+    )
+    max_upload_bytes: int = Field(default=2 << 30, ge=1024, le=1 << 40, description="bundle upload limit, bytes")
+    device_token_ttl: int = Field(default=900, ge=30, le=86400, description="device access token lifetime, s")
+    challenge_ttl: int = Field(default=60, ge=5, le=600, description="device auth challenge lifetime, s")
+    device_cert_days: int = Field(default=365, ge=1, le=3650, description="device certificate validity, days")
+    online_window: int = Field(default=300, ge=10, le=86400, description="a device seen within this is online, s")
+    last_seen_granularity: int = Field(
+        default=60, ge=0, le=3600, description="last_seen is written at most this often per device, s"
+    )
+    client_cert_header: str | None = Field(
+        default=None, description="header a TLS-terminating proxy puts the verified client cert in (URL-encoded PEM)"
+    )
+    trusted_proxies: list[str] = Field(default_factory=list, description="IPs whose client_cert_header is believed")
+    migrate_on_start: bool = Field(default=True, description="apply Alembic migrations when the server starts")
+
+    def database_url(self) -> str:
+        """The SQLAlchemy URL: the configured one, or SQLite at ``data_dir/edgefleet.db``."""
+        if self.db_url is not None:
+            return self.db_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"
+
+
+def _env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    data: dict[str, Any] = {}
+    names: dict[tuple[str, ...], str] = {}
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        data[key] = value
+        names[(key,)] = var
+    return data, names
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings from a TOML file (optional), then the environment, then ``overrides`` (CLI options; None
+    values are ignored). Raises :class:`ConfigError` naming the key and line or variable."""
+    text: str | None = None
+    data: dict[str, Any] = {}
+    where = str(path) if path else "server settings"
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            data = tomllib.loads(text)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read settings: {e.strerror or e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    from_env, names = _env(os.environ if env is None else env)
+    data.update(from_env)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: " + "; ".join(problems(e, text, names))) from e

@@ -1,0 +1,97 @@
+"""Registry: upload, list, show, delete, download with Range/ETag; every refusal a JSON 4xx naming a field."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from _fleet import make_bundle
+
+
+def test_upload_list_show_download_round_trip(fleet, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, "digits", "1.0.0", size=5000)
+    data = bundle.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    r = fleet.client.post("/api/v1/models", content=data, headers={**fleet.admin_h, "X-Content-SHA256": sha})
+    assert r.status_code == 201, r.text
+    assert r.json()["sha256"] == sha and r.json()["size"] == len(data)
+    assert (fleet.settings.data_dir / "blobs" / "sha256" / sha[:2] / sha).read_bytes() == data
+    assert list((fleet.settings.data_dir / "tmp").iterdir()) == []
+
+    listed = fleet.client.get("/api/v1/models", headers=fleet.admin_h).json()
+    assert [(v["name"], v["version"]) for v in listed] == [("digits", "1.0.0")]
+    shown = fleet.client.get("/api/v1/models/digits/1.0.0", headers=fleet.admin_h).json()
+    assert shown["manifest"]["model"]["path"] == "model.onnx"
+
+    full = fleet.client.get(f"/api/v1/blobs/{sha}", headers=fleet.admin_h)
+    assert full.status_code == 200 and full.content == data
+    assert full.headers["etag"] == f'"{sha}"'
+    assert "immutable" in full.headers["cache-control"]
+    part = fleet.client.get("/api/v1/models/digits/1.0.0/bundle", headers={**fleet.admin_h, "Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    beyond = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**fleet.admin_h, "Range": f"bytes={len(data) + 10}-"})
+    assert beyond.status_code == 416
+    same = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**fleet.admin_h, "If-None-Match": f'"{sha}"'})
+    assert same.status_code == 304
+
+
+def test_duplicate_version_is_a_409_and_keeps_the_first(fleet, tmp_path: Path) -> None:
+    assert fleet.upload(make_bundle(tmp_path / "a", "m", "1.0.0", 100)).status_code == 201
+    r = fleet.upload(make_bundle(tmp_path / "b", "m", "1.0.0", 200))
+    assert r.status_code == 409 and r.json()["field"] == "version"
+
+
+def test_invalid_bundle_is_refused_with_the_field_and_leaves_nothing(fleet) -> None:
+    r = fleet.client.post("/api/v1/models", content=b"not a tar" * 100, headers=fleet.admin_h)
+    assert r.status_code == 422 and r.json()["field"] == "body"
+    assert "bundle" in r.json()["error"]
+    assert list((fleet.settings.data_dir / "tmp").iterdir()) == []
+    assert list((fleet.settings.data_dir / "blobs" / "sha256").iterdir()) == []
+
+
+def test_wrong_declared_sha256_is_refused(fleet, tmp_path: Path) -> None:
+    data = make_bundle(tmp_path).read_bytes()
+    r = fleet.client.post("/api/v1/models", content=data, headers={**fleet.admin_h, "X-Content-SHA256": "0" * 64})
+    assert r.status_code == 400 and r.json()["field"] == "x-content-sha256"
+
+
+def test_upload_over_the_size_limit_is_a_413(fleet, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from edgefleet.server.app import create_app
+
+    small = fleet.settings.model_copy(update={"max_upload_bytes": 1024})
+    with TestClient(create_app(small, replace(fleet.state, settings=small))) as c:
+        data = make_bundle(tmp_path, size=4096).read_bytes()
+        r = c.post("/api/v1/models", content=data, headers=fleet.admin_h)
+        assert r.status_code == 413, r.text
+        chunks = c.post("/api/v1/models", content=iter([data[:2000], data[2000:]]), headers=fleet.admin_h)
+        assert chunks.status_code == 413 and chunks.json()["field"] == "body"
+    assert list((fleet.settings.data_dir / "tmp").iterdir()) == []
+
+
+def test_delete_is_refused_while_a_device_is_assigned_the_version(fleet, tmp_path: Path) -> None:
+    sha = fleet.upload(make_bundle(tmp_path)).json()["sha256"]
+    d = fleet.device()
+    assert fleet.client.put(f"/api/v1/devices/{d.id}/models/digits", json={"version": "1.0.0"},
+                            headers=fleet.admin_h).status_code == 200
+    r = fleet.client.delete("/api/v1/models/digits/1.0.0", headers=fleet.admin_h)
+    assert r.status_code == 409 and "in use" in r.json()["error"]
+    assert fleet.client.delete(f"/api/v1/devices/{d.id}/models/digits", headers=fleet.admin_h).status_code == 204
+    assert fleet.client.delete("/api/v1/models/digits/1.0.0", headers=fleet.admin_h).status_code == 204
+    assert fleet.client.get(f"/api/v1/blobs/{sha}", headers=fleet.admin_h).status_code == 404
+    actions = [e["action"] for e in fleet.client.get("/api/v1/audit", headers=fleet.admin_h).json()]
+    assert actions[:4] == ["model.delete", "device.unassign", "device.assign", "device.enroll"]
+    delete = fleet.client.get("/api/v1/audit", headers=fleet.admin_h).json()[0]
+    assert delete["before"]["sha256"] == sha and delete["after"] is None and "admin" in delete["actor"]
+
+
+def test_devices_download_their_bundles_with_their_token(fleet, tmp_path: Path) -> None:
+    sha = fleet.upload(make_bundle(tmp_path)).json()["sha256"]
+    d = fleet.device()
+    r = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**d.headers, "Range": "bytes=0-9"})
+    assert r.status_code == 206 and len(r.content) == 10
+    assert fleet.client.get(f"/api/v1/blobs/{sha}").status_code == 401
