@@ -59,3 +59,26 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
             return False
         pause.wait(0.02)
     return True
+
+
+def run_cli(capsys: Any, *args: str | Path) -> tuple[int, str, str]:
+    """Run ``edgefleet ARGS`` in this process: (exit code, stdout, stderr)."""
+    from edgefleet.cli.main import main
+
+    capsys.readouterr()
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """The command failed with exit 1 and exactly one ``error: ...`` line holding every needle."""
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _support import assert_one_line_error, run_cli
 
 from edgefleet.agent import load_model
-from edgefleet.cli.main import main
 
 # Keras (numpy 2 __array__) and torch.jit (superseded by torch.export) warn about themselves.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -31,26 +31,6 @@ def need(module: str, extra: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the {extra} converters: {reason}")
         pytest.skip(reason)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    """Run ``edgefleet ARGS`` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")

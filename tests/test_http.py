@@ -28,12 +28,11 @@ def api(models_dir: Path) -> Iterator[str]:
         yield url
 
 
-def raw(api: str, payload: bytes, read_until_close: bool = True) -> bytes:
+def raw(api: str, payload: bytes) -> bytes:
+    """Send raw bytes; read the answer until the server closes the connection."""
     host, port = api.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(payload)
-        if not read_until_close:
-            return s.recv(65536)
         chunks = []
         while data := s.recv(65536):
             chunks.append(data)

@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from _support import MODELS
+from _support import MODELS, assert_one_line_error, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.agent import load_model
-from edgefleet.cli.main import main
 
 REPORT_KEYS = {
     "command",
@@ -38,26 +37,6 @@ REPORT_KEYS = {
     "quantized_nodes",
     "gate",
 }
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    """Run ``edgefleet ARGS`` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")
