@@ -164,9 +164,8 @@ class InferenceApp:
             return await self._infer(served, scope, receive)
         raise RequestError(f"no such endpoint: {path}", 404)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.max_body_bytes
-        headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(f"request body of {int(declared)} bytes is over the {limit}-byte limit", 413)
@@ -200,8 +199,9 @@ class InferenceApp:
     async def _infer(
         self, served: Served, scope: Scope, receive: Receive
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        body = await self._read_body(scope, receive)
-        header_len = dict(scope["headers"]).get(HEADER_LENGTH)
+        headers = dict(scope["headers"])
+        body = await self._read_body(headers, receive)
+        header_len = headers.get(HEADER_LENGTH)
         if header_len is not None:
             if not header_len.isdigit() or int(header_len) > len(body):
                 raise RequestError(
@@ -252,8 +252,8 @@ class InferenceApp:
         head_out = json.dumps(response).encode()
         if not blobs:
             return 200, _JSON, head_out
-        headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head_out)).encode())]
-        return 200, headers, head_out + b"".join(blobs)
+        out_headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head_out)).encode())]
+        return 200, out_headers, head_out + b"".join(blobs)
 
 
 def _parse_request(
