@@ -327,3 +327,45 @@ def test_swapping_a_model_drops_no_request(models_dir: Path, holdout: Any) -> No
         for t in threads:
             t.join()
     assert statuses and set(statuses) == {200}
+
+
+def _onnx(path: Path, in_type: int, out_type: int, op: str, shape: list[Any]) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", in_type, shape)],
+        [helper.make_tensor_value_info("y", out_type, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bytes_fp16_and_bool_tensors_through_tritonclient(tmp_path: Path, binary: bool) -> None:
+    from onnx import TensorProto
+
+    models = {
+        "text": _onnx(tmp_path / "text.onnx", TensorProto.STRING, TensorProto.STRING, "Identity", [None]),
+        "half": _onnx(tmp_path / "half.onnx", TensorProto.FLOAT16, TensorProto.FLOAT16, "Relu", ["n", 3]),
+        "flag": _onnx(tmp_path / "flag.onnx", TensorProto.BOOL, TensorProto.BOOL, "Not", [2]),
+    }
+    cases = [
+        ("text", "BYTES", np.array([b"a", "é".encode()], dtype=object), np.array([b"a", "é".encode()], dtype=object)),
+        ("half", "FP16", np.array([[-1, 2, 3]], np.float16), np.array([[0, 2, 3]], np.float16)),
+        ("flag", "BOOL", np.array([True, False]), np.array([False, True])),
+    ]
+    with running_api(models) as (url, _):
+        client = triton.InferenceServerClient(url=url)
+        for name, datatype, x, want in cases:
+            i = triton.InferInput("x", list(x.shape), datatype)
+            i.set_data_from_numpy(x, binary_data=binary)
+            got = client.infer(name, [i], outputs=[triton.InferRequestedOutput("y", binary_data=binary)]).as_numpy("y")
+            if datatype == "BYTES":
+                got = np.array([v if isinstance(v, bytes) else str(v).encode() for v in got], dtype=object)
+            np.testing.assert_array_equal(got, want)
+        client.close()

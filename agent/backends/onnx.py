@@ -98,11 +98,17 @@ class OnnxBackend:
         self.inputs = [_spec(n, where) for n in self._session.get_inputs()]
         self.outputs = [_spec(n, where, output=True) for n in self._session.get_outputs()]
         self._wrap = [o.name for o in self.outputs if o.dtype.kind == "O"]
+        self._text_inputs = [i.name for i in self.inputs if i.dtype.kind == "O"]
         self._output_names = [o.name for o in self.outputs]
         self._threads = threads
         self._version = ort.__version__
 
     def run(self, feeds: Feeds) -> Outputs:
+        for name in self._text_inputs:  # ORT's string tensors take str; bytes would become "b'...'"
+            arr = feeds[name]
+            if any(isinstance(v, bytes) for v in arr.flat):
+                text = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in arr.flat]
+                feeds = {**feeds, name: np.array(text, dtype=object).reshape(arr.shape)}
         out = dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
         for name in self._wrap:  # sequences/maps come back as Python lists and dicts
             value = out[name]
