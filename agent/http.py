@@ -16,6 +16,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 
@@ -134,13 +135,14 @@ class _Connection:
             await self._error(413, f"request body is over the {limit}-byte limit")
             return
         target = request.target.decode("latin-1")
-        path, _, query = target.partition("?")
+        raw_path, _, query = target.partition("?")
+        path = unquote(raw_path)  # ASGI's path is percent-decoded
         scope = {
             "type": "http",
             "http_version": request.http_version.decode(),
             "method": request.method.decode(),
             "path": path,
-            "raw_path": path.encode(),
+            "raw_path": raw_path.encode("latin-1"),
             "query_string": query.encode(),
             "headers": headers,
             "scheme": "http",

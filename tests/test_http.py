@@ -108,3 +108,13 @@ def test_curl_with_expect_100_continue(api: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "Expect: 100-continue" in r.stderr and "HTTP/1.1 100" in r.stderr
     assert json.loads(r.stdout)["model_name"] == "multi"
+
+
+def test_percent_encoded_paths_are_decoded(models_dir: Path, tmp_path: Path) -> None:
+    import shutil as sh
+
+    spaced = tmp_path / "my model.onnx"
+    sh.copy(models_dir / "multi_io.onnx", spaced)
+    with running_api({"my model": spaced}) as (url, _):
+        answer = raw(url, b"GET /v2/models/my%20model/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
