@@ -140,3 +140,5 @@ def test_demo_prints_real_predictions() -> None:
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and "predictions of" in r.stdout
     assert "passed" in r.stdout and "FAILED" not in r.stdout
+    assert "agent stopped on SIGTERM (exit 0)" in r.stdout  # a real agent process served a bundle
+    assert "edgefleet model list" in r.stdout and "digits-cnn-int8-tflite" in r.stdout  # pushed to a real server

@@ -2,8 +2,9 @@
 
 Packages the digits models (trained by ``tests/fixtures/make_models.py`` on scikit-learn's bundled
 digits) as bundles with labels, golden vectors, a drift baseline and a pipeline; verifies them; runs
-the held-out split through each bundle's pipeline for accuracy and sample predictions; and times
-``predict`` beside the bare runtime.
+the held-out split through each bundle's pipeline for accuracy and sample predictions; times
+``predict`` beside the bare runtime; serves the int8 bundle from a real agent process over the Open
+Inference Protocol; and starts a fleet server (SQLite) that takes the bundles and enrolls a device.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def demo(
             )
         console.print(pred)
         _serve(out_dir / "digits-cnn-int8-tflite-1.0.0.efb", x[:3].astype(np.float32) / 16, y[:3])
+        _fleet(out_dir)
         console.print(
             f"bundles written to {out_dir}"
             if tmp is None
@@ -199,3 +201,93 @@ def _serve(bundle: Path, images: Any, labels: Any) -> None:
         proc.terminate()
         proc.wait(30)
     console.print(f"agent stopped on SIGTERM (exit {proc.returncode})")
+
+
+def _fleet(work: Path) -> None:
+    """A fleet server (SQLite) as a real process: push the bundles, enroll a device, list the fleet."""
+    import json
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = str(Path(sys.executable).parent / "edgefleet")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, device = work / "fleet-data", work / "device"
+    console.rule("[bold]the fleet server: registry and device enrollment")
+    init = subprocess.run([exe, "server", "init", "--data", str(data)], capture_output=True, text=True, check=True)
+    token = re.search(r"efo_\S+", init.stdout)
+    if token is None:
+        raise EdgefleetError("server init printed no admin token")
+    url = f"http://127.0.0.1:{port}"
+    # Devices must use HTTPS in production; plain HTTP is allowed here because all of it is on loopback.
+    env = {**os.environ, "EDGEFLEET_TOKEN": token.group(0), "EDGEFLEET_SERVER_ALLOW_PLAIN_HTTP_DEVICES": "true"}
+    server = subprocess.Popen(
+        [exe, "server", "run", "--data", str(data), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise EdgefleetError("the fleet server did not start") from None
+                time.sleep(0.1)
+        console.print(f"$ edgefleet server run --data {data.name} --port {port}   (SQLite; API docs at {url}/docs)")
+
+        def cli(*args: str) -> Any:
+            r = subprocess.run([exe, *args, "--server", url, "--json"], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise EdgefleetError(f"edgefleet {' '.join(args)}: {r.stderr.strip()}")
+            return json.loads(r.stdout)
+
+        for bundle in sorted(work.glob("*.efb")):
+            pushed = cli("model", "push", str(bundle))
+            console.print(f"$ edgefleet model push {bundle.name}   -> sha256 {str(pushed.get('sha256', ''))[:16]}…")
+        enroll = cli("device", "enroll-token", "--tag", "demo", "--max-uses", "1")
+        r = subprocess.run(
+            [
+                exe,
+                "agent",
+                "enroll",
+                "--server",
+                url,
+                "--token",
+                enroll["token"],
+                "--state-dir",
+                str(device),
+                "--allow-http",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise EdgefleetError(f"agent enroll: {r.stderr.strip()}")
+        console.print(
+            f"$ edgefleet agent enroll   -> device {json.loads(r.stdout).get('device_id')} "
+            f"(its key never left {device.name}/)"
+        )
+        table = Table("device", "tags", "online", "revoked", title="edgefleet device list")
+        for d in cli("device", "list"):
+            table.add_row(str(d["id"]), ", ".join(d.get("tags", [])), str(d.get("online")), str(d.get("revoked")))
+        console.print(table)
+        versions = Table("name", "version", "runtime", "size", title="edgefleet model list")
+        for m in cli("model", "list"):
+            versions.add_row(m["name"], m["version"], m["runtime"], str(m["size"]))
+        console.print(versions)
+        console.print(f"[dim]the fleet server's dashboard comes in a later issue; its API is at {url}/docs[/]")
+    finally:
+        server.terminate()
+        server.wait(30)
