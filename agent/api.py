@@ -51,6 +51,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _JSON = [(b"content-type", b"application/json")]
 HEADER_LENGTH = b"inference-header-content-length"
 INLINE_SECONDS = 0.0005
+INLINE_BYTES = 64 * 1024
 
 
 class _Disconnected(Exception):
@@ -221,8 +222,11 @@ class InferenceApp:
         started = time.perf_counter()
         try:
             # A hop to the thread pool costs tens of microseconds, more than a small model's whole
-            # inference: models whose recent latency is under INLINE_SECONDS run on the event loop.
-            if self._latency.get(served.name, 1.0) < INLINE_SECONDS:
+            # inference: small requests to models whose recent latency is under INLINE_SECONDS run on
+            # the event loop. A large request always goes to the pool, so it cannot stall the loop
+            # (and with it the other requests and the systemd watchdog).
+            small = sum(a.nbytes for a in feeds.values()) <= INLINE_BYTES
+            if small and self._latency.get(served.name, 1.0) < INLINE_SECONDS:
                 result = model.predict(feeds, outputs)
             else:
                 result = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict, feeds, outputs)
