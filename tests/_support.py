@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -82,3 +83,32 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def digits_bundle(out: Path, top_k: int = 3) -> Path:
+    """The float TFLite digits model packaged with its pipeline (scale 1/16, NHWC, softmax, top-k) and labels."""
+    from edgefleet.bundle.manifest import PipelineSpec
+    from edgefleet.converters.package import package_model
+
+    spec = PipelineSpec.model_validate(
+        {
+            "preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nhwc"}],
+            "postprocess": [{"op": "softmax"}, {"op": "topk", "k": top_k}],
+        }
+    )
+    path, _ = package_model(
+        MODELS / "digits_cnn_float.tflite",
+        "digits",
+        "1.0.0",
+        out=out,
+        labels=MODELS / "digits_labels.txt",
+        pipeline=spec,
+    )
+    return path

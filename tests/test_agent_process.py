@@ -18,14 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _support import digits_bundle, free_port
 
 EDGEFLEET = shutil.which("edgefleet", path=str(Path(sys.executable).parent)) or "edgefleet"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NotifyListener:
@@ -186,24 +181,8 @@ def test_port_in_use_is_a_clear_error(models_dir: Path) -> None:
 
 def test_agent_run_config_folder_flow_to_jsonl(models_dir: Path, holdout: Any, tmp_path: Path) -> None:
     """agent run --config: a bundle served over the API and fed by a folder flow writing JSON lines."""
-    from edgefleet.bundle.manifest import PipelineSpec
-    from edgefleet.converters.package import package_model
-
     x, y = holdout
-    spec = PipelineSpec.model_validate(
-        {
-            "preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nhwc"}],
-            "postprocess": [{"op": "softmax"}, {"op": "topk", "k": 1}],
-        }
-    )
-    bundle, _ = package_model(
-        models_dir / "digits_cnn_float.tflite",
-        "digits",
-        "1.0.0",
-        out=tmp_path,
-        labels=models_dir / "digits_labels.txt",
-        pipeline=spec,
-    )
+    bundle = digits_bundle(tmp_path, top_k=1)
     inbox, out = tmp_path / "inbox", tmp_path / "predictions.jsonl"
     inbox.mkdir()
     port = free_port()

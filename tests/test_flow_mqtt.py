@@ -17,35 +17,19 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from _support import CollectSink, wait_until
+from _support import CollectSink, digits_bundle, free_port, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.agent import Pipeline, load_model
 from edgefleet.agent.flow import Flow, FlowConfig
 from edgefleet.agent.sinks import MqttSink, MqttSinkConfig
 from edgefleet.agent.sources import MqttSource
-from edgefleet.bundle.manifest import PipelineSpec
-from edgefleet.converters.package import package_model
 
 
 @pytest.fixture(scope="module")
 def digits_pipeline(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The float TFLite digits model as a real bundle with its pipeline (scale 1/16, nhwc, softmax, top-3)."""
-    spec = PipelineSpec.model_validate(
-        {
-            "preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nhwc"}],
-            "postprocess": [{"op": "softmax"}, {"op": "topk", "k": 3}],
-        }
-    )
-    bundle, _ = package_model(
-        models_dir / "digits_cnn_float.tflite",
-        "digits",
-        "1.0.0",
-        out=tmp_path_factory.mktemp("bundle"),
-        labels=models_dir / "digits_labels.txt",
-        pipeline=spec,
-    )
-    return Pipeline(load_model(bundle))
+    return Pipeline(load_model(digits_bundle(tmp_path_factory.mktemp("bundle"))))
 
 
 # -- MQTT ---------------------------------------------------------------------------------------
@@ -72,17 +56,11 @@ def broker_port() -> int:
     return 1883
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivateBroker:
     """A Mosquitto of our own on a free port, to stop and start again."""
 
     def __init__(self, exe: str) -> None:
-        self.exe, self.port = exe, _free_port()
+        self.exe, self.port = exe, free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

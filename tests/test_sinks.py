@@ -4,10 +4,10 @@ buffer while no broker is reachable."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from _support import free_port
 from pydantic import ValidationError
 
 from edgefleet.agent.sinks import JsonlSink, JsonlSinkConfig, MqttSink, MqttSinkConfig, StdoutSink, StdoutSinkConfig
@@ -48,14 +48,8 @@ def test_sink_config_errors_name_the_field_and_hide_the_password() -> None:
         MqttSink(cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_mqtt_sink_with_no_broker_keeps_the_newest_results_in_a_bounded_buffer() -> None:
-    cfg = MqttSinkConfig.model_validate({"type": "mqtt", "port": _free_port(), "topic": "x/{model}", "buffer": 2})
+    cfg = MqttSinkConfig.model_validate({"type": "mqtt", "port": free_port(), "topic": "x/{model}", "buffer": 2})
     sink = MqttSink(cfg)
     for i in range(5):
         sink.send({"model": "m", "i": i})

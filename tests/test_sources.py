@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from _support import CollectSink, wait_until
+from _support import CollectSink, digits_bundle, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +21,6 @@ from edgefleet.agent import Pipeline, load_model
 from edgefleet.agent.flow import Flow, FlowConfig
 from edgefleet.agent.sources import CameraSource, PayloadError, StdinSource, StdinSourceConfig, parse_payload_bytes
 from edgefleet.bundle.manifest import PipelineSpec
-from edgefleet.converters.package import package_model
 from edgefleet.errors import ConfigError
 
 _POST = [{"op": "softmax"}, {"op": "topk", "k": 3}]
@@ -53,18 +52,7 @@ VIDEO_SPEC = PipelineSpec.model_validate(
 @pytest.fixture(scope="module")
 def digits_model(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The float TFLite digits model as a real bundle (scale 1/16, nhwc, softmax, top-3, labels)."""
-    spec = PipelineSpec.model_validate(
-        {"preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nhwc"}], "postprocess": _POST}
-    )
-    bundle, _ = package_model(
-        models_dir / "digits_cnn_float.tflite",
-        "digits",
-        "1.0.0",
-        out=tmp_path_factory.mktemp("bundle"),
-        labels=models_dir / "digits_labels.txt",
-        pipeline=spec,
-    )
-    return load_model(bundle)
+    return load_model(digits_bundle(tmp_path_factory.mktemp("bundle")))
 
 
 def top1(result: dict[str, Any]) -> int:

@@ -29,7 +29,13 @@ from edgefleet.server.state import ServerState, init_server, open_state  # noqa:
 
 PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = (
-    "device_events", "assignments", "audit_log", "devices", "model_versions", "enrollment_tokens", "api_tokens",
+    "device_events",
+    "assignments",
+    "audit_log",
+    "devices",
+    "model_versions",
+    "enrollment_tokens",
+    "api_tokens",
     "server_secrets",
 )
 
@@ -103,15 +109,11 @@ class Fleet:
         return d
 
     def upload(self, bundle: Path, token: str | None = None) -> Any:
-        return self.client.post(
-            "/api/v1/models", content=bundle.read_bytes(), headers=self.auth(token or self.admin)
-        )
+        return self.client.post("/api/v1/models", content=bundle.read_bytes(), headers=self.auth(token or self.admin))
 
 
 def make_settings(db_url: str, data_dir: Path, **extra: Any) -> Settings:
-    return Settings(
-        data_dir=data_dir, db_url=db_url, allow_plain_http_devices=True, migrate_on_start=False, **extra
-    )
+    return Settings(data_dir=data_dir, db_url=db_url, allow_plain_http_devices=True, migrate_on_start=False, **extra)
 
 
 def _clean(db_url: str) -> None:
@@ -132,12 +134,12 @@ def clean_db(db_url: str) -> str:
 @pytest.fixture
 def fleet(db_url: str, tmp_path: Path) -> Iterator[Fleet]:
     _clean(db_url)
-    settings = make_settings(db_url, tmp_path / "data", client_cert_header="x-client-cert",
-                             trusted_proxies=["10.9.9.9"])
+    settings = make_settings(
+        db_url, tmp_path / "data", client_cert_header="x-client-cert", trusted_proxies=["10.9.9.9"]
+    )
     admin = init_server(settings)
     state = open_state(settings, run_migrations=False)
     with TestClient(create_app(settings, state), base_url="http://testserver") as client:
         yield Fleet(client, state, settings, admin)
     state.loop_db.close()
     state.engine.dispose()
-

@@ -25,12 +25,20 @@ def test_unchanged_desired_state_is_a_304_and_an_assignment_changes_the_etag(fle
     changed = fleet.client.get(f"/api/v1/devices/{d.id}/desired", headers={**d.headers, "If-None-Match": etag})
     assert changed.status_code == 200 and changed.headers["etag"] != etag
     assert changed.json()["models"] == [
-        {"name": "digits", "version": "1.0.0", "sha256": sha, "size": changed.json()["models"][0]["size"],
-         "url": f"/api/v1/blobs/{sha}", "source": "operator"}
+        {
+            "name": "digits",
+            "version": "1.0.0",
+            "sha256": sha,
+            "size": changed.json()["models"][0]["size"],
+            "url": f"/api/v1/blobs/{sha}",
+            "source": "operator",
+        }
     ]
     new = changed.headers["etag"]
-    assert fleet.client.get(f"/api/v1/devices/{d.id}/desired",
-                            headers={**d.headers, "If-None-Match": new}).status_code == 304
+    assert (
+        fleet.client.get(f"/api/v1/devices/{d.id}/desired", headers={**d.headers, "If-None-Match": new}).status_code
+        == 304
+    )
 
 
 def test_check_ins_write_last_seen_at_most_once_per_granularity(fleet) -> None:

@@ -18,15 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 from _fleet import make_bundle
+from _support import free_port
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-c", "from edgefleet.cli.main import main; main()"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> str:
@@ -37,7 +32,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> str:
 
 class Server:
     def __init__(self, data: Path, db: str) -> None:
-        self.data, self.db, self.port = data, db, _free_port()
+        self.data, self.db, self.port = data, db, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -50,7 +45,9 @@ class Server:
         env = {**os.environ, "EDGEFLEET_SERVER_ALLOW_PLAIN_HTTP_DEVICES": "true", "NOTIFY_SOCKET": str(notify_path)}
         self.proc = subprocess.Popen(
             [*CLI, "server", "run", "--data", str(self.data), "--db", self.db, "--port", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         with notify:
             assert b"READY=1" in notify.recv(4096)  # systemd is told once the server listens
@@ -96,16 +93,29 @@ def test_cli_init_run_push_enroll_and_sigkill_mid_upload_loses_nothing(server: S
     bundle = make_bundle(tmp_path / "b", "digits", "1.0.0", 10_000)
     # `edgefleet model push` is registered by cli/model.py; run the same function standalone here.
     push = [sys.executable, "-c", "import typer; from edgefleet.cli.fleet import push; typer.run(push)"]
-    r = subprocess.run([*push, str(bundle), "--json"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, **env})
+    r = subprocess.run(
+        [*push, str(bundle), "--json"], capture_output=True, text=True, timeout=60, env={**os.environ, **env}
+    )
     assert r.returncode == 0, r.stderr
     committed = json.loads(r.stdout)["sha256"]
     assert committed == hashlib.sha256(bundle.read_bytes()).hexdigest()
 
     enroll = json.loads(_cli("device", "enroll-token", "--tag", "lab", "--json", env=env))
     state = tmp_path / "device-state"
-    dev = json.loads(_cli("agent", "enroll", "--server", server.url, "--token", enroll["token"],
-                          "--state-dir", str(state), "--allow-http", "--json"))
+    dev = json.loads(
+        _cli(
+            "agent",
+            "enroll",
+            "--server",
+            server.url,
+            "--token",
+            enroll["token"],
+            "--state-dir",
+            str(state),
+            "--allow-http",
+            "--json",
+        )
+    )
     assert stat.S_IMODE((state / "identity" / "device.key").stat().st_mode) == 0o600
     devices = json.loads(_cli("device", "list", "--json", env=env))
     assert [(d["id"], d["tags"]) for d in devices] == [(dev["device_id"], ["lab"])]
@@ -152,7 +162,9 @@ def test_cli_init_run_push_enroll_and_sigkill_mid_upload_loses_nothing(server: S
     assert cli("device", "tag", dev["device_id"], "lab", "floor-2")["tags"] == ["floor-2", "lab"]
     assert cli("device", "show", dev["device_id"])["online"] is False
     assert cli("device", "revoke", dev["device_id"])["revoked"] is True
-    refused = CliRunner().invoke(app, ["device", "revoke", dev["device_id"]], env={**env, "EDGEFLEET_TOKEN": viewer["token"]})
+    refused = CliRunner().invoke(
+        app, ["device", "revoke", dev["device_id"]], env={**env, "EDGEFLEET_TOKEN": viewer["token"]}
+    )
     assert refused.exit_code != 0
     logged = server.stop()
     for secret in (admin, viewer["token"], enroll["token"]):

@@ -76,8 +76,12 @@ def test_upload_over_the_size_limit_is_a_413(fleet, tmp_path: Path) -> None:
 def test_delete_is_refused_while_a_device_is_assigned_the_version(fleet, tmp_path: Path) -> None:
     sha = fleet.upload(make_bundle(tmp_path)).json()["sha256"]
     d = fleet.device()
-    assert fleet.client.put(f"/api/v1/devices/{d.id}/models/digits", json={"version": "1.0.0"},
-                            headers=fleet.admin_h).status_code == 200
+    assert (
+        fleet.client.put(
+            f"/api/v1/devices/{d.id}/models/digits", json={"version": "1.0.0"}, headers=fleet.admin_h
+        ).status_code
+        == 200
+    )
     r = fleet.client.delete("/api/v1/models/digits/1.0.0", headers=fleet.admin_h)
     assert r.status_code == 409 and "in use" in r.json()["error"]
     assert fleet.client.delete(f"/api/v1/devices/{d.id}/models/digits", headers=fleet.admin_h).status_code == 204

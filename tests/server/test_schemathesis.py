@@ -27,8 +27,13 @@ def test_no_operation_answers_5xx(fleet: Any) -> None:
     for op in operations:
 
         @given(case=op.as_strategy())
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case: Any) -> None:
             case.headers = {**(case.headers or {}), **auth}
             response = case.call()

@@ -36,8 +36,12 @@ def test_sealed_value_is_refused_when_tampered_expired_or_for_another_purpose() 
 def test_settings_from_toml_then_env_then_overrides(tmp_path: Path) -> None:
     f = tmp_path / "server.toml"
     f.write_text('port = 9000\nhost = "0.0.0.0"\ntrusted_proxies = ["10.0.0.1"]\n')
-    s = load_settings(f, {"EDGEFLEET_SERVER_PORT": "9100", "EDGEFLEET_SERVER_DB_URL": "postgresql+psycopg://u@h/db"},
-                      host=None, data_dir=tmp_path)
+    s = load_settings(
+        f,
+        {"EDGEFLEET_SERVER_PORT": "9100", "EDGEFLEET_SERVER_DB_URL": "postgresql+psycopg://u@h/db"},
+        host=None,
+        data_dir=tmp_path,
+    )
     assert (s.port, s.host, s.trusted_proxies, s.data_dir) == (9100, "0.0.0.0", ["10.0.0.1"], tmp_path)
     assert s.database_url() == "postgresql+psycopg://u@h/db" and "u@h" not in repr(s)
 
