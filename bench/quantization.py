@@ -34,82 +34,12 @@ from edgefleet.agent import load_model
 from edgefleet.converters.convert import ConvertOptions, convert_model
 from edgefleet.converters.quantize import QuantizeOptions, quantize_onnx
 
-SEED = 7
 CAL = 300  # calibration / representative samples (training split)
 
 
-def split() -> tuple[Any, Any, Any, Any]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x, y = d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
-    return train_test_split(x, y, test_size=0.2, random_state=SEED, stratify=y)  # type: ignore[no-any-return]
-
-
-def train(x: Any, y: Any, epochs: int) -> Any:
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(SEED)
-    model = tf.keras.Sequential(
-        [
-            tf.keras.layers.Input((8, 8, 1), name="image"),
-            tf.keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            tf.keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-            tf.keras.layers.MaxPooling2D(2),
-            tf.keras.layers.Flatten(),
-            tf.keras.layers.Dense(128, activation="relu"),
-            tf.keras.layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer=tf.keras.optimizers.Adam(1e-3),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    model.fit(x[..., None], y, epochs=epochs, batch_size=32, verbose=0)
-    return model
-
-
-def to_onnx(model: Any) -> Any:
-    """The Keras network as an ONNX graph on NCHW input (Keras flattens NHWC: a Transpose first)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    conv1, conv2, _pool, _flat, fc1, fc2 = model.layers
-    inits, nodes = [], []
-    for name, layer in (("conv1", conv1), ("conv2", conv2)):
-        w, b = layer.get_weights()
-        inits += [
-            numpy_helper.from_array(w.transpose(3, 2, 0, 1).copy(), f"{name}.w"),
-            numpy_helper.from_array(b, f"{name}.b"),
-        ]
-    for name, layer in (("fc1", fc1), ("fc2", fc2)):
-        w, b = layer.get_weights()
-        inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")]
-    nodes = [
-        helper.make_node("Conv", ["input", "conv1.w", "conv1.b"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "conv2.w", "conv2.b"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
-        helper.make_node("Transpose", ["p"], ["pt"], perm=[0, 2, 3, 1], name="to_nhwc"),
-        helper.make_node("Flatten", ["pt"], ["f"], axis=1, name="flatten"),
-        helper.make_node("Gemm", ["f", "fc1.w", "fc1.b"], ["d1"], name="fc1"),
-        helper.make_node("Relu", ["d1"], ["r3"], name="relu3"),
-        helper.make_node("Gemm", ["r3", "fc2.w", "fc2.b"], ["logits"], name="fc2"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "digits_cnn_150k",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=inits,
-    )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgefleet-bench")
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+# The split, the trainer and the node-by-node ONNX export are the fixture script's, with wider layers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
+from make_models import keras_to_onnx, load_split, train_keras  # noqa: E402
 
 
 def row(name: str, r: dict[str, Any]) -> str:
@@ -135,8 +65,9 @@ def main() -> int:
     import onnxruntime as ort
 
     t0 = time.perf_counter()
-    x_train, x_test, y_train, y_test = split()
-    model = train(x_train, y_train, args.epochs)
+    x_train_u8, x_test_u8, y_train, y_test = load_split()  # pixels 0..16
+    x_train, x_test = x_train_u8.astype(np.float32) / 16.0, x_test_u8.astype(np.float32) / 16.0
+    model = train_keras(x_train_u8, y_train, filters=(32, 64), dense=128, epochs=args.epochs, lr=1e-3)
     params = model.count_params()
     keras_acc = float((model.predict(x_test[..., None], verbose=0).argmax(1) == y_test).mean())
     t_train = time.perf_counter() - t0
@@ -145,7 +76,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model.save(work / "digits_cnn.keras")
     float_onnx = work / "digits_cnn_float.onnx"
-    onnx.save(to_onnx(model), float_onnx)
+    onnx.save(keras_to_onnx(model, "digits_cnn_150k"), float_onnx)
     sess = ort.InferenceSession(str(float_onnx), providers=["CPUExecutionProvider"])
     err = float(
         np.abs(sess.run(None, {"input": x_test[:, None]})[0] - model.predict(x_test[..., None], verbose=0)).max()
