@@ -80,7 +80,7 @@ class Model:
         self.outputs: list[TensorSpec] = list(backend.outputs)
         self._in = {s.name: s for s in self.inputs}
         self._out = {s.name: s for s in self.outputs}
-        self._alias: dict[str, str] = dict(getattr(backend, "aliases", {}))
+        self._alias: dict[str, str] = dict(backend.aliases)
         self._quantized_in = any(s.quantization is not None for s in self.inputs)
         self._quantized_out = [s for s in self.outputs if s.quantization is not None]
         self._lock = None if backend.thread_safe else threading.Lock()

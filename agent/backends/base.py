@@ -26,6 +26,7 @@ class Backend(Protocol):
     name: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    aliases: dict[str, str]  # other accepted input names -> the canonical one (e.g. raw TFLite tensor names)
     thread_safe: bool
 
     def run(self, feeds: Feeds) -> Outputs: ...

@@ -96,6 +96,7 @@ class OnnxBackend:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{where}: not a loadable ONNX model: {first}") from e
         self.inputs = [_spec(n, where) for n in self._session.get_inputs()]
+        self.aliases: dict[str, str] = {}
         self.outputs = [_spec(n, where, output=True) for n in self._session.get_outputs()]
         self._wrap = [o.name for o in self.outputs if o.dtype.kind == "O"]
         self._text_inputs = [i.name for i in self.inputs if i.dtype.kind == "O"]
