@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from _support import MODELS
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say up front which optional converter frameworks are missing, and how to get them."""
+    missing = [m for m in ("tensorflow", "torch") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return ["converter frameworks: tensorflow and torch installed"]
+    how = "CI=true: their tests fail" if os.environ.get("CI") == "true" else "their tests skip; `make test-full` runs them"
+    return [f"converter frameworks missing: {', '.join(missing)} ({how})"]
 
 
 @pytest.fixture(scope="session")

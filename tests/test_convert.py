@@ -26,8 +26,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def need(module: str, extra: str) -> None:
+    """Skip without ``module`` (saying how to get it), or fail under ``CI=true``, where ``make test`` installs it."""
     if importlib.util.find_spec(module) is None:
-        reason = f"{module} is not installed (pip install 'edgefleet[{extra}]')"
+        reason = (
+            f"{module} is not installed: `make test-full` installs it into .venv "
+            f"(or .venv/bin/pip install -e '.[{extra}]'; CI=true make test does it too)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the {extra} converters: {reason}")
         pytest.skip(reason)
