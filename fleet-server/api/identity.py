@@ -4,17 +4,29 @@
 
     device                                     server
     POST /enroll {token, csr}            ->    checks token (expiry, uses), signs CSR: cert CN=device id
-    POST /device-auth/challenge {id}     ->    {challenge}: MACed {id, nonce, exp} (no state kept)
+    POST /device-auth/challenge {id}     ->    {challenge}: MACed {p: chal, id, nonce, exp} (no state kept)
     POST /device-auth/token {id, challenge, sig(challenge)}
                                          ->    checks MAC, expiry, id, signature by the cert's key,
                                                device not revoked -> access token (MACed, short-lived)
     GET/POST /devices/{id}/...  Bearer <access token>
+
+    renewal (proves possession of the CURRENT key, not just a token):
+    POST /device-auth/challenge {id, purpose: renew}  Bearer <access token>
+                                         ->    {challenge}: MACed {p: renew, id, ser: current cert serial, ...}
+    POST /devices/{id}/certificate {csr (signed by the new key), challenge,
+                                    sig_current_key(renewal_message(challenge, csr))}  Bearer <access token>
+                                         ->    new certificate; the serial changes, so the old tokens and this
+                                               proof (bound to the old serial) are dead
+
+A purpose claim keeps the two challenges apart: an auth challenge is no renewal proof and back. The
+proof also covers the CSR, so a proof seen in transit cannot certify another key.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import secrets
 import time
 from typing import Annotated
@@ -42,10 +54,23 @@ from edgefleet.server.models import Device, EnrollmentToken, utcnow
 from edgefleet.server.state import ServerState, audit
 from edgefleet.server.tokens import open_signed, parse_token, seal, secret_matches
 
-__all__ = ["live_device", "require_transport", "router"]
+__all__ = ["live_device", "renewal_message", "require_transport", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["device identity"])
-_CHALLENGE = "chal"
+_CHALLENGE = "chal"  # purpose claim of challenges for /device-auth/token
+_RENEW = "renew"  # purpose claim of challenges for certificate renewal
+
+
+def renewal_message(challenge: str, csr_pem: str) -> bytes:
+    """The bytes a device signs with its current key to renew: ties the server's challenge to this CSR."""
+    return f"edgefleet-renew-v1.{challenge}.{hashlib.sha256(csr_pem.encode()).hexdigest()}".encode()
+
+
+def _signature(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(422, "signature: not base64", "signature") from e
 
 
 def require_transport(request: Request, state: ServerState) -> None:
@@ -105,10 +130,17 @@ def enroll(body: EnrollIn, request: Request, state: StateDep) -> EnrollOut:
 
 @router.post("/device-auth/challenge", response_model=ChallengeOut)
 def challenge(body: ChallengeIn, request: Request, state: StateDep) -> ChallengeOut:
-    """A challenge for ``device_id`` to sign. Says nothing about whether the device exists."""
+    """A challenge for ``device_id`` to sign. For ``purpose: auth`` it says nothing about whether the device
+    exists; ``purpose: renew`` needs the device's own access token and binds the current certificate."""
     require_transport(request, state)
     ttl = state.settings.challenge_ttl
-    claims = {"p": _CHALLENGE, "sub": body.device_id, "n": secrets.token_hex(16), "exp": int(time.time()) + ttl}
+    claims: dict[str, object] = {"sub": body.device_id, "n": secrets.token_hex(16), "exp": int(time.time()) + ttl}
+    if body.purpose == "renew":
+        who = device_caller(request, state)
+        with state.sessions() as s:
+            claims.update(p=_RENEW, ser=live_device(s, who, body.device_id).cert_serial)
+    else:
+        claims["p"] = _CHALLENGE
     return ChallengeOut(challenge=seal(state.mac_key, claims), expires_in=ttl)
 
 
@@ -119,10 +151,7 @@ def device_token(body: DeviceTokenIn, request: Request, state: StateDep) -> Devi
     claims = open_signed(state.mac_key, body.challenge, _CHALLENGE)
     if claims is None or claims.get("sub") != body.device_id:
         raise ApiError(401, "challenge: invalid, expired, or for another device", "challenge")
-    try:
-        sig = base64.b64decode(body.signature, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(422, "signature: not base64", "signature") from e
+    sig = _signature(body.signature)
     with state.sessions() as s:
         d = s.get(Device, body.device_id)
         if d is None or d.revoked_at is not None:
@@ -140,18 +169,44 @@ def device_token(body: DeviceTokenIn, request: Request, state: StateDep) -> Devi
 def renew(
     device_id: Annotated[str, Path(pattern=DEVICE_ID)], body: RenewIn, request: Request, state: StateDep
 ) -> EnrollOut:
-    """Renew the device's certificate (e.g. for a new key); access tokens of the old one stop working."""
+    """Renew the device's certificate (e.g. for a new key). Needs the device's access token AND a renewal
+    challenge signed by the current certificate's key over :func:`renewal_message`, so a stolen token
+    alone cannot take over the identity. Access tokens of the old certificate, and the proof, stop
+    working. 401 naming ``challenge`` or ``signature`` when the proof is missing, stale or wrong."""
     who = device_caller(request, state)
+    if body.challenge is None:
+        raise ApiError(401, 'challenge: renewal needs a challenge from /device-auth/challenge (purpose "renew")',
+                       "challenge")
+    if body.signature is None:
+        raise ApiError(401, "signature: renewal needs the challenge and CSR signed by the current key", "signature")
+    claims = open_signed(state.mac_key, body.challenge, _RENEW)
+    if claims is None or claims.get("sub") != device_id:
+        raise ApiError(401, "challenge: not a renewal challenge for this device, or expired", "challenge")
+    sig = _signature(body.signature)
     with state.sessions.begin() as s:
         d = live_device(s, who, device_id)
+        old_serial = d.cert_serial
+        if claims.get("ser") != old_serial:
+            raise ApiError(401, "challenge: already used, or issued for a replaced certificate", "challenge")
+        if not verify_signature(d.cert_pem, sig, renewal_message(body.challenge, body.csr)):
+            raise ApiError(401, "signature: not made by this device's current key over this challenge and CSR",
+                           "signature")
         try:
             cert = state.ca.sign_device(body.csr, device_id, state.settings.device_cert_days)
         except DeviceIdentityError as e:
             raise ApiError(422, str(e), "csr") from e
-        before = {"cert_serial": d.cert_serial}
-        d.cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        d.cert_serial = format(cert.serial_number, "x")
-        d.cert_not_after = cert.not_valid_after_utc
-        audit(s, f"device {device_id}", "device.renew", f"device:{device_id}", before, {"cert_serial": d.cert_serial})
-        out = EnrollOut(device_id=device_id, certificate=d.cert_pem, ca_certificate=state.ca.cert_pem, tags=d.tags)
-    return out
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        serial = format(cert.serial_number, "x")
+        # Compare-and-set on the serial: of two requests racing with one proof, exactly one wins.
+        won = s.execute(
+            update(Device)
+            .where(Device.id == device_id, Device.cert_serial == old_serial)
+            .values(cert_pem=pem, cert_serial=serial, cert_not_after=cert.not_valid_after_utc)
+            .execution_options(synchronize_session=False)
+        )
+        if won.rowcount != 1:  # type: ignore[attr-defined]
+            raise ApiError(401, "challenge: already used, or issued for a replaced certificate", "challenge")
+        audit(s, f"device {device_id}", "device.renew", f"device:{device_id}", {"cert_serial": old_serial},
+              {"cert_serial": serial})
+        tags = list(d.tags)
+    return EnrollOut(device_id=device_id, certificate=pem, ca_certificate=state.ca.cert_pem, tags=tags)

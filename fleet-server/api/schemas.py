@@ -107,11 +107,26 @@ class EnrollOut(BaseModel):
 
 
 class RenewIn(_In):
-    csr: str = Field(min_length=1, max_length=16384)
+    csr: str = Field(min_length=1, max_length=16384, description="PEM CSR of the new key (signed by it)")
+    # Optional in the schema so that a request without them is a 401 naming the field, not a 422.
+    challenge: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="required: a challenge from POST /device-auth/challenge with purpose \"renew\"",
+    )
+    signature: str | None = Field(
+        default=None, min_length=1, max_length=512,
+        description="required: base64 DER ECDSA-SHA256, by the CURRENT key, of renewal_message(challenge, csr): "
+        "the ASCII bytes 'edgefleet-renew-v1.' + challenge + '.' + hex sha256 of the csr's UTF-8 bytes",
+    )
 
 
 class ChallengeIn(_In):
     device_id: str = Field(pattern=DEVICE_ID)
+    purpose: Literal["auth", "renew"] = Field(
+        default="auth",
+        description="auth: for /device-auth/token (no token needed); renew: for certificate renewal (needs the "
+        "device's access token; bound to its current certificate)",
+    )
 
 
 class ChallengeOut(BaseModel):

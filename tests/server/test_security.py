@@ -142,14 +142,29 @@ def test_revoked_operator_token_is_refused(fleet) -> None:
 
 
 def test_renewal_replaces_the_certificate_and_retires_old_tokens(fleet) -> None:
+    from edgefleet.server.api.identity import renewal_message
+
     d = fleet.device()
     old = d.headers
     key = new_key()
-    r = fleet.client.post(f"/api/v1/devices/{d.id}/certificate", json={"csr": csr_pem(key)}, headers=d.headers)
+    ch = fleet.client.post(
+        "/api/v1/device-auth/challenge", json={"device_id": d.id, "purpose": "renew"}, headers=d.headers
+    ).json()["challenge"]
+    csr = csr_pem(key)
+    proof = sign(d.key, renewal_message(ch, csr).decode())
+    body = {"csr": csr, "challenge": ch, "signature": proof}
+    r = fleet.client.post(f"/api/v1/devices/{d.id}/certificate", json=body, headers=d.headers)
     assert r.status_code == 200, r.text
     assert fleet.client.get(f"/api/v1/devices/{d.id}/desired", headers=old).status_code == 401
     d.key = key
     d.authenticate()
+    assert fleet.client.get(f"/api/v1/devices/{d.id}/desired", headers=d.headers).status_code == 200
+
+
+def test_renewal_with_only_a_bearer_token_is_refused(fleet) -> None:
+    d = fleet.device()
+    r = fleet.client.post(f"/api/v1/devices/{d.id}/certificate", json={"csr": csr_pem(new_key())}, headers=d.headers)
+    assert r.status_code == 401 and r.json()["field"] == "challenge"
     assert fleet.client.get(f"/api/v1/devices/{d.id}/desired", headers=d.headers).status_code == 200
 
 
