@@ -1,13 +1,17 @@
 """``agent.toml``: the agent's configuration, validated in one place.
 
-Values come from the TOML file, then from ``EDGEFLEET_*`` environment variables, where a double
-underscore walks into tables: ``EDGEFLEET_API__PORT=9000`` sets ``[api] port``. Errors name the key
+Values come from the TOML file, then from ``EDGEFLEET_AGENT__*`` environment variables, where a
+double underscore walks into tables: ``EDGEFLEET_AGENT__API__PORT=9000`` sets ``[api] port``. The old
+form (``EDGEFLEET_API__PORT``) still works for one release, with a warning; variables of the other
+commands (``EDGEFLEET_SERVER``, ``EDGEFLEET_TOKEN``, ``EDGEFLEET_SERVER_*``...) are never read here. Errors name the key
 and, where the key is in the file, its line. Nothing here does I/O beyond reading the file given;
 secrets are ``SecretStr`` and never printed.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -16,12 +20,31 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgefleet.agent.http import LOOPBACK_HOSTS, Limits
 from edgefleet.errors import ConfigError
 from edgefleet.tomlconf import problems
 
-__all__ = ["AgentConfig", "ApiConfig", "HardwareConfig", "ModelConfig", "load_config", "parse_config"]
+__all__ = [
+    "AgentConfig",
+    "ApiConfig",
+    "HardwareConfig",
+    "ModelConfig",
+    "apply_identity",
+    "config_from_dict",
+    "identity_path",
+    "load_config",
+    "parse_config",
+]
 
-ENV_PREFIX = "EDGEFLEET_"
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "EDGEFLEET_AGENT__"  # EDGEFLEET_AGENT__API__PORT=9000 sets [api] port
+LEGACY_PREFIX = "EDGEFLEET_"  # EDGEFLEET_API__PORT: the old form, read for one more release
+SERVER_PREFIX = "EDGEFLEET_SERVER_"  # the fleet server's settings
+# Documented variables of other commands: never agent.toml overrides, whatever their spelling.
+NOT_AGENT = frozenset(
+    {"EDGEFLEET_SERVER", "EDGEFLEET_TOKEN", "EDGEFLEET_CA_CERT", "EDGEFLEET_ENROLL_TOKEN", "EDGEFLEET_CLI_CONFIG"}
+)
 
 
 class _Strict(BaseModel):
@@ -35,8 +58,54 @@ class ApiConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="address to listen on; keep it on loopback")
     port: int = Field(default=8500, ge=0, le=65535, description="TCP port; 0 picks a free one")
     uds: Path | None = Field(default=None, description="also listen on this Unix socket")
-    max_body_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 31, description="request body limit, bytes")
+    max_body_bytes: int = Field(
+        default=64 << 20, ge=1024, le=1 << 31, description="binary (OIP binary tensor) request body limit, bytes"
+    )
+    max_json_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        le=1 << 31,
+        description="JSON request body limit (also a binary body's JSON head), bytes",
+    )
+    max_decompressed_bytes: int = Field(
+        default=64 << 20, ge=1024, le=1 << 31, description="a gzip/deflate body once decoded, bytes"
+    )
+    max_buffered_bytes: int = Field(
+        default=256 << 20,
+        ge=1024,
+        le=1 << 33,
+        description="request bodies buffered at once over all connections, bytes",
+    )
+    max_connections: int = Field(default=64, ge=1, le=10000, description="open connections at once")
+    header_timeout: float = Field(default=10.0, gt=0, le=3600, description="seconds to send a request's headers")
+    request_timeout: float = Field(default=60.0, gt=0, le=3600, description="seconds to send a whole request body")
+    keepalive_timeout: float = Field(default=30.0, gt=0, le=3600, description="seconds an idle connection stays open")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names accepted besides localhost, 127.0.0.1, [::1] and `host` ('*': any)",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origin header values accepted, e.g. 'http://localhost:3000' (empty: none; '*': any)",
+    )
     workers: int | None = Field(default=None, ge=1, le=64, description="inference threads (default: cores + 2)")
+
+    def limits(self) -> Limits:
+        """The HTTP server's limits and allow-lists for this config."""
+        host = self.host.lower()
+        listen = f"[{host}]" if ":" in host else host
+        return Limits(
+            max_body_bytes=self.max_body_bytes,
+            max_json_bytes=self.max_json_bytes,
+            max_decompressed_bytes=self.max_decompressed_bytes,
+            max_buffered_bytes=self.max_buffered_bytes,
+            max_connections=self.max_connections,
+            header_timeout=self.header_timeout,
+            request_timeout=self.request_timeout,
+            keepalive_timeout=self.keepalive_timeout,
+            allowed_hosts=frozenset({*LOOPBACK_HOSTS, listen, *(h.lower() for h in self.allowed_hosts)}),
+            allowed_origins=frozenset(o.lower().rstrip("/") for o in self.allowed_origins),
+        )
 
 
 class ModelConfig(_Strict):
@@ -57,6 +126,9 @@ class AgentConfig(_Strict):
     device_id: str = Field(default="", max_length=128, description="this device's id (set at enrollment)")
     state_dir: Path = Field(default=Path("/var/lib/edgefleet"), description="models, queues and keys live here")
     server_url: str | None = Field(default=None, description="fleet server URL (updates, enrollment)")
+    ca_cert: Path | None = Field(
+        default=None, description="fleet CA certificate to verify server_url with (set by enrollment)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api: ApiConfig = Field(default_factory=ApiConfig)
     models: list[ModelConfig] = Field(default_factory=list)
@@ -68,10 +140,18 @@ class AgentConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:
-        names = [m.name or _stem(m.path) for m in self.models if m.name or m.path.suffix != ".efb"]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"two models are served under the same name(s) {dup}")
+        # A bundle without `name` is served under its manifest's name, which only loading it tells
+        # (the agent checks those when it loads them); here, the names the config itself decides.
+        seen: dict[str, Path] = {}
+        for m in self.models:
+            if not m.name and m.path.suffix == ".efb":
+                continue
+            n = m.name or _stem(m.path)
+            if n in seen:
+                raise ValueError(
+                    f"models: {seen[n]} and {m.path} are both served as {n!r}; give one of them another name"
+                )
+            seen[n] = m.path
         return self
 
 
@@ -80,12 +160,27 @@ def _stem(p: Path) -> str:
 
 
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
-    """Apply ``EDGEFLEET_*`` variables to ``data`` in place; returns key path -> variable name."""
+    """Apply ``EDGEFLEET_AGENT__*`` variables (and, for one release, the old ``EDGEFLEET_SECTION__KEY``
+    form, with a warning) to ``data`` in place; returns key path -> variable name.
+
+    Variables of other commands (``EDGEFLEET_SERVER``, ``EDGEFLEET_TOKEN``, ``EDGEFLEET_SERVER_*``...)
+    are not the agent's and are left alone. Raises ConfigError when a variable walks into a value
+    that is not a table.
+    """
     applied: dict[tuple[str, ...], str] = {}
+    fields = set(AgentConfig.model_fields)
     for key, raw in sorted(env.items()):
-        if not key.startswith(ENV_PREFIX) or key == "EDGEFLEET_TOKEN":
+        if key.startswith(ENV_PREFIX):
+            rest = key[len(ENV_PREFIX) :]
+        elif key.startswith(LEGACY_PREFIX) and key not in NOT_AGENT and not key.startswith(SERVER_PREFIX):
+            rest = key[len(LEGACY_PREFIX) :]
+            if rest.lower().split("__")[0] not in fields:
+                continue  # another command's variable (EDGEFLEET_SERVER_DB, EDGEFLEET_CA_CERT...)
+            new = ENV_PREFIX + rest
+            log.warning("%s is deprecated and will stop working in the next release; use %s", key, new)
+        else:
             continue
-        parts = key[len(ENV_PREFIX) :].lower().split("__")
+        parts = rest.lower().split("__")
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -109,6 +204,18 @@ def parse_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML: {e}") from e
+    return _validate(data, text, where, env, base)
+
+
+def config_from_dict(data: dict[str, Any], env: Mapping[str, str] | None = None) -> AgentConfig:
+    """An AgentConfig from values given on a command line, plus environment overrides.
+    Raises ConfigError naming the key (or the variable it came from)."""
+    return _validate(data, "", "agent options", env, None)
+
+
+def _validate(
+    data: dict[str, Any], text: str, where: str, env: Mapping[str, str] | None, base: Path | None
+) -> AgentConfig:
     from_env = _env_overrides(data, os.environ if env is None else env)
     try:
         cfg = AgentConfig.model_validate(data)
@@ -141,11 +248,58 @@ def _flows(raw: list[Any], text: str, where: str, from_env: dict[tuple[str, ...]
     return flows
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read and validate ``agent.toml``. Raises :class:`ConfigError` naming the key and line."""
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None, identity: bool = True
+) -> AgentConfig:
+    """Read and validate ``agent.toml``, then (unless ``identity`` is false) apply the enrolled
+    identity from ``STATE_DIR/identity/identity.json``. Raises :class:`ConfigError` naming the key
+    and line, or both values and files when agent.toml contradicts the identity."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from e
-    return parse_config(text, str(p), env, base=p.resolve().parent)
+    cfg = parse_config(text, str(p), env, base=p.resolve().parent)
+    return apply_identity(cfg, str(p)) if identity else cfg
+
+
+IDENTITY_FILE = "identity.json"  # under STATE_DIR/identity/, written by `edgefleet agent enroll`
+
+
+def identity_path(state_dir: Path) -> Path:
+    return state_dir / "identity" / IDENTITY_FILE
+
+
+def apply_identity(cfg: AgentConfig, where: str = "agent.toml") -> AgentConfig:
+    """Take ``device_id``, ``server_url`` and ``ca_cert`` from the enrolled identity, when there is one.
+
+    The identity wins over agent.toml; agent.toml may leave those keys out or repeat the same values.
+    Raises ConfigError naming both values and both files when they differ, or when the identity file
+    is unreadable.
+    """
+    path = identity_path(cfg.state_dir)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return cfg
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the device identity: {e.strerror or e}") from e
+    try:
+        ident = json.loads(raw)
+        device_id, server_url = ident["device_id"], ident["server_url"]
+        if not isinstance(device_id, str) or not isinstance(server_url, str):
+            raise TypeError("device_id and server_url must be strings")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path}: not a device identity ({e}); re-enroll with `edgefleet agent enroll --force`"
+        ) from e
+    for key, ours, theirs in (("device_id", cfg.device_id, device_id), ("server_url", cfg.server_url, server_url)):
+        if ours and ours.rstrip("/") != theirs.rstrip("/"):
+            raise ConfigError(
+                f"{key}: {where} says {ours!r} but this device is enrolled as {theirs!r} ({path}); "
+                f"remove {key} from {where} (the identity wins) or re-enroll"
+            )
+    update: dict[str, Any] = {"device_id": device_id, "server_url": server_url}
+    if ident.get("ca_cert"):
+        update["ca_cert"] = Path(ident["ca_cert"])
+    return cfg.model_copy(update=update)

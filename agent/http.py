@@ -3,24 +3,43 @@
 Why not uvicorn: the agent is a resident process on devices with 1 GB of memory, and uvicorn brings
 click, multiprocessing and its logging setup (~3 MB) for features a loopback API does not use. This
 server speaks what the local API needs: keep-alive, Content-Length and chunked bodies,
-``Expect: 100-continue``, a body size limit, idle timeouts, TCP and Unix sockets, and a graceful
-stop that lets requests in flight finish. h11 does the parsing, so malformed requests are refused
-by a well-tested parser (400), never by this code.
+``Expect: 100-continue``, gzip/deflate request bodies, TCP and Unix sockets, and a graceful stop that
+lets requests in flight finish. h11 does the parsing, so malformed requests are refused by a
+well-tested parser (400), never by this code.
+
+It is also the agent's gatekeeper, because a device with 1 GB of RAM must survive any one client and
+a web page in a browser on the device must not reach the loopback API. Before a body is read:
+
+- ``Host`` must be on an allow-list (DNS rebinding: 421), any ``Origin`` must be on one (cross-site
+  requests: 403; a Unix socket is not reachable from a browser and skips the ``Host`` check);
+- a POST must be JSON or OIP binary (``application/octet-stream`` or ``Inference-Header-Content-Length``):
+  anything else is a 415, so a browser's "simple" ``text/plain`` or form POST never reaches the app;
+- the body is bounded by its kind's limit (JSON is small, binary tensors larger: 413), and every byte
+  buffered counts against one budget shared by all connections (503 with ``Retry-After`` when full);
+- gzip/deflate bodies are decompressed off the event loop, bounded (413) and charged to the budget.
+
+Connections are capped (when full, the connection idle or in its headers the longest is closed to
+make room; when every one is busy, a 503), headers must arrive within ``header_timeout`` (slowloris),
+a whole request within ``request_timeout`` (408), and idle keep-alive connections are closed after
+``keepalive_timeout``. Every error body is JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
+import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import h11
 
-__all__ = ["HttpServer"]
+__all__ = ["HttpError", "HttpServer", "Limits"]
 
 log = logging.getLogger(__name__)
 
@@ -30,36 +49,145 @@ App = Callable[
 ]
 MAX_HEADER_BYTES = 64 * 1024
 READ_CHUNK = 256 * 1024
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+HEADER_LENGTH = b"inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request, and all of them together, may cost. Sizes in bytes, times in seconds."""
+
+    max_body_bytes: int = 64 << 20  # a binary (octet-stream / OIP binary) body, on the wire and decoded
+    max_json_bytes: int = 4 << 20  # a JSON body, on the wire and decoded
+    max_decompressed_bytes: int = 64 << 20  # a gzip/deflate body once decoded (and its kind's limit)
+    max_buffered_bytes: int = 256 << 20  # request bodies buffered at once, summed over all connections
+    max_connections: int = 64  # open connections; more evict the idle ones, or get a 503
+    header_timeout: float = 10.0  # from a request's first byte (or the connection) to its last header
+    request_timeout: float = 60.0  # from the headers to the body's end; also bounds writing a response
+    keepalive_timeout: float = 30.0  # an idle keep-alive connection is closed after this
+    allowed_hosts: frozenset[str] = field(default_factory=lambda: frozenset(LOOPBACK_HOSTS))  # "*": any
+    allowed_origins: frozenset[str] = frozenset()  # empty: any request with an Origin header is refused
+
+
+class HttpError(Exception):
+    """A request refused before it reaches the app; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or []
+
+
+def error_body(message: str) -> bytes:
+    """The JSON error body every refusal carries."""
+    return json.dumps({"error": message}).encode()
+
+
+def _host_name(value: str) -> str:
+    """``Host`` without its port, lower case (``[::1]:8500`` -> ``[::1]``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _media_type(value: bytes) -> str:
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+class _Budget:
+    """Bytes buffered by all connections; the event loop is the only user, so no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        """Raises :class:`HttpError` 503 when ``n`` more bytes would exceed the budget."""
+        if self.used + n > self.limit:
+            raise HttpError(
+                503,
+                f"the agent is buffering {self.used} bytes of requests, its {self.limit}-byte budget "
+                f"has no room for {n} more; retry later",
+                [(b"retry-after", b"1")],
+            )
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+def _decompress(body: bytes | bytearray, encoding: str, limit: int) -> bytes:
+    """Decode a gzip/deflate body to at most ``limit`` bytes (run on a thread: it can take a while).
+
+    Raises :class:`HttpError` 413 past the limit, 400 for data that is not valid ``encoding``.
+    """
+    d = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise HttpError(400, f"body is not valid {encoding} data: {e}") from e
+    if len(out) > limit or d.unconsumed_tail:
+        raise HttpError(413, f"decompressed body is over the {limit}-byte limit")
+    if not d.eof or d.unused_data:
+        raise HttpError(400, f"body is not one complete {encoding} stream")
+    return out
 
 
 class _Connection:
     def __init__(self, server: HttpServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
+        self.limits = server.limits
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        self.busy = False
+        self.busy = False  # reading a body, in the app, or writing a response: not evictable
+        self.waiting_since = asyncio.get_running_loop().time()
+        sock = writer.get_extra_info("socket")
+        self.unix = sock is not None and sock.family == socket.AF_UNIX
+        self.served = 0  # requests answered on this connection
 
-    async def _next_event(self, timeout: float) -> Any:
+    def close(self) -> None:
+        self.writer.close()
+
+    async def _next_event(self, deadline: float) -> Any:
+        """The next h11 event; raises TimeoutError at the loop time ``deadline``."""
+        loop = asyncio.get_running_loop()
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
             if self.conn.they_are_waiting_for_100_continue:
                 await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), left)
             self.conn.receive_data(data)
+
+    async def _next_request(self) -> Any:
+        """Wait up to ``keepalive_timeout`` for a request to start, then ``header_timeout`` for its head."""
+        loop = asyncio.get_running_loop()
+        self.waiting_since = loop.time()
+        if self.served and not self.conn.trailing_data[0]:
+            # keep-alive: idle until the next request's first byte
+            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), self.limits.keepalive_timeout)
+            self.conn.receive_data(data)
+        return await self._next_event(loop.time() + self.limits.header_timeout)
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
         if data:
             self.writer.write(data)
-            await self.writer.drain()
+            if self.writer.transport.get_write_buffer_size() > READ_CHUNK:  # a client not reading
+                await asyncio.wait_for(self.writer.drain(), self.limits.request_timeout)
+            else:
+                await self.writer.drain()
 
-    async def _error(self, status: int, message: str) -> None:
-        body = ('{"error": "' + message.replace('"', "'") + '"}').encode()
+    async def _error(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = error_body(message)
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
+            with contextlib.suppress(h11.LocalProtocolError, ConnectionError, TimeoutError):
                 await self._send(
                     h11.Response(
                         status_code=status,
@@ -67,6 +195,7 @@ class _Connection:
                             (b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"),
+                            *(headers or []),
                         ],
                     )
                 )
@@ -77,7 +206,7 @@ class _Connection:
         try:
             while not self.server.stopping:
                 try:
-                    event = await self._next_event(self.server.keepalive_timeout)
+                    event = await self._next_request()
                 except (TimeoutError, asyncio.IncompleteReadError):
                     return
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -87,8 +216,11 @@ class _Connection:
                 self.busy = True
                 try:
                     await self._handle(event)
+                except HttpError as e:
+                    await self._error(e.status, str(e), e.headers)
                 finally:
                     self.busy = False
+                self.served += 1
                 if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
                     return  # an early answer (413) or a Connection: close
                 if self.server.stopping:
@@ -106,34 +238,118 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
 
-    async def _handle(self, request: h11.Request) -> None:
-        limit = self.server.max_body_bytes
-        headers = [(k.lower(), v) for k, v in request.headers]
+    def _check(self, method: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+        """Refuse what must not reach the app; returns the body limit for this request.
+
+        Raises :class:`HttpError` (421 Host, 403 Origin, 415 content type or encoding, 413 declared size).
+        """
+        lim = self.limits
+        got = dict(headers)
         if sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
-            await self._error(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
-            return
-        declared = next((v for k, v in headers if k == b"content-length"), None)
+            raise HttpError(431, f"request headers are over {MAX_HEADER_BYTES} bytes")
+        host = got.get(b"host")
+        if host is not None and not self.unix and "*" not in lim.allowed_hosts:
+            name = _host_name(host.decode("latin-1"))
+            if name not in lim.allowed_hosts:
+                raise HttpError(
+                    421, f"Host {name[:100]!r} is not allowed (api.allowed_hosts: {sorted(lim.allowed_hosts)})"
+                )
+        origin = got.get(b"origin")
+        if origin is not None and "*" not in lim.allowed_origins:
+            value = origin.decode("latin-1").strip().lower()
+            if value not in lim.allowed_origins:
+                raise HttpError(
+                    403, f"Origin {value[:100]!r} is not allowed (api.allowed_origins: {sorted(lim.allowed_origins)})"
+                )
+        encoding = got.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"identity", b"gzip", b"deflate"):
+            raise HttpError(
+                415, f"unsupported Content-Encoding {encoding[:40].decode('latin-1')!r}; use gzip or deflate"
+            )
+        binary = HEADER_LENGTH in got
+        if b"content-type" in got:
+            media = _media_type(got[b"content-type"])
+            if media == "application/octet-stream":
+                binary = True
+            elif media != "application/json" and not binary:
+                if method != b"POST":
+                    return lim.max_json_bytes
+                raise HttpError(
+                    415,
+                    f"Content-Type {media[:60]!r} is not accepted; send application/json, or "
+                    "application/octet-stream with Inference-Header-Content-Length (OIP binary)",
+                )
+        limit = lim.max_body_bytes if binary else lim.max_json_bytes
+        declared = got.get(b"content-length")
         if declared is not None and int(declared) > limit:  # h11 has checked it is a number
-            await self._error(413, f"request body of {int(declared)} bytes is over the {limit}-byte limit")
-            return
-        chunks: list[bytes] = []
-        size = 0
-        too_big = False
-        while True:
-            event = await self._next_event(self.server.request_timeout)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    too_big = True
+            kind = "binary" if binary else "JSON"
+            raise HttpError(413, f"request body of {int(declared)} bytes is over the {limit}-byte {kind} limit")
+        return limit
+
+    async def _read_body(self, limit: int, declared: int | None) -> bytearray:
+        """Read the body into one buffer whose bytes are charged to the budget as they arrive (the
+        declared length up front). The caller gives back ``len(result)``; on an error, this does."""
+        budget = self.server.budget
+        deadline = asyncio.get_running_loop().time() + self.limits.request_timeout
+        body = bytearray()
+        reserved = 0
+        try:
+            if declared:
+                budget.take(declared)
+                reserved = declared
+            while True:
+                try:
+                    event = await self._next_event(deadline)
+                except TimeoutError:
+                    raise HttpError(408, f"request body not received within {self.limits.request_timeout} s") from None
+                if isinstance(event, h11.Data):
+                    n = len(event.data)
+                    if len(body) + n > limit:
+                        raise HttpError(413, f"request body is over the {limit}-byte limit")
+                    if len(body) + n > reserved:
+                        budget.take(len(body) + n - reserved)
+                        reserved = len(body) + n
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
                     break
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                return
-        if too_big:
-            await self._error(413, f"request body is over the {limit}-byte limit")
-            return
+                else:
+                    raise ConnectionError("client went away mid-body")
+        except BaseException:
+            budget.give(reserved)
+            raise
+        budget.give(reserved - len(body))
+        return body
+
+    async def _handle(self, request: h11.Request) -> None:
+        headers = [(k.lower(), v) for k, v in request.headers]
+        limit = self._check(request.method, headers)
+        got = dict(headers)
+        declared = int(got[b"content-length"]) if b"content-length" in got else None
+        budget = self.server.budget
+        body: bytes | bytearray = await self._read_body(limit, declared)
+        held = len(body)
+        try:
+            encoding = got.get(b"content-encoding", b"identity").strip().lower().decode()
+            if encoding != "identity" and body:
+                out_limit = min(limit, self.limits.max_decompressed_bytes)
+                budget.take(out_limit)
+                try:
+                    body = await asyncio.get_running_loop().run_in_executor(
+                        None, _decompress, body, encoding, out_limit
+                    )
+                finally:
+                    budget.give(out_limit)
+                budget.take(len(body))  # the compressed buffer is released below, with `held`
+                budget.give(held)
+                held = len(body)
+                headers = [(k, v) for k, v in headers if k != b"content-encoding"]
+            await self._call_app(request, headers, body)
+        finally:
+            budget.give(held)
+
+    async def _call_app(
+        self, request: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes | bytearray
+    ) -> None:
         target = request.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         path = unquote(raw_path)  # ASGI's path is percent-decoded
@@ -149,7 +365,6 @@ class _Connection:
             "server": None,
             "client": None,
         }
-        body = b"".join(chunks)
         sent = False
 
         async def receive() -> dict[str, Any]:
@@ -174,6 +389,8 @@ class _Connection:
 
         try:
             await self.server.app(scope, receive, send)
+        except (ConnectionError, TimeoutError):
+            raise
         except Exception:
             log.exception("unhandled error in %s %s", scope["method"], path)
             if not started:
@@ -181,25 +398,39 @@ class _Connection:
 
 
 class HttpServer:
-    """Serves an ASGI app on already bound sockets until :meth:`stop`."""
+    """Serves an ASGI app on already bound sockets until :meth:`stop`, within :class:`Limits`."""
 
-    def __init__(
-        self,
-        app: App,
-        max_body_bytes: int,
-        keepalive_timeout: float = 30.0,
-        request_timeout: float = 60.0,
-    ) -> None:
+    def __init__(self, app: App, limits: Limits | None = None) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.keepalive_timeout = keepalive_timeout
-        self.request_timeout = request_timeout
+        self.limits = limits or Limits()
+        self.budget = _Budget(self.limits.max_buffered_bytes)
         self.stopping = False
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _make_room(self) -> bool:
+        """At the connection cap, close the connection idle (or in its headers) the longest."""
+        if len(self._connections) < self.limits.max_connections:
+            return True
+        idle = [c for c in self._connections if not c.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.waiting_since)
+        self._connections.discard(victim)
+        victim.close()
+        return True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._make_room():
+            body = error_body(f"the agent is serving its {self.limits.max_connections} connections; retry later")
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.close()
+            return
         conn = _Connection(self, reader, writer)
         self._connections.add(conn)
         try:

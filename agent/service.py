@@ -54,7 +54,14 @@ def bind_sockets(host: str, port: int, uds: Path | None) -> list[socket.socket]:
     if uds is not None:
         if uds.exists() and stat.S_ISSOCK(uds.stat().st_mode):
             uds.unlink()  # a stale socket from a previous run
-        uds.parent.mkdir(parents=True, exist_ok=True)
+        if not uds.parent.is_dir():
+            # Creating it here would make it as whoever runs the agent (root, under systemd without a
+            # RuntimeDirectory), with the umask's mode: the folder is the operator's to make.
+            tcp.close()
+            raise ConfigError(
+                f"api.uds: the folder {uds.parent} does not exist; create it (systemd: RuntimeDirectory=) "
+                "or choose a socket path in an existing folder"
+            )
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             unix.bind(str(uds))
@@ -76,7 +83,9 @@ class AgentService:
         self.watchdog_interval = self.notifier.watchdog_interval()
         self.metrics = AgentMetrics()
         self.registry = ModelRegistry()
-        self.app = InferenceApp(self.registry, self.metrics, config.api.max_body_bytes, config.api.workers)
+        self.app = InferenceApp(
+            self.registry, self.metrics, config.api.max_body_bytes, config.api.workers, config.api.max_json_bytes
+        )
         self.flows: list[Any] = []  # edgefleet.agent.flow.Flow, imported only when flows are configured
         self._sockets: list[socket.socket] = []
         self.profile = self._hardware_profile()
@@ -104,13 +113,18 @@ class AgentService:
 
     def load_models(self) -> None:
         """Load and warm every configured model (a model that fails stops the start, naming it)."""
-        names = []
+        names: dict[str, Path] = {}
         for mc in self.config.models:
             self.notifier.status(f"loading {mc.path}")
             model = self._load(mc)
-            name = mc.name or model.name
+            name = mc.name or model.name  # a bundle's name is its manifest's, known only once loaded
+            if name in names:
+                raise ConfigError(
+                    f"models: {names[name]} and {mc.path} are both served as {name!r}; "
+                    "give one of them another name (models.name)"
+                )
             self.registry.put(name, model)
-            names.append(name)
+            names[name] = mc.path
             log.info("serving %s (%s) from %s", name, model.backend.name, mc.path)
         self.registry.expected = set(names)
         self.metrics.models_loaded = len(names)
@@ -170,7 +184,7 @@ class AgentService:
         """Serve until SIGTERM/SIGINT; then stop taking requests, finish those in flight, stop flows."""
         api = self.config.api
         self._sockets = bind_sockets(api.host, api.port, api.uds)
-        server = HttpServer(self.app, api.max_body_bytes)
+        server = HttpServer(self.app, api.limits())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 

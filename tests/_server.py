@@ -8,25 +8,32 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from edgefleet.agent.api import InferenceApp
-from edgefleet.agent.http import HttpServer
+from edgefleet.agent.http import HttpServer, Limits
 from edgefleet.agent.registry import ModelRegistry
 from edgefleet.agent.runtime import load_model
 
 
 @contextmanager
-def running_api(models: dict[str, Path], max_body_bytes: int = 1 << 20) -> Iterator[tuple[str, InferenceApp]]:
-    """Yield ("127.0.0.1:PORT", app) with ``models`` served under their keys."""
+def running_api(
+    models: dict[str, Path], max_body_bytes: int = 1 << 20, **limits: Any
+) -> Iterator[tuple[str, InferenceApp]]:
+    """Yield ("127.0.0.1:PORT", app) with ``models`` served under their keys; ``limits`` are other
+    :class:`Limits` fields (the JSON limit defaults to the body limit here)."""
     registry = ModelRegistry()
     for name, path in models.items():
         registry.put(name, load_model(path))
     registry.expected = set(models)
-    app = InferenceApp(registry, max_body_bytes=max_body_bytes)
+    app = InferenceApp(
+        registry, max_body_bytes=max_body_bytes, max_json_bytes=limits.get("max_json_bytes", max_body_bytes)
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = HttpServer(app, max_body_bytes)
+    limits.setdefault("max_json_bytes", max_body_bytes)
+    server = HttpServer(app, Limits(max_body_bytes=max_body_bytes, **limits))
     loop = asyncio.new_event_loop()
     started = threading.Event()
 

@@ -239,7 +239,7 @@ def _multi(**override: Any) -> dict[str, Any]:
             400,
             "unknown output 'nope'",
         ),
-        ("/v2/models/multi-onnx/infer", b"x" * (2 << 20), {}, 413, "over the 1048576-byte limit"),
+        ("/v2/models/multi-onnx/infer", b"x" * (2 << 20), {}, 413, "over the 1048576-byte JSON limit"),
         ("/v2/models/multi-onnx/infer", b"{}", {"Content-Encoding": "br"}, 415, "unsupported Content-Encoding"),
         (
             "/v2/models/multi-onnx/infer",

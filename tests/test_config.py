@@ -59,7 +59,10 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None
         (GOOD + "\n[hardware]\nprofile = 3\n", "hardware.profile (line 16): Input should be a valid string"),
         (GOOD.replace('path = "models/digits.efb"', "paht = 1"), "models.0.paht (line 9): unknown field"),
         ("[api\nport = 1", "not valid TOML"),
-        (GOOD + '\n[[models]]\npath = "/x/other.onnx"\n', "two models are served under the same name(s) ['other']"),
+        (
+            GOOD + '\n[[models]]\npath = "/x/other.onnx"\n',
+            "models: /opt/m/other.onnx and /x/other.onnx are both served as 'other'",
+        ),
     ],
 )
 def test_errors_name_the_key_and_line(text: str, message: str) -> None:
@@ -69,18 +72,51 @@ def test_errors_name_the_key_and_line(text: str, message: str) -> None:
 
 
 def test_environment_overrides_nested_keys() -> None:
-    cfg = parse_config(GOOD, env={"EDGEFLEET_API__PORT": "9100", "EDGEFLEET_DEVICE_ID": "pi-99", "OTHER": "x"})
+    env = {"EDGEFLEET_AGENT__API__PORT": "9100", "EDGEFLEET_AGENT__DEVICE_ID": "pi-99", "OTHER": "x"}
+    cfg = parse_config(GOOD, env=env)
     assert cfg.api.port == 9100 and cfg.device_id == "pi-99"
 
 
+def test_old_environment_form_still_works_with_a_warning_naming_the_new_one(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = parse_config(GOOD, env={"EDGEFLEET_API__PORT": "9100", "EDGEFLEET_DEVICE_ID": "pi-99"})
+    assert cfg.api.port == 9100 and cfg.device_id == "pi-99"
+    assert "EDGEFLEET_API__PORT is deprecated" in caplog.text and "use EDGEFLEET_AGENT__API__PORT" in caplog.text
+    assert "use EDGEFLEET_AGENT__DEVICE_ID" in caplog.text
+
+
+def test_other_commands_variables_never_break_the_agent() -> None:
+    env = {
+        "EDGEFLEET_SERVER": "https://fleet.example",
+        "EDGEFLEET_TOKEN": "eft_x",
+        "EDGEFLEET_CA_CERT": "/etc/ca.pem",
+        "EDGEFLEET_ENROLL_TOKEN": "efe_x",
+        "EDGEFLEET_CLI_CONFIG": "/x/cli.toml",
+        "EDGEFLEET_SERVER_PORT": "9999",
+        "EDGEFLEET_SERVER_URL": "https://elsewhere",
+        "EDGEFLEET_SERVER_DB": "sqlite:///x.db",
+    }
+    cfg = parse_config(GOOD, env=env)
+    assert cfg.api.port == 9000 and cfg.server_url is None
+
+
 def test_bad_environment_override_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"api.port \(from \$EDGEFLEET_API__PORT\): Input should be a valid integer"):
-        parse_config(GOOD, env={"EDGEFLEET_API__PORT": "lots"})
+    with pytest.raises(
+        ConfigError, match=r"api.port \(from \$EDGEFLEET_AGENT__API__PORT\): Input should be a valid integer"
+    ):
+        parse_config(GOOD, env={"EDGEFLEET_AGENT__API__PORT": "lots"})
+    with pytest.raises(ConfigError, match=r"api.prot \(from \$EDGEFLEET_AGENT__API__PROT\): unknown field"):
+        parse_config(GOOD, env={"EDGEFLEET_AGENT__API__PROT": "1"})
 
 
-def test_check_config_command(tmp_path: Path) -> None:
+def test_check_config_command(tmp_path: Path, models_dir: Path) -> None:
     p = tmp_path / "agent.toml"
-    p.write_text(GOOD)
+    (tmp_path / "models").mkdir()
+    shutil.copy(models_dir / "digits_cnn_float.onnx", tmp_path / "models" / "digits.onnx")
+    p.write_text(
+        GOOD.replace("models/digits.efb", "models/digits.onnx")
+        .replace("/opt/m/other.onnx", "models/digits.onnx")
+        .replace("threads = 2", 'threads = 2\nname = "other"')
+    )
     r = subprocess.run(
         [EDGEFLEET, "agent", "check-config", str(p), "--json"], capture_output=True, text=True, timeout=60
     )

@@ -40,7 +40,7 @@ def raw(api: str, payload: bytes) -> bytes:
 
 
 def request(path: str, body: bytes, extra: bytes = b"", close: bool = True) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode() + extra
+    head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n".encode() + extra
     return head + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
 
 
@@ -60,7 +60,7 @@ def test_chunked_request_body(api: str) -> None:
         + BODY[half:]
         + b"\r\n0\r\n\r\n"
     )
-    head = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    head = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     answer = raw(api, head + chunked)
     assert answer.startswith(b"HTTP/1.1 200") and b'"weighted"' in answer
 
@@ -71,13 +71,13 @@ def test_malformed_http_is_a_400(api: str) -> None:
 
 
 def test_declared_oversized_body_is_refused_before_it_is_read(api: str) -> None:
-    head = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"
+    head = b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: localhost\r\nContent-Length: 999999999\r\n\r\n"
     answer = raw(api, head)
-    assert answer.startswith(b"HTTP/1.1 413") and b"over the 65536-byte limit" in answer
+    assert answer.startswith(b"HTTP/1.1 413") and b"over the 65536-byte JSON limit" in answer
 
 
 def test_huge_header_is_refused(api: str) -> None:
-    answer = raw(api, b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    answer = raw(api, b"GET /v2 HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
 
 
@@ -97,6 +97,8 @@ def test_curl_with_expect_100_continue(api: str, tmp_path: Path) -> None:
             "5",
             "-H",
             "Expect: 100-continue",
+            "-H",
+            "Content-Type: application/json",
             "--data-binary",
             f"@{f}",
             f"http://{api}/v2/models/multi/infer",
@@ -116,5 +118,5 @@ def test_percent_encoded_paths_are_decoded(models_dir: Path, tmp_path: Path) -> 
     spaced = tmp_path / "my model.onnx"
     sh.copy(models_dir / "multi_io.onnx", spaced)
     with running_api({"my model": spaced}) as (url, _):
-        answer = raw(url, b"GET /v2/models/my%20model/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = raw(url, b"GET /v2/models/my%20model/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

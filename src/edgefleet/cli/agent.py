@@ -43,14 +43,28 @@ def serve(
     uds: Path | None = typer.Option(None, help="Also listen on this Unix socket."),
     threads: int | None = typer.Option(None, min=1, help="Runtime threads per model."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    max_body_bytes: int | None = typer.Option(None, help="Binary request body limit, bytes [default: 64 MiB]."),
+    max_json_bytes: int | None = typer.Option(None, help="JSON request body limit, bytes [default: 4 MiB]."),
+    max_buffered_bytes: int | None = typer.Option(
+        None, help="Request bytes buffered over all connections, bytes [default: 256 MiB]."
+    ),
+    max_connections: int | None = typer.Option(None, help="Open connections at once [default: 64]."),
 ) -> None:
-    """Serve models over the Open Inference Protocol, with no fleet and no config file."""
-    from edgefleet.agent.config import AgentConfig
+    """Serve models over the Open Inference Protocol, with no fleet and no config file.
+
+    Any other [api] setting can be given as EDGEFLEET_AGENT__API__KEY (see docs/environment.md)."""
+    from edgefleet.agent.config import config_from_dict
     from edgefleet.agent.service import AgentService
 
-    cfg = AgentConfig.model_validate(
+    limits = {
+        "max_body_bytes": max_body_bytes,
+        "max_json_bytes": max_json_bytes,
+        "max_buffered_bytes": max_buffered_bytes,
+        "max_connections": max_connections,
+    }
+    cfg = config_from_dict(
         {
-            "api": {"host": host, "port": port, "uds": uds},
+            "api": {"host": host, "port": port, "uds": uds, **{k: v for k, v in limits.items() if v is not None}},
             "models": [{"path": m.resolve(), "threads": threads} for m in models],
             "log_level": log_level,
         }
@@ -64,10 +78,16 @@ def check_config(
     config: Path = typer.Argument(..., help="agent.toml"),
     as_json: bool = typer.Option(False, "--json", help="Print the validated config as JSON."),
 ) -> None:
-    """Validate agent.toml (and EDGEFLEET_* overrides); errors name the key and line."""
+    """Validate agent.toml (and EDGEFLEET_AGENT__* overrides, and the enrolled identity); errors name
+    the key and line. Every model file must exist."""
     from edgefleet.agent.config import load_config
+    from edgefleet.errors import ConfigError
 
     cfg = load_config(config)
+    for i, m in enumerate(cfg.models):
+        if not m.path.is_file():
+            why = "is a folder, not a model file" if m.path.is_dir() else "does not exist"
+            raise ConfigError(f"{config}: models.{i}.path: {m.path} {why}")
     if as_json:
         typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
     else:
@@ -96,6 +116,7 @@ def enroll(
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    from edgefleet.agent.config import identity_path
     from edgefleet.durable import atomic_write_bytes
     from edgefleet.errors import ConfigError
 
@@ -103,7 +124,7 @@ def enroll(
     if config is not None:
         from edgefleet.agent.config import load_config
 
-        cfg = load_config(config)
+        cfg = load_config(config, identity=False)  # enrolling (again) makes the identity
     url = server or (cfg.server_url if cfg else None)
     folder = state_dir or (cfg.state_dir if cfg else None)
     if not url or folder is None:
@@ -111,7 +132,7 @@ def enroll(
     if url.startswith("http://") and not allow_http:
         raise ConfigError(f"--server: {url} is plain http; use https (or --allow-http on a trusted loopback)")
     identity = folder / "identity"
-    if (identity / "device.key").exists() and not force:
+    if ((identity / "device.key").exists() or identity_path(folder).exists()) and not force:
         raise ConfigError(f"{identity}: this device is already enrolled (--force replaces its identity)")
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
@@ -132,17 +153,47 @@ def enroll(
         raise ConfigError(f"enroll: the server refused: {e.code}: {reason}") from e
     except (urllib.error.URLError, OSError) as e:
         raise ConfigError(f"--server: cannot reach {url}: {e}") from e
-    identity.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        out_id, out_cert, out_ca = str(out["device_id"]), str(out["certificate"]), str(out["ca_certificate"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"enroll: {url} answered without a device id, certificate and CA ({e})") from e
+    _private_dir(folder, identity)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     atomic_write_bytes(identity / "device.key", pem, mode=0o600)
-    atomic_write_bytes(identity / "device.crt", out["certificate"].encode())
-    atomic_write_bytes(identity / "ca.crt", out["ca_certificate"].encode())
-    info = {"device_id": out["device_id"], "server_url": url, "tags": out["tags"]}
-    atomic_write_bytes(identity / "device.json", json.dumps(info, indent=2).encode() + b"\n")
+    atomic_write_bytes(identity / "device.crt", out_cert.encode(), mode=0o600)
+    atomic_write_bytes(identity / "ca.crt", out_ca.encode(), mode=0o600)
+    info = {
+        "schema": 1,
+        "device_id": out_id,
+        "server_url": url,
+        "ca_cert": str((identity / "ca.crt").resolve()),
+        "certificate": str((identity / "device.crt").resolve()),
+        "key": str((identity / "device.key").resolve()),
+        "tags": out.get("tags", []),
+    }
+    # Written last: its presence says the enrollment is complete, and `agent run` takes it from here.
+    atomic_write_bytes(identity_path(folder), json.dumps(info, indent=2).encode() + b"\n", mode=0o600)
     if as_json:
         typer.echo(json.dumps({**info, "identity": str(identity)}, indent=2))
     else:
-        typer.echo(f"enrolled as {out['device_id']} (identity in {identity}); set device_id in agent.toml to it")
+        typer.echo(f"enrolled as {out_id}; `edgefleet agent run` reads the identity from {identity_path(folder)}")
+
+
+def _private_dir(state_dir: Path, identity: Path) -> None:
+    """Make STATE_DIR/identity owner-only (0700) whatever the umask and whatever mode it had, and
+    STATE_DIR too when this creates it. Raises ConfigError when that is not possible."""
+    import os
+
+    from edgefleet.errors import ConfigError
+
+    try:
+        if not state_dir.exists():
+            state_dir.mkdir(parents=True, mode=0o700)
+            os.chmod(state_dir, 0o700)
+        identity.mkdir(exist_ok=True, mode=0o700)
+        os.chmod(identity, 0o700)
+    except OSError as e:
+        raise ConfigError(f"--state-dir: cannot make {e.filename or identity} private: {e.strerror or e}") from e
 
 
 def _register_hardware() -> None:
