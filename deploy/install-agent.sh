@@ -3,10 +3,13 @@
 # Debian 12 or later). Safe to run again: every step checks first and only does what is missing, and
 # a re-run upgrades the package and restarts a running agent.
 #
-#   sudo deploy/install-agent.sh [--dry-run] [--no-start] [--example FILE] [PACKAGE]
+#   sudo deploy/install-agent.sh [--dry-run] [--no-start] [--example FILE] [SOURCE]
 #
-# PACKAGE   what pip installs: default 'edgefleet[agent]' from the package index; or a local wheel
-#           or source folder, to which '[agent]' is added (./dist/edgefleet-0.1.0-py3-none-any.whl).
+# SOURCE    what to install, never a name looked up on a package index (edgefleet is on none, and a
+#           name there could be anyone's): a wheel file built by `make wheel`
+#           (./dist/edgefleet-0.1.0-py3-none-any.whl) or an edgefleet source checkout (a folder with
+#           pyproject.toml). Default: the checkout this script is in. '[agent]' is added for you; the
+#           agent's dependencies (onnxruntime, LiteRT, ...) come from the package index as usual.
 # --example the agent.toml to copy to /etc/edgefleet/agent.toml when that file does not exist yet
 #           (default: agent.example.toml next to this script). An existing agent.toml is never touched.
 # --no-start  enable the service but neither start nor restart it (edit agent.toml, then start it).
@@ -38,7 +41,7 @@ START=1
 EXAMPLE=$SCRIPT_DIR/agent.example.toml
 PACKAGE=
 
-usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,19s/^# \{0,1\}//p' "$0"; }
 die() { printf 'install-agent: error: %s\n' "$*" >&2; exit 1; }
 warn() { printf 'install-agent: warning: %s\n' "$*" >&2; }
 step() { printf '\n==> %s\n' "$*"; }
@@ -58,18 +61,35 @@ while [[ $# -gt 0 ]]; do
         --example=*) EXAMPLE=${1#--example=} ;;
         -h|--help) usage; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
-        *) [[ -z $PACKAGE ]] || die "only one PACKAGE, got '$PACKAGE' and '$1'"; PACKAGE=$1 ;;
+        *) [[ -z $PACKAGE ]] || die "only one SOURCE, got '$PACKAGE' and '$1'"; PACKAGE=$1 ;;
     esac
     shift
 done
 
-# The pip requirement: the index by default; a local wheel or folder gets the agent extra.
+# The pip requirement: a local wheel or source folder (default: this checkout) with the agent extra.
+# A bare name would be resolved on the public index, where edgefleet is not published: refused.
 if [[ -z $PACKAGE ]]; then
-    PACKAGE='edgefleet[agent]'
-elif [[ -e $PACKAGE ]]; then
-    PACKAGE=$(realpath -- "$PACKAGE")
-    [[ $PACKAGE == *"["* ]] || PACKAGE="$PACKAGE[agent]"
+    [[ -f $SCRIPT_DIR/../pyproject.toml ]] \
+        || die "no SOURCE given and $SCRIPT_DIR/.. is not an edgefleet checkout: give a wheel (make wheel) or a checkout"
+    PACKAGE=$SCRIPT_DIR/..
 fi
+extras=agent
+if [[ $PACKAGE =~ ^(.*)\[([A-Za-z0-9_,-]+)\]$ ]]; then
+    PACKAGE=${BASH_REMATCH[1]}
+    extras=${BASH_REMATCH[2]}
+fi
+if [[ ! -e $PACKAGE ]]; then
+    die "SOURCE must be a wheel file or a source checkout; '$PACKAGE' does not exist (edgefleet is not on any" \
+        "package index: build a wheel with 'make wheel' and pass dist/edgefleet-VERSION-py3-none-any.whl)"
+fi
+PACKAGE=$(realpath -- "$PACKAGE")
+if [[ -d $PACKAGE ]]; then
+    [[ -f $PACKAGE/pyproject.toml ]] || die "$PACKAGE is a folder without pyproject.toml: not an edgefleet checkout"
+else
+    [[ $(basename -- "$PACKAGE") == edgefleet-*.whl ]] \
+        || die "$PACKAGE is not an edgefleet wheel (expected edgefleet-VERSION-py3-none-any.whl from 'make wheel')"
+fi
+PACKAGE="$PACKAGE[$extras]"
 
 # --- Checks before changing anything -----------------------------------------------------------
 [[ $DRY_RUN -eq 1 || $EUID -eq 0 ]] || die "run as root (sudo $0 ...), or with --dry-run"
@@ -83,8 +103,9 @@ if [[ $DRY_RUN -eq 0 ]]; then
     [[ -d /run/systemd/system ]] || die "systemd is not running as the init system (/run/systemd/system is missing)"
 fi
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (apt-get install python3)"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || die "edgefleet needs Python 3.10 or later; $PYTHON is $("$PYTHON" -V 2>&1) (Raspberry Pi OS 12 'bookworm' has 3.11)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "edgefleet needs Python 3.11 or later; $PYTHON is $("$PYTHON" -V 2>&1) (Raspberry Pi OS 12 'bookworm' has 3.11;" \
+        "on JetPack 6 / Ubuntu 22.04 install python3.11 and run with PYTHON=python3.11: see docs/install-pi.md)"
 
 if [[ $DRY_RUN -eq 1 ]]; then
     echo "install-agent: dry run: printing the commands that would change the system; nothing is changed"

@@ -367,7 +367,7 @@ def test_install_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path) -
     out = r.stdout
     for expected in (
         f"+ {Path(INSTALLED_BIN).with_name('python')} -m pip install",  # into the venv the unit runs from
-        "edgefleet\\[agent\\]",  # printed with %q
+        f"{REPO}\\[agent\\]",  # no SOURCE: this checkout, never a name on an index; printed with %q
         "/etc/systemd/system/edgefleet-agent.service",
         "+ systemctl daemon-reload",
         "+ systemctl enable --now edgefleet-agent",
@@ -410,3 +410,71 @@ def test_install_rejects_an_unknown_option(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "unknown option --frobnicate" in r.stderr
     assert calls == []
+
+
+def test_install_refuses_a_bare_package_name_that_an_index_would_resolve(tmp_path: Path) -> None:
+    """edgefleet is on no package index, so a name there could be anyone's: only files and checkouts."""
+    for name in ("edgefleet", "edgefleet[agent]", "edgefleet==0.1.0"):
+        r, calls = _dry_run(tmp_path, name)
+        assert r.returncode == 1, r.stdout
+        assert "SOURCE must be a wheel file or a source checkout" in r.stderr and "make wheel" in r.stderr, r.stderr
+        assert "+ " not in r.stdout and calls == []
+
+
+def test_install_refuses_a_wheel_of_another_project_and_a_folder_without_pyproject(tmp_path: Path) -> None:
+    other = tmp_path / "requests-2.0-py3-none-any.whl"
+    other.write_bytes(b"")
+    r, _ = _dry_run(tmp_path, str(other))
+    assert r.returncode == 1 and "is not an edgefleet wheel" in r.stderr, r.stderr
+    r, _ = _dry_run(tmp_path, str(tmp_path))
+    assert r.returncode == 1 and "not an edgefleet checkout" in r.stderr, r.stderr
+
+
+def test_install_keeps_extras_given_with_a_wheel(tmp_path: Path) -> None:
+    wheel = tmp_path / "edgefleet-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    example = tmp_path / "agent.example.toml"
+    example.write_text("")
+    r, calls = _dry_run(tmp_path, f"--example={example}", f"{wheel}[agent,server]")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{wheel}\\[agent\\,server\\]" in r.stdout and calls == []  # printed with %q
+
+
+def _python_310() -> str | None:
+    found = shutil.which("python3.10")
+    if found:
+        return found
+    return next((str(p) for p in Path.home().glob(".pyenv/versions/3.10*/bin/python3.10")), None)
+
+
+def test_install_stops_on_python_older_than_3_11_and_says_how_to_get_it(tmp_path: Path) -> None:
+    """The floor is 3.11 everywhere (pyproject, script, docs); JetPack 6 ships 3.10."""
+    py310 = _python_310()
+    if py310 is None:
+        pytest.skip("no Python 3.10 interpreter on this machine to try the floor with")
+    example = tmp_path / "agent.example.toml"
+    example.write_text("")
+    stubs = tmp_path / "stubs"
+    r = subprocess.run(
+        ["bash", str(INSTALL_SCRIPT), "--dry-run", "--example", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": py310},
+    )
+    assert r.returncode == 1, r.stdout
+    assert "needs Python 3.11 or later" in r.stderr and "docs/install-pi.md" in r.stderr, r.stderr
+    assert "+ " not in r.stdout
+
+
+def test_python_floor_is_the_same_in_pyproject_script_and_docs() -> None:
+    import tomllib
+
+    floor = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert floor == ">=3.11"
+    assert "sys.version_info < (3, 11)" in INSTALL_SCRIPT.read_text()
+    for doc in ("README.md", "docs/install-pi.md"):
+        text = (REPO / doc).read_text()
+        assert "3.11" in text, doc
+        assert "3.10 or later" not in text, doc
