@@ -6,14 +6,14 @@ sample is exactly what ``predict`` is fed (so a model with a fixed batch of one 
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgefleet.agent.runtime import Model
-from edgefleet.bundle.manifest import GoldenRef
+from edgefleet.bundle.archive import read_npz
+from edgefleet.bundle.manifest import GoldenRef, shown
 from edgefleet.errors import BundleError, EdgefleetError
 
 __all__ = ["GoldenReport", "load_golden", "run_golden", "verify_bundle"]
@@ -38,16 +38,13 @@ class GoldenReport:
 def load_golden(
     data: bytes, where: str = "golden.npz"
 ) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, np.ndarray[Any, Any]]]:
-    """(inputs, outputs) by tensor name. Raises :class:`BundleError` for a malformed file."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
-        raise BundleError(f"{where}: not a readable .npz file: {e}") from e
+    """(inputs, outputs) by tensor name. Raises :class:`BundleError` for a malformed file, or one whose
+    arrays declare more than their bytes hold (checked before anything is allocated)."""
+    arrays = read_npz(data, where)
     ins = {k[6:]: v for k, v in arrays.items() if k.startswith("input.")}
     outs = {k[7:]: v for k, v in arrays.items() if k.startswith("output.")}
     if not ins or not outs:
-        raise BundleError(f"{where}: needs input.NAME and output.NAME arrays, has {sorted(arrays)}")
+        raise BundleError(f"{where}: needs input.NAME and output.NAME arrays, has {shown(sorted(arrays))}")
     counts = {v.shape[0] if v.ndim else -1 for v in (*ins.values(), *outs.values())}
     if len(counts) != 1 or -1 in counts:
         raise BundleError(f"{where}: every array must have the same number of samples on its first axis")

@@ -1,6 +1,6 @@
 """The ``.efb`` model bundle: manifest schema and the archive reader/writer."""
 
-from edgefleet.bundle.archive import BundleReader, file_ref, read_manifest, unpack_bundle, write_bundle
+from edgefleet.bundle.archive import BundleReader, file_ref, read_manifest, read_npz, unpack_bundle, write_bundle
 from edgefleet.bundle.manifest import FileRef, GoldenRef, Manifest, PipelineSpec, TensorInfo, parse_manifest
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "file_ref",
     "parse_manifest",
     "read_manifest",
+    "read_npz",
     "unpack_bundle",
     "write_bundle",
 ]

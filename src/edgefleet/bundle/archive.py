@@ -18,17 +18,34 @@ import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from edgefleet.bundle.manifest import MAX_MANIFEST_BYTES, FileRef, Manifest, parse_manifest
+from edgefleet.bundle.manifest import MAX_MANIFEST_BYTES, FileRef, Manifest, parse_manifest, shown
 from edgefleet.durable import atomic_writer, fsync_dir
 from edgefleet.errors import BundleError
 
-__all__ = ["BundleReader", "file_ref", "read_manifest", "unpack_bundle", "write_bundle"]
+__all__ = ["MAX_NPZ_BYTES", "BundleReader", "file_ref", "read_manifest", "read_npz", "unpack_bundle", "write_bundle"]
 
 MANIFEST = "manifest.json"
 MAX_MEMBERS = 16
+MAX_PADDING = 64 << 10  # bytes of NUL padding allowed after the end of the archive (tar records)
+MAX_NPZ_BYTES = 256 << 20  # bytes: all the arrays of one .npz member (golden vectors), once decoded
+MAX_NPZ_ARRAYS = 1024
+MAX_EXTENDED_HEADER = 64 << 10  # bytes: a pax or GNU long-name header is read into memory whole
 _CHUNK = 1 << 20
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+             tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header that refuses an extended header too large to read, before tarfile reads it."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
+            raise tarfile.HeaderError(
+                f"extended header at offset {self.offset}: {self.size} bytes, more than {MAX_EXTENDED_HEADER}"
+            )
+        return super()._proc_member(tar)  # type: ignore[misc,no-any-return]
 
 
 def file_ref(path: str, data: bytes) -> FileRef:
@@ -87,11 +104,12 @@ class BundleReader:
             raise BundleError(f"{self.path}: cannot open bundle: {e.strerror or e}") from e
         try:
             try:
-                tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - closed in close()
+                tar = tarfile.open(fileobj=self._file, mode="r:", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - closed in close()
             except (tarfile.TarError, EOFError) as e:
                 raise self._fail(f"not a valid bundle (truncated or not a tar archive): {e}") from e
             self._tar = tar
             self._infos = self._scan(tar)
+            self._check_end(tar.offset)
             self.manifest = self._read_manifest()
             self._check_members()
         except BaseException:
@@ -118,11 +136,11 @@ class BundleReader:
             for info in tar:
                 name = info.name
                 if name.startswith("/") or ".." in name.split("/") or "/" in name.strip("/") or "\\" in name:
-                    raise self._fail(f"member {name!r}: path escapes the bundle folder or is not flat")
+                    raise self._fail(f"member {shown(name)}: path escapes the bundle folder or is not flat")
                 if not info.isreg():
-                    raise self._fail(f"member {name!r}: only regular files are allowed (links, folders refused)")
+                    raise self._fail(f"member {shown(name)}: only regular files are allowed (links, folders refused)")
                 if name in infos:
-                    raise self._fail(f"member {name!r}: appears twice")
+                    raise self._fail(f"member {shown(name)}: appears twice")
                 infos[name] = info
                 if len(infos) > MAX_MEMBERS:
                     raise self._fail(f"more than {MAX_MEMBERS} members")
@@ -132,17 +150,28 @@ class BundleReader:
             raise self._fail("not a valid bundle: empty or not a tar archive")
         return infos
 
+    def _check_end(self, end: int) -> None:
+        """After the last member only the end-of-archive blocks and record padding (NULs) may follow."""
+        self._file.seek(end)
+        tail = self._file.read(MAX_PADDING + 1)
+        junk = tail.lstrip(b"\0")
+        if junk:
+            at = end + len(tail) - len(junk)
+            raise self._fail(f"trailing data after the end of the archive at offset {at}")
+        if len(tail) > MAX_PADDING:
+            raise self._fail(f"more than {MAX_PADDING} bytes of padding after the end of the archive at offset {end}")
+
     def _raw(self, info: tarfile.TarInfo, limit: int) -> bytes:
         if info.size > limit:
-            raise self._fail(f"member {info.name!r}: {info.size} bytes, more than the {limit} allowed")
+            raise self._fail(f"member {shown(info.name)}: {info.size} bytes, more than the {limit} allowed")
         assert self._tar is not None
         try:
             f = self._tar.extractfile(info)
             data = f.read() if f is not None else b""
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise self._fail(f"member {info.name!r}: cannot be read (truncated?): {e}") from e
+            raise self._fail(f"member {shown(info.name)}: cannot be read (truncated?): {e}") from e
         if len(data) != info.size:
-            raise self._fail(f"member {info.name!r}: truncated ({len(data)} of {info.size} bytes)")
+            raise self._fail(f"member {shown(info.name)}: truncated ({len(data)} of {info.size} bytes)")
         return data
 
     def _read_manifest(self) -> Manifest:
@@ -158,9 +187,9 @@ class BundleReader:
                 continue
             ref = listed.get(name)
             if ref is None:
-                raise self._fail(f"member {name!r}: not listed in the manifest")
+                raise self._fail(f"member {shown(name)}: not listed in the manifest")
             if info.size != ref.size:
-                raise self._fail(f"member {name!r}: {info.size} bytes, the manifest says {ref.size}")
+                raise self._fail(f"member {shown(name)}: {info.size} bytes, the manifest says {ref.size}")
         missing = sorted(set(listed) - set(self._infos))
         if missing:
             raise self._fail(f"member(s) {missing}: listed in the manifest but missing")
@@ -169,14 +198,14 @@ class BundleReader:
         for r in self.manifest.members():
             if r.path == name:
                 return r
-        raise self._fail(f"member {name!r}: not listed in the manifest")
+        raise self._fail(f"member {shown(name)}: not listed in the manifest")
 
     def read(self, name: str) -> bytes:
         """The member's bytes, after checking size and sha256 against the manifest."""
         ref = self.ref(name)
         data = self._raw(self._infos[name], ref.size)
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise self._fail(f"member {name!r}: sha256 does not match the manifest (tampered or corrupt)")
+            raise self._fail(f"member {shown(name)}: sha256 does not match the manifest (tampered or corrupt)")
         return data
 
     def read_model(self) -> bytes:
@@ -219,3 +248,62 @@ def unpack_bundle(path: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def read_npz(data: bytes, where: str = "golden.npz", limit: int = MAX_NPZ_BYTES) -> dict[str, Any]:
+    """The arrays of an ``.npz`` file's bytes, by name, read without trusting its headers: each array's
+    declared shape and dtype are checked against the bytes its member holds, and the total against
+    ``limit``, before anything is allocated. Pickled (object) arrays are refused.
+
+    Raises :class:`BundleError` naming the array.
+    """
+    import math
+    import zipfile
+
+    from numpy.lib import format as npf
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
+        raise BundleError(f"{where}: not a readable .npz file: {e}") from e
+    if len(infos) > MAX_NPZ_ARRAYS:
+        raise BundleError(f"{where}: {len(infos)} arrays, more than {MAX_NPZ_ARRAYS}")
+    out: dict[str, Any] = {}
+    total = 0
+    with zf:
+        for info in infos:
+            name = info.filename.removesuffix(".npy")
+            what = f"{where}: array {shown(name)}"
+            if not info.filename.endswith(".npy"):
+                raise BundleError(f"{what}: not an .npy member")
+            try:
+                with zf.open(info) as f:
+                    version = npf.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npf.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = npf.read_array_header_2_0(f)
+                    else:
+                        raise BundleError(f"{what}: .npy format version {version} is not supported (1.0, 2.0)")
+                    holds = info.file_size - f.tell()
+                    if dtype.hasobject:
+                        raise BundleError(f"{what}: object arrays (pickles) are refused")
+                    if any(d < 0 for d in shape):
+                        raise BundleError(f"{what}: negative dimension in shape {shown(shape)}")
+                    size = math.prod(shape) * dtype.itemsize
+                    if size > holds:
+                        raise BundleError(
+                            f"{what}: declares shape {shown(shape)} of {dtype} ({size} bytes), "
+                            f"but its member holds {max(holds, 0)} bytes"
+                        )
+                    total += size
+                    if total > limit:
+                        raise BundleError(f"{what}: the arrays take more than the {limit} bytes allowed")
+                with zf.open(info) as f:
+                    out[name] = npf.read_array(f, allow_pickle=False)
+            except BundleError:
+                raise
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
+                raise BundleError(f"{what}: not a readable array: {shown(str(e), 200)}") from e
+    return out

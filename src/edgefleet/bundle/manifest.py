@@ -18,6 +18,10 @@ from edgefleet.errors import BundleError
 
 __all__ = [
     "DTYPES",
+    "MAX_NAME_LENGTH",
+    "MAX_VERSION_LENGTH",
+    "NAME_PATTERN",
+    "VERSION_PATTERN",
     "ArgmaxStep",
     "CastStep",
     "CenterCropStep",
@@ -39,6 +43,7 @@ __all__ = [
     "format_validation_error",
     "parse_labels",
     "parse_manifest",
+    "shown",
 ]
 
 SCHEMA_VERSION = 1
@@ -66,9 +71,23 @@ _SEMVER = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
-_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# The limits of a model's name and version: the registry's URL paths accept exactly these, so every
+# bundle that validates is addressable once uploaded (one constant for both sides).
+MAX_NAME_LENGTH = 64
+MAX_VERSION_LENGTH = 128
+NAME_PATTERN = rf"^[a-z0-9][a-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}$"
+VERSION_PATTERN = rf"^[0-9A-Za-z][0-9A-Za-z.+-]{{0,{MAX_VERSION_LENGTH - 1}}}$"  # semver is checked on top
+MAX_ECHO = 80  # characters of a untrusted value an error message repeats
+_NAME = NAME_PATTERN
 _MEMBER = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a flat file name: no folders, no '..'
 _SHA256 = r"^[0-9a-f]{64}$"
+
+
+def shown(value: object, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: untrusted input is echoed
+    escaped and bounded."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[: limit - 3]}..."
 
 
 class _Strict(BaseModel):
@@ -77,7 +96,7 @@ class _Strict(BaseModel):
 
 def _check_semver(v: str, field: str) -> str:
     if not _SEMVER.match(v):
-        raise ValueError(f"{field} must be a semantic version like 1.2.3, got {v!r}")
+        raise ValueError(f"{field} must be a semantic version like 1.2.3, got {shown(v)}")
     return v
 
 
@@ -209,7 +228,7 @@ class Manifest(_Strict):
 
     schema_version: Literal[1] = 1
     name: str = Field(pattern=_NAME, description="model name: lower case, digits, '.', '_', '-'")
-    version: str = Field(description="semantic version of this model")
+    version: str = Field(max_length=MAX_VERSION_LENGTH, description="semantic version of this model")
     runtime: Literal["onnx", "tflite"]
     model: FileRef
     inputs: list[TensorInfo] = Field(min_length=1)
@@ -218,7 +237,7 @@ class Manifest(_Strict):
     labels: FileRef | None = None
     golden: GoldenRef | None = None
     baseline: FileRef | None = Field(default=None, description="training-data statistics for drift")
-    min_agent_version: str = "0.1.0"
+    min_agent_version: str = Field(default="0.1.0", max_length=MAX_VERSION_LENGTH)
     created_at: datetime
     description: str = Field(default="", max_length=4096)
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -246,7 +265,7 @@ class Manifest(_Strict):
             names = [t.name for t in tensors]
             dup = {n for n in names if names.count(n) > 1}
             if dup:
-                raise ValueError(f"{kind}: duplicate tensor name(s) {sorted(dup)}")
+                raise ValueError(f"{kind}: duplicate tensor name(s) {shown(sorted(dup))}")
         members = [r.path for r in self.members()]
         if "manifest.json" in members:
             raise ValueError("no member may be called manifest.json")
@@ -255,13 +274,17 @@ class Manifest(_Strict):
             raise ValueError(f"two members share the path(s) {sorted(dup)}")
         suffix = {"onnx": ".onnx", "tflite": ".tflite"}[self.runtime]
         if not self.model.path.endswith(suffix):
-            raise ValueError(f"model.path: a {self.runtime} model file must end in {suffix}, got {self.model.path!r}")
+            raise ValueError(
+                f"model.path: a {self.runtime} model file must end in {suffix}, got {shown(self.model.path)}"
+            )
         p = self.pipeline
         if p.input is not None and p.input not in {t.name for t in self.inputs}:
-            raise ValueError(f"pipeline.input: {p.input!r} is not one of the inputs {[t.name for t in self.inputs]}")
+            raise ValueError(
+                f"pipeline.input: {shown(p.input)} is not one of the inputs {shown([t.name for t in self.inputs])}"
+            )
         if p.output is not None and p.output not in {t.name for t in self.outputs}:
             raise ValueError(
-                f"pipeline.output: {p.output!r} is not one of the outputs {[t.name for t in self.outputs]}"
+                f"pipeline.output: {shown(p.output)} is not one of the outputs {shown([t.name for t in self.outputs])}"
             )
         return self
 
@@ -295,12 +318,16 @@ def parse_labels(data: bytes, where: str = "labels.txt") -> list[str]:
     return labels
 
 
+def _bounded(text: str, limit: int = MAX_ECHO) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def format_validation_error(err: ValidationError, where: str) -> str:
     """One line per problem, each naming the field by its dotted path."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(_bounded(str(p)) for p in e["loc"]) or "(root)"
+        msg = _bounded(e["msg"].removeprefix("Value error, "), 4 * MAX_ECHO)
         lines.append(f"{where}: {loc}: {msg}")
     return "; ".join(lines)
 
@@ -320,7 +347,9 @@ def parse_manifest(data: bytes | str | dict[str, Any], where: str = "manifest.js
         raise BundleError(f"{where}: must be a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"{where}: schema_version: this agent reads schema version {SCHEMA_VERSION}, got {version!r}")
+        raise BundleError(
+            f"{where}: schema_version: this agent reads schema version {SCHEMA_VERSION}, got {shown(version)}"
+        )
     try:
         return Manifest.model_validate(obj)
     except ValidationError as e:
