@@ -5,6 +5,13 @@ quantizes float inputs of int8/uint8 tensors with the tensor's scale and zero po
 dequantizes quantized outputs, unless the caller passed the integer dtype itself. The checks are a
 few dictionary look-ups and attribute compares per input, so the cost over the bare runtime stays in
 microseconds (see ``bench/``).
+
+Warm-up (at load) never changes what a model does and never prints: it runs the bundle's first golden
+sample when there is one, else zeros at the model's fixed shapes (a dynamic leading batch dim taken as
+one); a model with other dynamic dims has no shape known to be valid and is not warmed up (debug
+log). A stateful model is not warmed up either (undoing it would cost a second load); a stateless one
+is reset after its warm-up, so variable tensors start from zero. ``Model.reset()`` puts a stateful
+model back in its initial state: call it after a self-test and between independent streams.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class Model:
         manifest: Manifest | None = None,
         labels: list[str] | None = None,
         warmup: bool = True,
+        example_inputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
     ):
         self.backend = backend
         self.source = source
@@ -78,6 +86,16 @@ class Model:
         self.labels = labels
         self.inputs: list[TensorSpec] = list(backend.inputs)
         self.outputs: list[TensorSpec] = list(backend.outputs)
+        self.metadata: dict[str, str] = dict(backend.metadata)
+        """The model file's own key/value metadata (ONNX ``metadata_props``; empty for TFLite)."""
+        self.signatures: list[str] = list(backend.signatures)
+        """The model's named entry points (TFLite signatures; empty for ONNX)."""
+        self.stateful: bool = backend.stateful
+        """The model keeps state between calls (TFLite resource variables): see :meth:`reset`."""
+        self.example_inputs: dict[str, np.ndarray[Any, Any]] | None = (
+            dict(example_inputs) if example_inputs is not None else None
+        )
+        """One request known to be valid (a bundle's first golden sample), or None."""
         self._in = {s.name: s for s in self.inputs}
         self._out = {s.name: s for s in self.outputs}
         self._alias: dict[str, str] = dict(backend.aliases)
@@ -97,15 +115,30 @@ class Model:
         return f"<Model {self.name} on {self.backend.name}: {ins}>"
 
     def _warm_up(self) -> None:
-        feeds: Feeds = {}
-        for s in self.inputs:
-            if s.dtype.kind in "OUS":
-                return  # nothing sensible to feed a text input
-            feeds[s.name] = np.zeros(tuple(1 if d is None else d for d in s.shape), dtype=s.dtype)
+        if self.stateful:
+            log.debug("%s: stateful model, not warmed up (undoing it would take a second load)", self.source)
+            return
+        feeds = self.example_inputs if self.example_inputs is not None else _known_good_inputs(self.inputs)
+        if feeds is None:
+            log.debug("%s: no input shape known to be valid (dynamic dims, no golden sample): no warm-up", self.source)
+            return
         try:
-            self._run(feeds)
-        except Exception as e:  # a model may reject zeros and still work on real data
-            log.warning("%s: warm-up run failed (%s); the first request will be slower", self.source, e)
+            prepared, _ = self.prepare(feeds)
+            self._run(prepared)
+        except ModelError as e:  # a model may reject zeros and still work on real data
+            log.debug("%s: warm-up run failed (%s); the first request will be slower", self.source, e)
+        self.reset()
+
+    def reset(self) -> None:
+        """Put the model back in its initial state: a stateful model's variables start again from
+        the values the model gives them (a TFLite model with resource variables is reloaded for
+        that, which costs about one load); a stateless model is unchanged. Safe to call from any
+        thread; waits for a running ``predict``. Raises :class:`ModelError` if a reload fails."""
+        if self._lock is None:
+            self.backend.reset()
+            return
+        with self._lock:
+            self.backend.reset()
 
     def _run(self, feeds: Feeds) -> Outputs:
         if self._lock is None:
@@ -181,13 +214,35 @@ class Model:
         return self.backend.bare_callable()
 
     def info(self) -> dict[str, Any]:
+        """JSON-ready description: name, source, runtime, tensors, metadata, signatures, stateful."""
         return {
             "name": self.name,
             "source": self.source,
             **self.backend.info(),
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
+            "metadata": dict(self.metadata),
+            "signatures": list(self.signatures),
+            "stateful": self.stateful,
         }
+
+
+def _known_good_inputs(specs: Sequence[TensorSpec]) -> Feeds | None:
+    """Zeros at each input's fixed shape, a dynamic leading batch dim taken as one; None when some
+    other dim is dynamic (1 is rarely a valid height or length) or an input is text."""
+    feeds: Feeds = {}
+    for s in specs:
+        if s.dtype.kind in "OUSV":
+            return None
+        dims: list[int] = []
+        for axis, d in enumerate(s.shape):
+            if d is None:
+                if axis != 0 or len(s.shape) < 2:
+                    return None
+                d = 1
+            dims.append(d)
+        feeds[s.name] = np.zeros(dims, dtype=s.dtype)
+    return feeds
 
 
 def _fmt_shape(shape: Sequence[int | None]) -> str:
@@ -279,10 +334,12 @@ def load_model(
     ``backend`` forces ``onnx`` or ``tflite`` (default: by file suffix, then by content).
     ``delegates`` are LiteRT delegate libraries (``"libedgetpu.so.1"`` or ``(lib, options)``), or, for
     ONNX, execution providers tried before the CPU. Other ``options`` go to the backend
-    (ONNX: ``providers``, ``graph_optimization_level``, ``inter_op_threads``).
+    (ONNX: ``providers``, ``graph_optimization_level``, ``inter_op_threads``; TFLite:
+    ``signature`` picks one of a model's signatures, default ``serving_default`` or the only one,
+    and ``preserve_all_tensors``). ``warmup`` runs one request at load (see the module docstring).
 
-    Raises :class:`ModelError` for a missing, corrupt or unknown model (naming the path) and
-    :class:`~edgefleet.errors.BundleError` for a bad bundle.
+    Raises :class:`ModelError` for a missing, corrupt or unknown model, an unknown option or
+    signature (naming the path) and :class:`~edgefleet.errors.BundleError` for a bad bundle.
     """
     p = Path(path)
     if not p.is_file():
@@ -292,6 +349,7 @@ def load_model(
     kind = _detect(p)
     manifest: Manifest | None = None
     labels: list[str] | None = None
+    golden: bytes | None = None
     model: bytes | str = str(p)
     if kind == "efb":
         from edgefleet.bundle.archive import BundleReader
@@ -302,6 +360,8 @@ def load_model(
             model = bundle.read_model()
             if manifest.labels is not None:
                 labels = parse_labels(bundle.read(manifest.labels.path), f"{p}: {manifest.labels.path}")
+            if manifest.golden is not None:
+                golden = bundle.read(manifest.golden.path)
         kind = manifest.runtime
     if backend is not None:
         if backend not in _BACKENDS:
@@ -310,9 +370,26 @@ def load_model(
             raise ModelError(f"{p}: the bundle holds a {manifest.runtime} model; backend {backend!r} cannot run it")
         kind = _BACKENDS[backend]
     be = _make_backend(kind, model, str(p), threads, delegates, options)
+    example: dict[str, np.ndarray[Any, Any]] | None = None
     if manifest is not None:
         _check_manifest_matches(manifest, be, str(p))
-    return Model(be, str(p), manifest, labels=labels, warmup=warmup)
+        if golden is not None and manifest.golden is not None:
+            example = _first_golden_sample(golden, f"{p}: {manifest.golden.path}")
+    return Model(be, str(p), manifest, labels=labels, warmup=warmup, example_inputs=example)
+
+
+def _first_golden_sample(data: bytes, where: str) -> dict[str, np.ndarray[Any, Any]] | None:
+    """Sample 0 of a bundle's golden inputs (arrays are ``(N, *input shape)``), or None if unreadable
+    (the self-test reports that; loading does not fail for it)."""
+    from edgefleet.agent.selftest import load_golden
+    from edgefleet.errors import BundleError
+
+    try:
+        inputs, _ = load_golden(data, where)
+    except BundleError as e:
+        log.debug("%s: golden inputs not usable for warm-up: %s", where, e)
+        return None
+    return {name: arr[0] for name, arr in inputs.items()}
 
 
 def _check_manifest_matches(manifest: Manifest, backend: Backend, where: str) -> None:

@@ -20,7 +20,9 @@ class Backend(Protocol):
 
     ``run`` receives arrays already checked against ``inputs`` (name, dtype, shape) and returns
     every output by name, in the tensor's own dtype. It need not be thread-safe; the caller locks
-    when ``thread_safe`` is false.
+    when ``thread_safe`` is false. Every failure of the runtime itself (a shape it refuses, an
+    error inside a kernel) is raised as :class:`~edgefleet.errors.ModelError` naming the model and
+    the input shapes, never as the runtime's own exception type.
     """
 
     name: str
@@ -28,8 +30,15 @@ class Backend(Protocol):
     outputs: list[TensorSpec]
     aliases: dict[str, str]  # other accepted input names -> the canonical one (e.g. raw TFLite tensor names)
     thread_safe: bool
+    stateful: bool  # the model keeps state between runs (TFLite resource variables)
+    metadata: dict[str, str]  # the model file's own key/value metadata (ONNX metadata_props)
+    signatures: list[str]  # named entry points (TFLite signatures); empty when the format has none
 
     def run(self, feeds: Feeds) -> Outputs: ...
+
+    def reset(self) -> None:
+        """Put a stateful model back in its initial state (a no-op for a stateless one)."""
+        ...
 
     def bare_callable(self) -> Callable[[Feeds], object]:
         """The runtime's own call with no edgefleet code around it (for benchmarks)."""

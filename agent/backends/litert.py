@@ -1,4 +1,19 @@
-"""LiteRT (TFLite) backend: ``ai_edge_litert``, falling back to ``tflite_runtime``."""
+"""LiteRT (TFLite) backend: ``ai_edge_litert``, falling back to ``tflite_runtime``.
+
+Dynamic dims: a tensor whose ``shape_signature`` holds -1 is allocated at a placeholder shape (1 for
+each dynamic dim) that real models often reject ("XNNPack delegate failed to reshape"), so such a
+model is not allocated at load: the first ``run`` resizes every input to the shape it was given and
+allocates then, and any later change of shape resizes again.
+
+Signatures: tensors are named by the chosen signature's keys (``image``, ``logits``), raw tensor
+names (``serving_default_image:0``) stay accepted as aliases. The signature is the one asked for,
+else ``serving_default``, else the only one; a model with none runs its first subgraph.
+
+State: a model with resource variables (a streaming model's state, say) keeps them between invokes.
+``Interpreter.reset_all_variables()`` resets only variable *tensors*, not resource variables, so
+``reset`` builds a fresh interpreter for such a model: its variables start again from the values the
+model initializes them with.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +31,9 @@ __all__ = ["LiteRTBackend", "import_litert"]
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("preserve_all_tensors",)
+OPTIONS = ("preserve_all_tensors", "signature")
 Delegate = str | tuple[str, dict[str, Any]]
+_RUNTIME_ERRORS = (ValueError, RuntimeError, TypeError)  # what the interpreter's calls raise
 
 
 def import_litert() -> tuple[Any, Any, str]:
@@ -48,6 +64,15 @@ def _spec(name: str, d: dict[str, Any]) -> TensorSpec:
     return TensorSpec(name, shape, dtype, quant)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _same_tensors(details: list[dict[str, Any]], by_key: dict[str, dict[str, Any]]) -> bool:
+    return sorted((d["index"], d["name"]) for d in details) == sorted((d["index"], d["name"]) for d in by_key.values())
+
+
 class LiteRTBackend:
     """A model on the LiteRT interpreter. The interpreter is not thread-safe: the caller locks."""
 
@@ -61,73 +86,158 @@ class LiteRTBackend:
         threads: int | None = None,
         delegates: Sequence[Delegate] = (),
         preserve_all_tensors: bool = False,
+        signature: str | None = None,
     ) -> None:
         interpreter_cls, load_delegate, package = import_litert()
-        loaded = []
-        for d in delegates:
-            lib, opts = (d, {}) if isinstance(d, str) else d
-            try:
-                loaded.append(load_delegate(lib, opts))
-            except (ValueError, OSError, RuntimeError) as e:
-                raise ModelError(f"{where}: cannot load delegate {lib!r}: {e}") from e
-        kwargs: dict[str, Any] = {"experimental_delegates": loaded or None}
+        self._where = where
+        self._delegate_specs = list(delegates)
+        self._load_delegate = load_delegate
+        self._cls = interpreter_cls
+        kwargs: dict[str, Any] = {}
         # A file is memory-mapped by the runtime (less RSS); bundle members come as bytes.
         kwargs["model_path" if isinstance(model, str) else "model_content"] = model
         if threads is not None:
             kwargs["num_threads"] = int(threads)
         if preserve_all_tensors:
             kwargs["experimental_preserve_all_tensors"] = True
-        try:
-            self._it = interpreter_cls(**kwargs)
-            self._it.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"{where}: not a loadable TFLite model: {first}") from e
-        in_details = self._it.get_input_details()
-        out_details = self._it.get_output_details()
-        # With exactly one signature, tensors are named by its keys ("image", "scores"), as TF users
-        # know them; the raw tensor names ("serving_default_image:0") still work as aliases.
-        in_names = {d["index"]: d["name"] for d in in_details}
-        out_names = {d["index"]: d["name"] for d in out_details}
-        sigs = self._it.get_signature_list()
-        if len(sigs) == 1:
-            runner = self._it.get_signature_runner(next(iter(sigs)))
-            for key, d in runner.get_input_details().items():
-                in_names[d["index"]] = key
-            for key, d in runner.get_output_details().items():
-                out_names[d["index"]] = key
-        self.aliases = {d["name"]: in_names[d["index"]] for d in in_details if d["name"] != in_names[d["index"]]}
-        self.inputs = [_spec(in_names[d["index"]], d) for d in in_details]
-        self.outputs = [_spec(out_names[d["index"]], d) for d in out_details]
-        self._in_index = {s.name: d["index"] for s, d in zip(self.inputs, in_details, strict=True)}
-        self._out_index = [(s.name, d["index"]) for s, d in zip(self.outputs, out_details, strict=True)]
-        self._shapes = {d["index"]: tuple(int(x) for x in d["shape"]) for d in in_details}
+        self._kwargs = kwargs
+        it = self._new_interpreter()
+        sigs = it.get_signature_list()
+        self.signatures: list[str] = list(sigs)
+        if signature is not None and signature not in sigs:
+            raise ModelError(f"{where}: no signature {signature!r}; the model's signatures are {self.signatures}")
+        chosen = signature or ("serving_default" if "serving_default" in sigs else None)
+        if chosen is None and len(sigs) == 1:
+            chosen = self.signatures[0]
+        self.signature = chosen
+        in_details = it.get_input_details()
+        out_details = it.get_output_details()
+        by_key_in: dict[str, dict[str, Any]] = {}
+        by_key_out: dict[str, dict[str, Any]] = {}
+        if chosen is not None:
+            runner = it.get_signature_runner(chosen)
+            by_key_in, by_key_out = runner.get_input_details(), runner.get_output_details()
+            del runner  # a live runner holds a reference that makes the interpreter refuse invoke()
+        # The chosen signature is the first subgraph (the usual case) when its tensors are those the
+        # interpreter's own calls use: then set_tensor/invoke run it directly, the fastest path.
+        self._runner_key: str | None = None
+        if chosen is not None and not (_same_tensors(in_details, by_key_in) and _same_tensors(out_details, by_key_out)):
+            self._runner_key = chosen
+            in_pairs = list(by_key_in.items())
+            out_pairs = list(by_key_out.items())
+            self.aliases = {d["name"]: k for k, d in in_pairs if d["name"] != k}
+        else:
+            in_key = {d["index"]: k for k, d in by_key_in.items()}
+            out_key = {d["index"]: k for k, d in by_key_out.items()}
+            in_pairs = [(in_key.get(d["index"], d["name"]), d) for d in in_details]
+            out_pairs = [(out_key.get(d["index"], d["name"]), d) for d in out_details]
+            self.aliases = {d["name"]: k for k, d in in_pairs if d["name"] != k}
+        self.inputs = [_spec(k, d) for k, d in in_pairs]
+        self.outputs = [_spec(k, d) for k, d in out_pairs]
+        self._in_index = {k: int(d["index"]) for k, d in in_pairs}
+        self._out_index = [(k, int(d["index"])) for k, d in out_pairs]
+        self._scalar_out = [s.name for s in self.outputs if s.shape == ()]  # get_tensor gives numpy scalars
+        # Resource tensors (variables, and TensorLists) show as object dtype; strings as bytes.
+        self.stateful = any(
+            np.dtype(d["dtype"]) == np.dtype(object)
+            for s in range(it.num_subgraphs())
+            for d in it.get_tensor_details(s)
+        )
+        self.metadata: dict[str, str] = {}
+        self._dynamic = any(d is None for s in self.inputs for d in s.shape)
+        self._it = it
+        self._runner: Any = None
+        self._shapes: dict[int, tuple[int, ...] | None] = {}
+        self._prepare()
         self._threads = threads
         self._package = package
         self._delegates = [d if isinstance(d, str) else d[0] for d in delegates]
 
+    def _new_interpreter(self) -> Any:
+        loaded = []
+        for d in self._delegate_specs:
+            lib, opts = (d, {}) if isinstance(d, str) else d
+            try:
+                loaded.append(self._load_delegate(lib, opts))
+            except (ValueError, OSError, RuntimeError) as e:
+                raise ModelError(f"{self._where}: cannot load delegate {lib!r}: {e}") from e
+        try:
+            return self._cls(**self._kwargs, experimental_delegates=loaded or None)
+        except _RUNTIME_ERRORS as e:
+            raise ModelError(f"{self._where}: not a loadable TFLite model: {_first_line(e)}") from e
+
+    def _prepare(self) -> None:
+        """Allocate a model with fixed input shapes now; one with dynamic dims at its first run."""
+        if self._runner_key is not None:
+            self._runner = self._it.get_signature_runner(self._runner_key)
+            return
+        if self._dynamic:
+            self._shapes = dict.fromkeys(self._in_index.values())
+            return
+        try:
+            self._it.allocate_tensors()
+        except _RUNTIME_ERRORS as e:
+            raise ModelError(f"{self._where}: not a loadable TFLite model: {_first_line(e)}") from e
+        self._shapes = {
+            idx: tuple(d for d in s.shape if d is not None)
+            for s, idx in zip(self.inputs, self._in_index.values(), strict=True)
+        }
+
+    def _failed(self, what: str, feeds: Feeds, e: BaseException) -> ModelError:
+        shapes = {n: list(a.shape) for n, a in feeds.items()}
+        return ModelError(f"{self._where}: {what} failed for input shapes {shapes}: {_first_line(e)}")
+
     def run(self, feeds: Feeds) -> Outputs:
+        """Resize if a shape changed, then invoke. Raises :class:`ModelError` naming the model and
+        the input shapes when the runtime refuses them or fails."""
+        if self._runner is not None:
+            try:
+                result: Outputs = self._runner(**feeds)
+            except _RUNTIME_ERRORS as e:
+                raise self._failed("inference", feeds, e) from e
+            return {name: np.asarray(result[name]) for name, _ in self._out_index}
         it = self._it
         resized = False
-        for name, arr in feeds.items():
-            idx = self._in_index[name]
-            if arr.shape != self._shapes[idx]:
-                it.resize_tensor_input(idx, arr.shape, strict=False)
-                self._shapes[idx] = arr.shape
-                resized = True
-        if resized:
-            try:
+        try:
+            for name, arr in feeds.items():
+                idx = self._in_index[name]
+                if arr.shape != self._shapes[idx]:
+                    it.resize_tensor_input(idx, arr.shape, strict=False)
+                    self._shapes[idx] = arr.shape
+                    resized = True
+            if resized:
                 it.allocate_tensors()
-            except (ValueError, RuntimeError) as e:
-                raise ModelError(
-                    f"cannot run with input shapes {dict((n, a.shape) for n, a in feeds.items())}: {e}"
-                ) from e
-        for name, arr in feeds.items():
-            it.set_tensor(self._in_index[name], arr)
-        it.invoke()
-        return {name: it.get_tensor(idx) for name, idx in self._out_index}
+        except _RUNTIME_ERRORS as e:
+            # The interpreter is left unallocated: the next call resizes and allocates again.
+            self._shapes = dict.fromkeys(self._shapes)
+            raise self._failed("resizing", feeds, e) from e
+        try:
+            for name, arr in feeds.items():
+                it.set_tensor(self._in_index[name], arr)
+            it.invoke()
+            out = {name: it.get_tensor(idx) for name, idx in self._out_index}
+        except _RUNTIME_ERRORS as e:
+            raise self._failed("inference", feeds, e) from e
+        for name in self._scalar_out:
+            out[name] = np.asarray(out[name])
+        return out
+
+    def reset(self) -> None:
+        """Back to the model's initial state: variable tensors are zeroed; a model with resource
+        variables gets a fresh interpreter. Raises :class:`ModelError` if the model cannot be
+        reloaded (a delegate gone, say)."""
+        if not self.stateful:
+            self._it.reset_all_variables()
+            return
+        self._runner = None
+        self._it = None
+        self._it = self._new_interpreter()
+        self._prepare()
 
     def bare_callable(self) -> Callable[[Feeds], object]:
+        if self._runner is not None:
+            runner = self._runner
+            return lambda feeds: runner(**feeds)
         it = self._it
         set_tensor, invoke, get_tensor = it.set_tensor, it.invoke, it.get_tensor
         ins = list(self._in_index.items())
@@ -147,6 +257,7 @@ class LiteRTBackend:
             "version": _package_version(self._package),
             "threads": self._threads,
             "delegates": self._delegates,
+            "signature": self.signature,
         }
 
 

@@ -1,18 +1,29 @@
-"""ONNX Runtime backend."""
+"""ONNX Runtime backend.
+
+Quantized I/O: ONNX has no per-tensor quantization field, so a uint8/int8 graph input's scale and zero
+point are those of the ``DequantizeLinear`` that consumes it (and an output's, of the
+``QuantizeLinear`` that produces it). onnxruntime does not expose graph nodes, and the ``onnx``
+package is not part of the device install (it pulls in its own protobuf classes and ~30 MB of
+imports), so :func:`quantized_io` reads the few fields it needs straight from the ModelProto wire
+format: node op types, inputs and outputs, and the names and values of small initializers. Large
+initializers are skipped by length without being copied, and a model file is memory-mapped, not read.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import mmap
+import struct
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from edgefleet.agent.backends.base import Feeds, Outputs
-from edgefleet.agent.tensors import TensorSpec
+from edgefleet.agent.tensors import Quantization, TensorSpec
 from edgefleet.errors import ModelError
 
-__all__ = ["OnnxBackend"]
+__all__ = ["OnnxBackend", "quantized_io"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,7 @@ _ORT_TYPES: dict[str, Any] = {
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 OPTIONS = ("providers", "graph_optimization_level", "inter_op_threads")
+_QUANTIZABLE = ("int8", "uint8", "int16", "uint16")  # what DequantizeLinear/QuantizeLinear take per tensor
 
 
 def _spec(node: Any, where: str, output: bool = False) -> TensorSpec:
@@ -47,11 +59,17 @@ def _spec(node: Any, where: str, output: bool = False) -> TensorSpec:
     return TensorSpec(node.name, shape, np.dtype(dtype))
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class OnnxBackend:
     """A model on ONNX Runtime. ``InferenceSession.run`` is thread-safe, so no lock is needed."""
 
     name = "onnxruntime"
     thread_safe = True
+    stateful = False  # ONNX graphs carry no state between runs: recurrent state is an input and an output
 
     def __init__(
         self,
@@ -93,11 +111,24 @@ class OnnxBackend:
         try:
             self._session = ort.InferenceSession(model, sess_options=opts, providers=wanted)
         except Exception as e:  # onnxruntime raises its own untyped errors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"{where}: not a loadable ONNX model: {first}") from e
-        self.inputs = [_spec(n, where) for n in self._session.get_inputs()]
+            raise ModelError(f"{where}: not a loadable ONNX model: {_first_line(e)}") from e
+        # A failed run is reported to the caller as a ModelError; the runtime's own log line would
+        # only repeat it on stderr.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
+        self._where = where
+        inputs = [_spec(n, where) for n in self._session.get_inputs()]
+        outputs = [_spec(n, where, output=True) for n in self._session.get_outputs()]
+        if any(s.dtype_name in _QUANTIZABLE for s in (*inputs, *outputs)):
+            q_in, q_out = quantized_io(model, where)
+            inputs = [TensorSpec(s.name, s.shape, s.dtype, q_in.get(s.name)) for s in inputs]
+            outputs = [TensorSpec(s.name, s.shape, s.dtype, q_out.get(s.name)) for s in outputs]
+        self.inputs = inputs
+        self.outputs = outputs
         self.aliases: dict[str, str] = {}
-        self.outputs = [_spec(n, where, output=True) for n in self._session.get_outputs()]
+        self.signatures: list[str] = []
+        meta = self._session.get_modelmeta()
+        self.metadata: dict[str, str] = dict(meta.custom_metadata_map)
         self._wrap = [o.name for o in self.outputs if o.dtype.kind == "O"]
         self._text_inputs = [i.name for i in self.inputs if i.dtype.kind == "O"]
         self._output_names = [o.name for o in self.outputs]
@@ -105,12 +136,18 @@ class OnnxBackend:
         self._version = ort.__version__
 
     def run(self, feeds: Feeds) -> Outputs:
+        """Run the session. Raises :class:`ModelError` naming the model and the input shapes."""
         for name in self._text_inputs:  # ORT's string tensors take str; bytes would become "b'...'"
             arr = feeds[name]
             if any(isinstance(v, bytes) for v in arr.flat):
                 text = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in arr.flat]
                 feeds = {**feeds, name: np.array(text, dtype=object).reshape(arr.shape)}
-        out = dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
+        try:
+            values = self._session.run(self._output_names, feeds, self._run_options)
+        except Exception as e:  # onnxruntime's pybind exceptions share no useful base
+            shapes = {n: list(a.shape) for n, a in feeds.items()}
+            raise ModelError(f"{self._where}: inference failed for input shapes {shapes}: {_first_line(e)}") from e
+        out = dict(zip(self._output_names, values, strict=True))
         for name in self._wrap:  # sequences/maps come back as Python lists and dicts
             value = out[name]
             if not isinstance(value, np.ndarray):
@@ -121,6 +158,9 @@ class OnnxBackend:
                     arr[()] = value
                 out[name] = arr
         return out
+
+    def reset(self) -> None:
+        """Nothing to do: a session keeps no state between runs."""
 
     def bare_callable(self) -> Callable[[Feeds], object]:
         run = self._session.run
@@ -134,3 +174,224 @@ class OnnxBackend:
             "threads": self._threads,
             "providers": self._session.get_providers(),
         }
+
+
+# --- the ModelProto fields quantized I/O needs, read from the protobuf wire format ---------------
+# Field numbers from onnx/onnx.proto3 (stable since IR version 3).
+_MODEL_GRAPH = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER = 1, 5
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP_TYPE, _NODE_ATTRIBUTE = 1, 2, 4, 5
+_ATTR_NAME, _ATTR_T = 1, 5
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_FLOAT_DATA, _TENSOR_INT32_DATA = 1, 2, 4, 5
+_TENSOR_INT64_DATA, _TENSOR_NAME, _TENSOR_RAW_DATA, _TENSOR_DOUBLE_DATA = 7, 8, 9, 10
+# TensorProto.DataType -> numpy, for the scale and zero-point types DequantizeLinear accepts
+_ONNX_DTYPES: dict[int, Any] = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    10: np.float16,
+    11: np.float64,
+}
+
+
+class _WireError(ValueError):
+    pass
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise _WireError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _WireError("varint too long")
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value): an int for varints, a memoryview for everything else."""
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield field, wire, value
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise _WireError("truncated field")
+            yield field, wire, buf[pos : pos + n]
+            pos += n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            yield field, wire, buf[pos : pos + n]
+            pos += n
+        else:
+            raise _WireError(f"unsupported wire type {wire}")
+
+
+def _tensor_value(buf: memoryview) -> tuple[str, float | int | None]:
+    """(name, the value of a one-element tensor, or None for a larger or unreadable one)."""
+    name, dtype = "", 0
+    dims: list[int] = []
+    raw: memoryview | None = None
+    ints: list[int] = []
+    floats: list[float] = []
+    for field, wire, v in _fields(buf):
+        if field == _TENSOR_NAME:
+            name = bytes(v).decode("utf-8", "replace")
+        elif field == _TENSOR_DATA_TYPE:
+            dtype = v
+        elif field == _TENSOR_DIMS:
+            dims += [v] if wire == 0 else _packed_varints(v)
+        elif field == _TENSOR_RAW_DATA:
+            raw = v
+        elif field in (_TENSOR_INT32_DATA, _TENSOR_INT64_DATA):
+            ints += [v] if wire == 0 else _packed_varints(v)
+        elif field == _TENSOR_FLOAT_DATA:
+            floats += list(struct.unpack(f"<{len(v) // 4}f", v)) if wire == 2 else [struct.unpack("<f", v)[0]]
+        elif field == _TENSOR_DOUBLE_DATA:
+            floats += list(struct.unpack(f"<{len(v) // 8}d", v)) if wire == 2 else [struct.unpack("<d", v)[0]]
+    np_type = _ONNX_DTYPES.get(dtype)
+    if np_type is None or int(np.prod(dims)) != 1:
+        return name, None
+    dt = np.dtype(np_type)
+    if raw is not None:
+        if len(raw) != dt.itemsize:
+            return name, None
+        value = np.frombuffer(raw, dtype=dt.newbyteorder("<"))[0]
+        return name, float(value) if dt.kind == "f" else int(value)
+    if dt.kind == "f" and len(floats) == 1:
+        return name, float(floats[0])
+    if dt == np.float16 and len(ints) == 1:  # float16 values are stored as their bits in int32_data
+        return name, float(np.array([ints[0]], np.uint16).view(np.float16)[0])
+    if dt.kind in "iu" and len(ints) == 1:
+        v64 = ints[0] - (1 << 64) if ints[0] >= 1 << 63 else ints[0]  # negative int32 are 10-byte varints
+        return name, int(v64)
+    return name, None
+
+
+def _packed_varints(buf: memoryview) -> list[int]:
+    out, pos = [], 0
+    while pos < len(buf):
+        v, pos = _varint(buf, pos)
+        out.append(v)
+    return out
+
+
+def _scan_graph(graph: memoryview) -> tuple[list[tuple[str, list[str], list[str], memoryview]], dict[str, memoryview]]:
+    nodes = []
+    inits: dict[str, memoryview] = {}
+    for field, wire, v in _fields(graph):
+        if wire != 2:
+            continue
+        if field == _GRAPH_NODE:
+            op, ins, outs = "", [], []
+            for f, w, x in _fields(v):
+                if w != 2:
+                    continue
+                if f == _NODE_OP_TYPE:
+                    op = bytes(x).decode("utf-8", "replace")
+                elif f == _NODE_INPUT:
+                    ins.append(bytes(x).decode("utf-8", "replace"))
+                elif f == _NODE_OUTPUT:
+                    outs.append(bytes(x).decode("utf-8", "replace"))
+            nodes.append((op, ins, outs, v))
+        elif field == _GRAPH_INITIALIZER:
+            for f, w, x in _fields(v):
+                if f == _TENSOR_NAME and w == 2:
+                    inits[bytes(x).decode("utf-8", "replace")] = v
+                    break
+    return nodes, inits
+
+
+def _constant_value(node: memoryview) -> float | int | None:
+    for f, w, x in _fields(node):
+        if f == _NODE_ATTRIBUTE and w == 2:
+            attr_name, tensor = "", None
+            for af, aw, ax in _fields(x):
+                if af == _ATTR_NAME and aw == 2:
+                    attr_name = bytes(ax).decode("utf-8", "replace")
+                elif af == _ATTR_T and aw == 2:
+                    tensor = ax
+            if attr_name == "value" and tensor is not None:
+                return _tensor_value(tensor)[1]
+    return None
+
+
+def _quantized_io_from_bytes(buf: memoryview) -> tuple[dict[str, Quantization], dict[str, Quantization]]:
+    graph = next((v for f, w, v in _fields(buf) if f == _MODEL_GRAPH and w == 2), None)
+    if graph is None:
+        return {}, {}
+    nodes, inits = _scan_graph(graph)
+    constants = {outs[0]: raw for op, _, outs, raw in nodes if op == "Constant" and outs}
+
+    def value(name: str) -> float | int | None:
+        if name in inits:
+            return _tensor_value(inits[name])[1]
+        if name in constants:
+            return _constant_value(constants[name])
+        return None
+
+    def params(ins: list[str]) -> Quantization | None:
+        scale = value(ins[1]) if len(ins) > 1 else None
+        zp = value(ins[2]) if len(ins) > 2 and ins[2] else 0
+        if scale is None or zp is None or not float(scale) > 0:
+            return None  # per-axis, computed at run time, or unreadable: no float convenience
+        return Quantization(float(scale), int(zp))
+
+    q_in: dict[str, Quantization] = {}
+    q_out: dict[str, Quantization] = {}
+    found_in: dict[str, set[Quantization | None]] = {}
+    for op, ins, outs, _ in nodes:
+        if op == "DequantizeLinear" and ins:
+            found_in.setdefault(ins[0], set()).add(params(ins))
+        elif op == "QuantizeLinear" and outs:
+            q = params(ins)
+            if q is not None:
+                q_out[outs[0]] = q
+    for name, qs in found_in.items():
+        only = next(iter(qs)) if len(qs) == 1 else None  # consumers that disagree: integer-only
+        if only is not None:
+            q_in[name] = only
+    return q_in, q_out
+
+
+def quantized_io(model: bytes | str, where: str = "model") -> tuple[dict[str, Quantization], dict[str, Quantization]]:
+    """Scale and zero point of tensors dequantized by a ``DequantizeLinear`` and of tensors produced
+    by a ``QuantizeLinear``, by tensor name: ``(dequantized, quantized)``. Only per-tensor parameters
+    stored in the model (initializers or ``Constant`` nodes) count. A model that cannot be parsed
+    gives no parameters (logged at debug): its tensors stay integer-only. Never raises."""
+    if not isinstance(model, str):
+        return _parse_or_nothing(memoryview(model), where)
+    try:
+        with open(model, "rb") as f:
+            if f.seek(0, 2) == 0:
+                return {}, {}
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                found = _parse_or_nothing(view, where)
+                view.release()
+                return found
+    except (OSError, ValueError, BufferError) as e:
+        log.debug("%s: cannot read quantization parameters from the ONNX graph: %s", where, e)
+        return {}, {}
+
+
+def _parse_or_nothing(buf: memoryview, where: str) -> tuple[dict[str, Quantization], dict[str, Quantization]]:
+    # Errors are caught here, so that no traceback keeps a view of a memory-mapped file alive.
+    try:
+        return _quantized_io_from_bytes(buf)
+    except (_WireError, ValueError, struct.error, OverflowError) as e:
+        log.debug("%s: cannot read quantization parameters from the ONNX graph: %s", where, e)
+        return {}, {}
