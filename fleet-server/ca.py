@@ -7,7 +7,9 @@ Raises :class:`DeviceIdentityError` (a CSR or certificate is unacceptable) and
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,17 +26,43 @@ from edgefleet.errors import ConfigError, EdgefleetError
 __all__ = [
     "CA_CERT",
     "CA_KEY",
+    "TLS_CERT",
+    "TLS_KEY",
     "DeviceIdentityError",
     "FleetCA",
+    "check_hostnames",
     "common_name",
     "create_ca",
     "load_ca",
     "verify_signature",
+    "write_server_cert",
 ]
 
 CA_KEY = Path("ca") / "ca.key"
 CA_CERT = Path("ca") / "ca.crt"
+TLS_KEY = Path("tls") / "server.key"
+TLS_CERT = Path("tls") / "server.crt"
 _CA_YEARS = 20
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"\A(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\Z")  # a wildcard only as the first label
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if len(host) > 253 or not _DNS_NAME.match(host):
+        raise ConfigError(f"hostname: {host[:80]!r} is neither a DNS name nor an IP address")
+    return x509.DNSName(host.lower())
+
+
+def check_hostnames(hostnames: list[str]) -> list[x509.GeneralName]:
+    """The subject alternative names for ``hostnames``. Raises ConfigError naming ``hostname`` when none is
+    given or one is neither a DNS name nor an IP address."""
+    if not hostnames:
+        raise ConfigError("hostname: give at least one DNS name or IP address the devices connect to")
+    return [_general_name(h) for h in hostnames]
 
 
 class DeviceIdentityError(EdgefleetError):
@@ -77,20 +105,17 @@ class FleetCA:
         )
 
     def issue_server_cert(self, hostnames: list[str], days: int = 825) -> tuple[bytes, bytes]:
-        """A TLS server certificate and key (PEM) for ``hostnames``, which devices verify with the CA."""
-        import ipaddress
-
+        """A TLS server certificate and key (PEM) for ``hostnames``, which devices verify with the CA.
+        Raises ConfigError naming ``hostname`` when none is given or one is neither a DNS name nor an IP."""
+        names = check_hostnames(hostnames)
+        if not 1 <= days <= 3650:
+            raise ConfigError(f"days: {days} is not between 1 and 3650")
+        cn = hostnames[0] if len(hostnames[0]) <= 64 else "edgefleet server"  # X.509 bounds CN; SANs matter
         key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = []
-        for h in hostnames:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(h)))
-            except ValueError:
-                names.append(x509.DNSName(h))
         now = datetime.now(UTC)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -140,11 +165,13 @@ def verify_signature(cert_pem: str, signature: bytes, data: bytes) -> bool:
 
 
 def create_ca(data_dir: Path, name: str = "edgefleet fleet CA") -> FleetCA:
-    """Make the CA under ``data_dir`` (refusing to overwrite one): key 0600, certificate 0644."""
+    """Make the CA under ``data_dir`` (refusing to overwrite one): folder 0700, key and certificate 0600 (like
+    everything in the data folder; the certificate is public, hand out a copy)."""
     key_path, cert_path = data_dir / CA_KEY, data_dir / CA_CERT
     if key_path.exists() or cert_path.exists():
         raise ConfigError(f"{key_path.parent}: a fleet CA already exists; refusing to replace it")
     key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(key_path.parent, 0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(UTC)
@@ -164,7 +191,7 @@ def create_ca(data_dir: Path, name: str = "edgefleet fleet CA") -> FleetCA:
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     atomic_write_bytes(key_path, pem, mode=0o600)
-    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     return FleetCA(key, cert)
 
 
@@ -183,3 +210,19 @@ def load_ca(data_dir: Path) -> FleetCA:
     if os.stat(key_path).st_mode & 0o077:
         raise ConfigError(f"{key_path}: the CA key is readable by others; chmod 600 it")
     return FleetCA(key, cert)
+
+
+def write_server_cert(data_dir: Path, hostnames: list[str], days: int = 825) -> tuple[Path, Path]:
+    """Issue a TLS server certificate from the fleet CA under ``data_dir`` and write it to
+    ``DATA/tls/server.crt`` and its key to ``DATA/tls/server.key`` (0600, folder 0700), replacing
+    earlier ones: (certificate path, key path). Raises ConfigError (no CA, a bad hostname, unwritable)."""
+    cert, key = load_ca(data_dir).issue_server_cert(hostnames, days)
+    cert_path, key_path = data_dir / TLS_CERT, data_dir / TLS_KEY
+    try:
+        key_path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(key_path.parent, 0o700)
+        atomic_write_bytes(key_path, key, mode=0o600)
+        atomic_write_bytes(cert_path, cert, mode=0o600)
+    except OSError as e:
+        raise ConfigError(f"{key_path.parent}: cannot write the TLS certificate: {e.strerror or e}") from e
+    return cert_path, key_path

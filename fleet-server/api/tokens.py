@@ -12,7 +12,7 @@ from edgefleet.server.api.deps import Actor, SessionDep, StateDep, require
 from edgefleet.server.api.schemas import AuditOut, EnrollTokenIn, EnrollTokenOut, TokenIn, TokenOut
 from edgefleet.server.errors import ApiError
 from edgefleet.server.models import ApiToken, AuditEntry, EnrollmentToken, utcnow
-from edgefleet.server.state import audit
+from edgefleet.server.state import add_api_token, audit
 from edgefleet.server.tokens import new_token
 
 __all__ = ["router"]
@@ -31,16 +31,9 @@ def _token_out(t: ApiToken, secret: str | None = None) -> TokenOut:
 @router.post("/tokens", status_code=201, response_model=TokenOut)
 def create_token(body: TokenIn, state: StateDep, actor: Annotated[Actor, Depends(require("admin"))]) -> TokenOut:
     """Create an operator API token; the secret is in this response only."""
-    secret, token_id, digest = new_token("efo")
-    now = utcnow()
-    expires = now + timedelta(days=body.expires_in_days) if body.expires_in_days else None
-    row = ApiToken(
-        id=token_id, name=body.name, role=body.role, secret_sha256=digest, created_at=now,
-        created_by=actor.label, expires_at=expires, revoked_at=None,
-    )
+    expires = utcnow() + timedelta(days=body.expires_in_days) if body.expires_in_days else None
     with state.sessions.begin() as s:
-        s.add(row)
-        audit(s, actor.label, "token.create", f"token:{token_id}", None, {"name": body.name, "role": body.role})
+        secret, row = add_api_token(s, body.name, body.role, actor.label, expires)
     return _token_out(row, secret)
 
 

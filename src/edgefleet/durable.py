@@ -26,18 +26,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a binary file that replaces ``path`` atomically when the block ends without error.
+    """Yield a binary file that replaces ``path`` atomically when the block ends without error; the file
+    gets exactly ``mode`` whatever the umask (the temp file is 0600 while it is written).
 
-    On an exception the temp file is removed and ``path`` is untouched.
+    On an exception the temp file is removed and ``path`` is untouched; OSError from the file system
+    propagates.
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # mkstemp made it 0600, whatever the umask
             yield f
             f.flush()
+            os.fchmod(f.fileno(), mode)  # the final mode, exactly: the umask plays no part
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
