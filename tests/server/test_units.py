@@ -55,3 +55,40 @@ def test_settings_errors_name_the_key_and_line_or_variable(tmp_path: Path) -> No
         load_settings(None, {"EDGEFLEET_SERVER_DEVICE_TOKEN_TTL": "1"})
     with pytest.raises(ConfigError, match="unknown field"):
         load_settings(None, {"EDGEFLEET_SERVER_PROT": "1"})
+
+
+def test_renewal_message_binds_the_challenge_and_the_exact_csr() -> None:
+    from edgefleet.server.api.identity import renewal_message
+
+    m = renewal_message("chal.mac", "-----BEGIN CERTIFICATE REQUEST-----\nA\n")
+    assert m.startswith(b"edgefleet-renew-v1.chal.mac.") and len(m.rsplit(b".", 1)[1]) == 64
+    assert m != renewal_message("chal.mac", "-----BEGIN CERTIFICATE REQUEST-----\nB\n")
+    assert m != renewal_message("other.mac", "-----BEGIN CERTIFICATE REQUEST-----\nA\n")
+
+
+@pytest.mark.parametrize("good", ["fleet.example.com", "*.example.com", "localhost", "10.0.0.1", "::1", "a-b.c0"])
+def test_tls_hostnames_accepted(good: str) -> None:
+    from edgefleet.server.ca import check_hostnames
+
+    assert len(check_hostnames([good])) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "a..b", "-a.com", "a-.com", "é.com", "a.*.com", "x" * 64 + ".com"])
+def test_tls_hostnames_refused_naming_the_field(bad: str) -> None:
+    from edgefleet.server.ca import check_hostnames
+
+    with pytest.raises(ConfigError, match=r"^hostname: "):
+        check_hostnames([bad])
+    with pytest.raises(ConfigError, match="at least one"):
+        check_hostnames([])
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg://u@h/db", "sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"]
+)
+def test_private_sqlite_file_leaves_non_file_databases_alone(url: str, tmp_path: Path, monkeypatch) -> None:
+    from edgefleet.server.state import private_sqlite_file
+
+    monkeypatch.chdir(tmp_path)
+    private_sqlite_file(url)
+    assert list(tmp_path.iterdir()) == []
