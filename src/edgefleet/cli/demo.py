@@ -5,6 +5,11 @@ digits) as bundles with labels, golden vectors, a drift baseline and a pipeline;
 the held-out split through each bundle's pipeline for accuracy and sample predictions; times
 ``predict`` beside the bare runtime; serves the int8 bundle from a real agent process over the Open
 Inference Protocol; and starts a fleet server (SQLite) that takes the bundles and enrolls a device.
+
+What it prints is what happened: predictions are the first held-out images (not picked), each marked
+right or wrong; the latency ratio is agent p50 / bare-runtime p50, both timed in this run; and no URL
+is printed for a server that is no longer running (``--keep-running`` leaves the fleet server up, with
+its URL, until Ctrl-C).
 """
 
 from __future__ import annotations
@@ -47,8 +52,14 @@ def demo(
     models: Path | None = typer.Option(None, help="Folder with the digits fixtures (default: the source tree's)."),
     workdir: Path | None = typer.Option(None, help="Where to write the bundles (default: a temp folder)."),
     runs: int = typer.Option(300, min=10, help="Timed calls per model for the latency table."),
+    keep_running: bool = typer.Option(
+        False, "--keep-running", help="Leave the fleet server running at the end, print its URL; Ctrl-C stops it."
+    ),
 ) -> None:
-    """Package, verify and run the digits models; show predictions, accuracy and latency."""
+    """Package, verify and run the digits models; show predictions, accuracy and latency.
+
+    Raises EdgefleetError (a one-line error) when the fixtures are missing or a server does not start.
+    """
     import numpy as np
 
     from edgefleet.agent import Pipeline, load_model
@@ -60,6 +71,7 @@ def demo(
     src = models or find_fixtures()
     holdout = np.load(src / "digits_holdout.npz")
     x, y = holdout["x"], holdout["y"]
+    names = (src / "digits_labels.txt").read_text().split()
     console.rule("[bold]edgefleet demo: digits on the device runtime")
     console.print(f"models from {src}; held-out split: {len(y)} real 8x8 digit images (scikit-learn)")
     tmp = tempfile.TemporaryDirectory(prefix="edgefleet-demo-") if workdir is None else None
@@ -73,8 +85,12 @@ def demo(
         "accuracy",
         "agent p50 µs",
         "bare p50 µs",
-        "ratio",
+        "agent/bare",
         title="held-out accuracy and latency",
+        caption=(
+            f"predict() at batch 1, {runs} timed calls each, through edgefleet and through the bare runtime on "
+            "the same model and input; agent/bare = ratio of the two p50s (1.00 = no overhead)"
+        ),
     )
     samples: list[tuple[str, list[dict[str, Any]]]] = []
     try:
@@ -120,19 +136,28 @@ def demo(
             samples.append((bundle.name, results[:5]))
         console.print(acc_table)
         name, first = samples[-1]
-        pred = Table("image", "true", "top-1", "score", "top-3", title=f"predictions of {name}")
+        pred = Table(
+            "image",
+            "true",
+            "top-1",
+            "score",
+            "right?",
+            "top-3",
+            title=f"predictions of {name} on the first {len(first)} held-out images (not picked)",
+        )
         for i, r in enumerate(first):
             top = r["top_k"]
             pred.add_row(
                 str(i),
-                str(y[i]),
+                names[int(y[i])],
                 top[0]["label"],
                 f"{top[0]['score']:.3f}",
+                "right" if top[0]["index"] == y[i] else "[bold red]WRONG[/]",
                 ", ".join(f"{t['label']} {t['score']:.2f}" for t in top),
             )
         console.print(pred)
-        _serve(out_dir / "digits-cnn-int8-tflite-1.0.0.efb", x[:3].astype(np.float32) / 16, y[:3])
-        _fleet(out_dir)
+        _serve(out_dir / "digits-cnn-int8-tflite-1.0.0.efb", x[:3].astype(np.float32) / 16, y[:3], names)
+        _fleet(out_dir, keep_running=keep_running)
         console.print(
             f"bundles written to {out_dir}"
             if tmp is None
@@ -143,7 +168,7 @@ def demo(
             tmp.cleanup()
 
 
-def _serve(bundle: Path, images: Any, labels: Any) -> None:
+def _serve(bundle: Path, images: Any, labels: Any, names: list[str]) -> None:
     """Start a real agent process on the bundle and ask it over the Open Inference Protocol."""
     import json
     import socket
@@ -166,7 +191,11 @@ def _serve(bundle: Path, images: Any, labels: Any) -> None:
     )
     try:
         assert proc.stdout is not None
-        console.print(proc.stdout.readline().strip())
+        ready = proc.stdout.readline().strip()
+        if not ready.startswith("ready"):
+            raise EdgefleetError(f"the agent did not start: {ready or f'exit {proc.wait(30)}'}")
+        # Its URL is not printed: the agent stops at the end of this step.
+        console.print(f"agent pid {proc.pid}: {ready.split(' on ')[0]}")
         base = f"http://127.0.0.1:{port}"
         for img, label in zip(images, labels, strict=True):
             body = {
@@ -189,9 +218,11 @@ def _serve(bundle: Path, images: Any, labels: Any) -> None:
                 out = json.loads(r.read())["outputs"][0]
             ms = (time.perf_counter() - t0) * 1e3
             logits = out["data"]
+            top1 = max(range(len(logits)), key=logits.__getitem__)
+            verdict = "right" if top1 == label else "[bold red]WRONG[/]"
             console.print(
-                f"POST /v2/models/digits-cnn-int8-tflite/infer  true {label}  predicted "
-                f"{max(range(len(logits)), key=logits.__getitem__)}  ({ms:.1f} ms round trip)"
+                f"POST /v2/models/digits-cnn-int8-tflite/infer  true {names[int(label)]}  predicted "
+                f"{names[top1]} ({verdict})  ({ms:.1f} ms round trip)"
             )
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
             text = r.read().decode()
@@ -200,11 +231,15 @@ def _serve(bundle: Path, images: Any, labels: Any) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    console.print(f"agent stopped on SIGTERM (exit {proc.returncode})")
+    console.print(f"agent stopped on SIGTERM ({_exit_status(proc.returncode)})")
 
 
-def _fleet(work: Path) -> None:
-    """A fleet server (SQLite) as a real process: push the bundles, enroll a device, list the fleet."""
+def _fleet(work: Path, *, keep_running: bool = False) -> None:
+    """A fleet server (SQLite) as a real process: push the bundles, enroll a device, list the fleet.
+
+    With ``keep_running`` the server stays up, its URL printed, until Ctrl-C; otherwise it is stopped
+    before this returns and no URL of it is printed. Raises EdgefleetError when a step fails.
+    """
     import json
     import os
     import re
@@ -243,7 +278,7 @@ def _fleet(work: Path) -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise EdgefleetError("the fleet server did not start") from None
                 time.sleep(0.1)
-        console.print(f"$ edgefleet server run --data {data.name} --port {port}   (SQLite; API docs at {url}/docs)")
+        console.print(f"$ edgefleet server run --data {data.name} --port {port}   (SQLite)")
 
         def cli(*args: str) -> Any:
             r = subprocess.run([exe, *args, "--server", url, "--json"], env=env, capture_output=True, text=True)
@@ -279,7 +314,14 @@ def _fleet(work: Path) -> None:
             f"$ edgefleet agent enroll   -> device {json.loads(r.stdout).get('device_id')} "
             f"(its key never left {device.name}/)"
         )
-        table = Table("device", "tags", "online", "revoked", title="edgefleet device list")
+        table = Table(
+            "device",
+            "tags",
+            "online",
+            "revoked",
+            title="edgefleet device list",
+            caption="online = checked in recently; this device enrolled but runs no agent that checks in",
+        )
         for d in cli("device", "list"):
             table.add_row(str(d["id"]), ", ".join(d.get("tags", [])), str(d.get("online")), str(d.get("revoked")))
         console.print(table)
@@ -287,7 +329,31 @@ def _fleet(work: Path) -> None:
         for m in cli("model", "list"):
             versions.add_row(m["name"], m["version"], m["runtime"], str(m["size"]))
         console.print(versions)
-        console.print(f"[dim]the fleet server's dashboard comes in a later issue; its API is at {url}/docs[/]")
+        if keep_running:
+            console.print(f"the fleet server is running: API docs at {url}/docs (the dashboard comes in a later issue)")
+            console.print("press Ctrl-C to stop it")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
     finally:
         server.terminate()
         server.wait(30)
+    console.print(
+        f"fleet server stopped ({_exit_status(server.returncode)})"
+        + ("" if keep_running else "; `edgefleet demo --keep-running` leaves it up to browse its API at /docs")
+    )
+
+
+def _exit_status(code: int | None) -> str:
+    """``exit 0``, or the signal that ended a process (``killed by SIGTERM``) as Popen reports it."""
+    import signal
+
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
