@@ -127,7 +127,7 @@ def private_sqlite_file(url: str) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600))
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # before SQLite, which would follow the umask
         for f in [path, *(path.with_name(path.name + side) for side in _SQLITE_SIDE_FILES)]:
             if f.exists() and stat.S_IMODE(f.stat().st_mode) & 0o077:
                 os.chmod(f, 0o600)
