@@ -348,3 +348,69 @@ def test_warm_up_leaves_a_stateless_model_unchanged():
     path = MODELS / "vad_if.onnx"
     feeds = {"audio": np.ones((1, 256), np.float32), "sr": np.array(8000, np.int64)}
     np.testing.assert_array_equal(load_model(path).predict(feeds)["speech_prob"], raw_onnx(path, feeds)["speech_prob"])
+
+
+# --- bench inputs: explicit arrays, shapes for dynamic dims, golden by default ---------------------------
+
+
+def test_bench_takes_an_npz_in_the_sample_layout(tmp_path):
+    from edgefleet.agent.benchmark import bench_inputs, bench_model
+
+    model = load_model(MODELS / "vad_if.onnx")
+    audio = rng.standard_normal((4, 2, 256)).astype(np.float32)  # (N, *[batch, 256])
+    np.savez(tmp_path / "in.npz", audio=audio, **{"input.sr": np.full(4, 16000, np.int64)})  # scalars as (N,)
+    feeds = bench_inputs(model, tmp_path / "in.npz")
+    assert feeds["audio"].shape == (2, 256) and feeds["sr"].shape == ()
+    result = bench_model(model, feeds, runs=10, warmup=2)
+    assert result["runs"] == 10 and result["agent"]["p50_us"] > 0
+
+
+def test_bench_inputs_in_the_wrong_layout_name_the_array_and_the_layout(tmp_path):
+    from edgefleet.agent.benchmark import bench_inputs
+
+    model = load_model(MODELS / "vad_if.onnx")
+    np.savez(tmp_path / "in.npz", audio=np.zeros((2, 256), np.float32), sr=np.int64(16000))
+    with pytest.raises(
+        ModelError, match=r"array 'audio' has shape \[2, 256\]; expected samples stacked .*\(N, \*\[\?, 256\]\)"
+    ):
+        bench_inputs(model, tmp_path / "in.npz")
+    with pytest.raises(ModelError, match=r"no array for input 'sr'"):
+        bench_inputs(model, {"audio": np.zeros((1, 2, 256), np.float32)})
+    with pytest.raises(ModelError, match=rf"{tmp_path / 'nope.npz'}: no such file"):
+        bench_inputs(model, tmp_path / "nope.npz")
+
+
+def test_bench_a_dynamic_model_at_the_shapes_given():
+    from edgefleet.agent.benchmark import bench_inputs, bench_model
+
+    model = load_model(MODELS / "segmenter_dense.onnx")
+    with pytest.raises(ModelError, match=r"input 'image' has dynamic dims \[1, 3, \?, \?\]: give its shape"):
+        bench_inputs(model)
+    with pytest.raises(ModelError, match=r"shape for input 'image': expected \[1, 3, \?, \?\], got \[1, 4, 8, 8\]"):
+        bench_inputs(model, shapes={"image": (1, 4, 8, 8)})
+    with pytest.raises(ModelError, match=r"unknown input\(s\) \['img'\]"):
+        bench_inputs(model, shapes={"img": (1, 3, 8, 8)})
+    feeds = bench_inputs(model, shapes={"image": (1, 3, 32, 48)})
+    assert feeds["image"].shape == (1, 3, 32, 48)
+    assert bench_model(model, feeds, runs=10, warmup=2)["bare"]["p50_us"] > 0
+    tfl = load_model(MODELS / "ocr_dynamic.tflite")
+    assert bench_model(tfl, bench_inputs(tfl, shapes={"image": (1, 16, 40, 3)}), runs=10, warmup=2)["runs"] == 10
+
+
+def test_bench_uses_a_bundles_golden_sample_by_default(tmp_path):
+    from edgefleet.agent.benchmark import bench_inputs
+    from edgefleet.converters.package import package_model
+
+    x = np.stack([image(12, 20, "nchw") for _ in range(2)])
+    bundle, _ = package_model(MODELS / "segmenter_dense.onnx", "seg", "1.0.0", out=tmp_path, golden={"image": x})
+    feeds = bench_inputs(load_model(bundle))
+    np.testing.assert_array_equal(feeds["image"], x[0])
+
+
+def test_bench_leaves_a_stateful_model_in_its_initial_state():
+    from edgefleet.agent.benchmark import bench_inputs, bench_model
+
+    model = load_model(MODELS / "stream_state.tflite")
+    result = bench_model(model, bench_inputs(model), runs=10, warmup=2)
+    assert result["bare"]["p50_us"] > 0
+    assert int(model.predict(_frames(1)[0])["frames"]) == 1

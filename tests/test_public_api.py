@@ -19,6 +19,10 @@ PACKAGES = [
     "edgefleet.agent.sources",
     "edgefleet.agent.runtime",
     "edgefleet.agent.pipeline",
+    "edgefleet.agent.benchmark",
+    "edgefleet.agent.backends",
+    "edgefleet.agent.backends.onnx",
+    "edgefleet.agent.backends.litert",
 ]
 
 
@@ -34,6 +38,22 @@ def test_importing_the_agent_loads_no_runtime_camera_or_broker_library() -> None
         "import sys, json, edgefleet.agent; from edgefleet.agent import load_model, Pipeline; "
         "print(json.dumps(sorted(m for m in ('onnxruntime', 'ai_edge_litert', 'tflite_runtime', 'cv2', 'paho') "
         "if m in sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+
+
+def test_an_onnx_model_with_quantized_io_loads_without_the_onnx_package() -> None:
+    """Scale and zero point come from the model's own bytes; the ``onnx`` package (not in the agent
+    extra) is never imported, nor protobuf."""
+    from _support import MODELS
+
+    code = (
+        "import sys, json; from edgefleet.agent import load_model; "
+        f"m = load_model({str(MODELS / 'digits_qio.onnx')!r}); "
+        "assert m.inputs[0].quantization is not None; "
+        "print(json.dumps(sorted(n for n in ('onnx', 'google.protobuf') if n in sys.modules)))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
