@@ -71,13 +71,17 @@ pytest-full: $(FULL_STAMP)
 	$(run_pytest)
 
 # The wheel a device installs: `deploy/install-agent.sh dist/edgefleet-VERSION-py3-none-any.whl`.
-wheel: $(WHEEL)
-
-$(WHEEL): pyproject.toml $(shell git ls-files src agent fleet-server converters 2>/dev/null) | $(BIN)/python
+# Built from a copy of the tree, so that a stale build/ folder (setuptools ships whatever is left in
+# build/lib) cannot put deleted modules into it; always rebuilt (a few seconds).
+WHEEL_EXCLUDES := .venv .git build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis __pycache__ *.egg-info
+wheel: | $(BIN)/python
+	@mkdir -p $(DIST)
 	rm -f $(DIST)/edgefleet-*.whl
-	$(PIP) wheel --quiet --no-deps --wheel-dir $(DIST) .
-	test -f $@ || { echo "make wheel: expected $@" >&2; exit 1; }
-	@echo "built $@"
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		tar -cf - $(addprefix --exclude=,$(WHEEL_EXCLUDES)) . | tar -xf - -C "$$tmp" && \
+		$(PIP) wheel --quiet --no-deps --wheel-dir "$(abspath $(DIST))" "$$tmp"
+	test -f $(WHEEL) || { echo "make wheel: expected $(WHEEL)" >&2; exit 1; }
+	@echo "built $(WHEEL)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/runtime_overhead.py
