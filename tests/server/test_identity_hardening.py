@@ -109,6 +109,9 @@ def test_renewal_with_proof_works_old_tokens_die_and_the_new_key_authenticates(f
     d.key = key
     d.authenticate()
     assert fleet.client.get(f"/api/v1/devices/{d.id}/desired", headers=d.headers).status_code == 200
+    # the replaced key signs no further renewal, even with a fresh challenge and a live token
+    ch, csr = renew_challenge(d), csr_pem(new_key())
+    refused(renew(d, {"csr": csr, "challenge": ch, "signature": proof(old_key, ch, csr)}), "signature")
     entries = fleet.client.get("/api/v1/audit", headers=fleet.admin_h).json()
     renewals = [e for e in entries if e["action"] == "device.renew"]
     assert renewals and renewals[0]["after"] == {"cert_serial": serial} and renewals[0]["actor"] == f"device {d.id}"
