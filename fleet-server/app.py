@@ -1,18 +1,44 @@
-"""The FastAPI application factory."""
+"""The FastAPI application factory.
+
+Middleware, outermost first: metrics (every request, by a fixed set of labels), proxy headers (from
+``trusted_proxies`` only, keeping the proxy's own address), body limits (before any body is read),
+then FastAPI's error handlers and the routes.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from edgefleet import __version__
 from edgefleet.server.api import checkin, devices, identity, registry, tokens
+from edgefleet.server.api.deps import PEER_KEY
 from edgefleet.server.errors import install_handlers
+from edgefleet.server.limits import BodyLimit
 from edgefleet.server.metrics import MetricsMiddleware
 from edgefleet.server.settings import Settings
 from edgefleet.server.state import ServerState, open_state
 
-__all__ = ["create_app"]
+__all__ = ["UPLOAD_ROUTE", "TrustedProxy", "create_app"]
+
+UPLOAD_ROUTE = ("POST", "/api/v1/models")  # the one route whose body may be larger than max_json_bytes
+
+
+class TrustedProxy:
+    """X-Forwarded-For/-Proto from ``trusted_proxies`` only (uvicorn's middleware), with the connection's
+    own peer kept in the scope under :data:`PEER_KEY`: the forwarded ``client`` names the device, the
+    peer says whether the request came through the proxy (and so whether its headers are believed)."""
+
+    def __init__(self, app: Any, trusted: list[str]) -> None:
+        self.inner = ProxyHeadersMiddleware(app, trusted_hosts=trusted)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope[PEER_KEY] = scope.get("client")
+        await self.inner(scope, receive, send)
 
 
 def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
@@ -31,12 +57,16 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
         app.include_router(r)
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # on the loop, no I/O: answers while the pool or database is stuck
         return {"status": "ok", "version": __version__}
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     def metrics() -> Response:
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    limits = {UPLOAD_ROUTE: settings.max_upload_bytes}
+    app.add_middleware(BodyLimit, default=settings.max_json_bytes, per_route=limits)
+    if settings.trusted_proxies:
+        app.add_middleware(TrustedProxy, trusted=list(settings.trusted_proxies))
     app.add_middleware(MetricsMiddleware, metrics=st.metrics)
     return app

@@ -1,5 +1,10 @@
 """Prometheus metrics, one registry per app: requests and latencies by route, check-ins by result, and
-devices online (counted from the database at scrape time)."""
+devices online (counted from the database at scrape time).
+
+Every label takes its value from a fixed set, so no client can add series: the method is one of
+:data:`METHODS` or ``other``, the route is a route template or ``unmatched``, the status is one of
+:data:`STATUSES` or its class (``2xx`` ... ``5xx``, or ``other``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "MetricsMiddleware"]
+from edgefleet.server.limits import ROUTE_KEY
+
+__all__ = ["METHODS", "STATUSES", "Metrics", "MetricsMiddleware", "method_label", "status_label"]
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STATUSES = frozenset(
+    {200, 201, 204, 206, 304, 400, 401, 403, 404, 405, 408, 409, 411, 413, 416, 422, 429, 431, 500, 503}
+)
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -42,8 +54,21 @@ class Metrics:
         self.registry.register(_Fleet(count_online))
 
 
+def method_label(method: str) -> str:
+    """The request method, or ``other`` when it is not a standard one."""
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    """The status code when it is one of :data:`STATUSES`, else its class (``4xx``), else ``other``."""
+    if status in STATUSES:
+        return str(status)
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
 class MetricsMiddleware:
-    """Pure ASGI middleware (cheap on the check-in path): counts and times each request by route template."""
+    """Pure ASGI middleware (cheap on the check-in path): counts and times each request by route template
+    (the router's, else the body limiter's, else ``unmatched``)."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
@@ -65,6 +90,6 @@ class MetricsMiddleware:
             await self.app(scope, receive, _send)
         finally:
             route = scope.get("route")
-            name = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], name, str(status[0])).inc()
+            name = str(getattr(route, "path", None) or scope.get(ROUTE_KEY) or "unmatched")
+            self.metrics.requests.labels(method_label(scope["method"]), name, status_label(status[0])).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - start)

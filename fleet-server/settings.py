@@ -41,6 +41,24 @@ class Settings(BaseModel):
         description="accept device requests over plain HTTP (tests on loopback only; devices pin TLS otherwise)",
     )
     max_upload_bytes: int = Field(default=2 << 30, ge=1024, le=1 << 40, description="bundle upload limit, bytes")
+    max_json_bytes: int = Field(
+        default=1 << 20, ge=1024, le=64 << 20, description="body limit of every route but the bundle upload, bytes"
+    )
+    max_header_bytes: int = Field(
+        default=16384, ge=1024, le=1 << 20, description="request line and headers of one request, bytes"
+    )
+    header_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="a request's line and headers must arrive within this, s"
+    )
+    body_idle_timeout: float = Field(
+        default=30.0, gt=0, le=3600, description="a connection whose request body stops arriving this long is closed, s"
+    )
+    keep_alive_timeout: int = Field(
+        default=5, ge=1, le=300, description="an idle keep-alive connection is closed after this, s"
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, le=100_000, description="open client connections; more are answered 503 and closed"
+    )
     device_token_ttl: int = Field(default=900, ge=30, le=86400, description="device access token lifetime, s")
     challenge_ttl: int = Field(default=60, ge=5, le=600, description="device auth challenge lifetime, s")
     device_cert_days: int = Field(default=365, ge=1, le=3650, description="device certificate validity, days")

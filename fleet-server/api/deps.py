@@ -23,7 +23,9 @@ from edgefleet.server.models import ApiToken
 from edgefleet.server.state import ROLES, ServerState
 from edgefleet.server.tokens import open_signed, parse_token, secret_matches
 
-__all__ = ["Actor", "DeviceCaller", "SessionDep", "StateDep", "device_caller", "get_state", "require"]
+__all__ = ["PEER_KEY", "Actor", "DeviceCaller", "SessionDep", "StateDep", "device_caller", "get_state", "require"]
+
+PEER_KEY = "edgefleet.peer"  # scope key: the socket peer (host, port), set before X-Forwarded-For rewrites "client"
 
 DEVICE_TOKEN = "dev"  # the purpose claim of device access tokens
 _BEARER = {"WWW-Authenticate": "Bearer"}
@@ -98,6 +100,13 @@ class DeviceCaller:
     via: str  # "token" | "proxy-cert"
 
 
+def _via_trusted_proxy(request: Request, trusted: list[str]) -> bool:
+    """Whether the connection itself comes from a trusted proxy: its socket peer, which X-Forwarded-For
+    does not change (the app keeps it in the scope), not ``request.client``, which names the device."""
+    peer = request.scope.get(PEER_KEY) or request.scope.get("client")
+    return peer is not None and str(peer[0]) in trusted
+
+
 def device_caller(request: Request, state: ServerState) -> DeviceCaller:
     """Who the calling device is. Raises ApiError 401 when it proves nothing. Revocation and the current
     certificate serial are checked by the caller against the device's row (one read it does anyway)."""
@@ -105,8 +114,7 @@ def device_caller(request: Request, state: ServerState) -> DeviceCaller:
     if not settings.allow_plain_http_devices and request.scope.get("scheme") != "https":
         raise ApiError(403, "scheme: devices must use TLS (allow_plain_http_devices is off)", "scheme")
     header = settings.client_cert_header
-    client = request.client.host if request.client else ""
-    if header and client in settings.trusted_proxies and (pem := request.headers.get(header)):
+    if header and _via_trusted_proxy(request, settings.trusted_proxies) and (pem := request.headers.get(header)):
         try:
             cert = state.ca.check_device_cert(unquote(pem))
         except DeviceIdentityError as e:
