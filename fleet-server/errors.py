@@ -1,8 +1,10 @@
 """API errors: every refusal is a JSON ``{"error": message, "field": name}`` with a 4xx status.
 
 Handlers translate FastAPI's validation errors, HTTP errors, upload errors and database conflicts at
-the boundary, so no request can end in a traceback; an unexpected exception is logged (without the
-request's headers) and answered with a JSON 500.
+the boundary, so no request can end in a traceback; a database that is locked, unreachable or out of
+connections is a 503 with ``Retry-After`` (on every route); a client that went away mid-body gets a
+400 nobody reads; an unexpected exception is logged (without the request's headers) and answered with
+a JSON 500.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from edgefleet.server.blobs import UploadError
 
-__all__ = ["ApiError", "install_handlers"]
+__all__ = ["RETRY_AFTER", "ApiError", "database_unavailable", "install_handlers"]
 
 log = logging.getLogger(__name__)
+RETRY_AFTER = 5  # seconds a client is asked to wait when the database is busy or unreachable
 
 
 class ApiError(Exception):
@@ -38,6 +43,15 @@ def error_body(message: str, field: str | None = None, **extra: Any) -> dict[str
     body: dict[str, Any] = {"error": message, "field": field}
     body.update(extra)
     return body
+
+
+def database_unavailable(e: Exception) -> bool:
+    """True for a database error that is the database's state, not the request: a lock not granted
+    in time (SQLite ``database is locked``, PostgreSQL lock or statement timeouts), a server that
+    cannot be reached or dropped the connection, or no pooled connection free in time."""
+    if isinstance(e, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -77,3 +91,22 @@ def install_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.error("unexpected %s on %s %s", type(e).__name__, request.method, request.url.path, exc_info=e)
         return JSONResponse(error_body("internal error", None), 500)
+
+    async def _unavailable(request: Request, e: Exception) -> JSONResponse:
+        if not database_unavailable(e):
+            return await _unexpected(request, e)
+        detail = str(getattr(e, "orig", None) or e).splitlines()[0][:200]
+        log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path, type(e).__name__, detail)
+        return JSONResponse(
+            error_body("database: busy or unreachable; retry later", "database"),
+            503,
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+
+    app.add_exception_handler(DBAPIError, _unavailable)
+    app.add_exception_handler(PoolTimeout, _unavailable)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        log.info("client went away during %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("body: the client went away before the request was read", "body"), 400)

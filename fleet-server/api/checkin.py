@@ -1,10 +1,10 @@
 """Device check-in: the desired state (ETag/304, cheap when nothing changed) and reports.
 
 The unchanged path costs one indexed read of the device row (identity, revocation, ETag, last seen)
-and, at most once per ``last_seen_granularity`` seconds per device, one small UPDATE. The handler is
-``async`` and calls the database inline on one autocommit connection kept for the event loop (which
-runs one handler at a time): a primary-key read takes tens of microseconds, less than a hop to the
-thread pool or a pool checkout would.
+and, at most once per ``last_seen_granularity`` seconds per device, one small UPDATE, both on one
+pooled autocommit connection. The handlers are plain functions, so FastAPI runs them in its thread
+pool: a database that blocks (a held SQLite lock, an unreachable PostgreSQL) stalls only that request,
+which ends in a 503 with ``Retry-After`` once the bounded wait runs out, never the event loop.
 """
 
 from __future__ import annotations
@@ -45,22 +45,24 @@ def _matches(header: str | None, etag: str) -> bool:
     "/devices/{device_id}/desired",
     responses={200: {"description": "the desired state"}, 304: {"description": "unchanged since If-None-Match"}},
 )
-async def get_desired(device_id: DevicePath, request: Request) -> Response:
+def get_desired(device_id: DevicePath, request: Request) -> Response:
     """What this device should run. Send the last ``ETag`` in ``If-None-Match`` to get a 304 when
-    nothing changed. Only the device itself may ask."""
+    nothing changed. Only the device itself may ask. A busy or unreachable database is a 503."""
     state: ServerState = request.app.state.server
     who = device_caller(request, state)
     if who.device_id != device_id:
         raise ApiError(403, "device_id: a device may only act as itself", "device_id")
     now = utcnow()
-    row = state.loop_db.execute(_ROW, {"id": device_id}, retry=True).first()
-    if row is None or row.revoked_at is not None:
-        raise ApiError(403, "device_id: not enrolled or revoked", "device_id")
-    if row.cert_serial != who.cert_serial:
-        raise ApiError(401, "authorization: issued for a replaced certificate; authenticate again", "authorization")
-    seen = row.last_seen
-    if seen is None or now - seen >= timedelta(seconds=state.settings.last_seen_granularity):
-        state.loop_db.execute(_TOUCH, {"did": device_id, "now": now})
+    with state.loop_db.connect() as conn:
+        row = conn.execute(_ROW, {"id": device_id}).first()
+        if row is None or row.revoked_at is not None:
+            raise ApiError(403, "device_id: not enrolled or revoked", "device_id")
+        if row.cert_serial != who.cert_serial:
+            raise ApiError(401, "authorization: issued for a replaced certificate; authenticate again",
+                           "authorization")
+        seen = row.last_seen
+        if seen is None or now - seen >= timedelta(seconds=state.settings.last_seen_granularity):
+            conn.execute(_TOUCH, {"did": device_id, "now": now})
     etag = f'"{row.desired_etag}"'
     if _matches(request.headers.get("if-none-match"), etag):
         state.metrics.checkins.labels("304").inc()
