@@ -1,14 +1,23 @@
-"""Test helpers: a bundle maker and a simulated device (own key, CSR, challenge signing)."""
+"""Test helpers: a bundle maker, a simulated device (own key, CSR, challenge signing), and a real
+``edgefleet server run`` process on a free loopback port, with its RSS read from /proc."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -84,3 +93,127 @@ def enroll(client: Any, enrollment_token: str) -> SimDevice:
     assert r.status_code == 201, r.text
     body = r.json()
     return SimDevice(client, body["device_id"], key, body["certificate"], body["ca_certificate"])
+
+
+CLI = [sys.executable, "-c", "from edgefleet.cli.main import main; main()"]
+MIB = 1 << 20
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (``VmRSS``, ``VmHWM``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+class Server:
+    """``edgefleet server run`` as a child process on a free port (``env``: EDGEFLEET_SERVER_* settings)."""
+
+    def __init__(self, data: Path, db: str, env: dict[str, str] | None = None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.data, self.db, self.env = data, db, env or {}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start and wait for READY=1 (sd_notify) and a 200 from /healthz. Raises AssertionError if it dies."""
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_path = self.data.parent / f"notify-{self.port}.sock"
+        notify_path.unlink(missing_ok=True)
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        env = {
+            **os.environ, "EDGEFLEET_SERVER_ALLOW_PLAIN_HTTP_DEVICES": "true", "NOTIFY_SOCKET": str(notify_path),
+            **self.env,
+        }
+        self.proc = subprocess.Popen(
+            [*CLI, "server", "run", "--data", str(self.data), "--db", self.db, "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        with notify:
+            try:
+                assert b"READY=1" in notify.recv(4096)  # systemd is told once the server listens
+            except TimeoutError:
+                raise AssertionError(self.stop()) from None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError("server did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> str:
+        """Stop the server; returns what it logged."""
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.stderr.read().decode() if self.proc.stderr else ""
+
+    def rss_mib(self) -> float:
+        return proc_status_kib(self.pid, "VmRSS") / 1024
+
+
+class PeakRSS:
+    """The peak RSS of a process while a block runs, read from /proc: ``VmHWM`` after resetting it
+    (``clear_refs`` 5), and samples of ``VmRSS`` where that reset is not allowed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = 0.0
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, proc_status_kib(self.pid, "VmRSS") / 1024)
+            except (OSError, KeyError):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self.before = proc_status_kib(self.pid, "VmRSS") / 1024
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+        self.peak = self.before
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            hwm = proc_status_kib(self.pid, "VmHWM") / 1024
+        except (OSError, KeyError):
+            return
+        self.peak = max(self.peak, hwm)
+
+    @property
+    def growth_mib(self) -> float:
+        return self.peak - self.before

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -17,63 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _fleet import make_bundle
-from _support import free_port
+from _fleet import CLI, Server, make_bundle
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-c", "from edgefleet.cli.main import main; main()"]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> str:
     r = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
     assert r.returncode == 0, (args, r.stdout, r.stderr)
     return r.stdout
-
-
-class Server:
-    def __init__(self, data: Path, db: str) -> None:
-        self.data, self.db, self.port = data, db, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify_path = self.data.parent / f"notify-{self.port}.sock"
-        notify_path.unlink(missing_ok=True)
-        notify.bind(str(notify_path))
-        notify.settimeout(30)
-        env = {**os.environ, "EDGEFLEET_SERVER_ALLOW_PLAIN_HTTP_DEVICES": "true", "NOTIFY_SOCKET": str(notify_path)}
-        self.proc = subprocess.Popen(
-            [*CLI, "server", "run", "--data", str(self.data), "--db", self.db, "--port", str(self.port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        with notify:
-            assert b"READY=1" in notify.recv(4096)  # systemd is told once the server listens
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("server did not start")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> str:
-        """Stop the server; returns what it logged."""
-        if self.proc is None:
-            return ""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        return self.proc.stderr.read().decode() if self.proc.stderr else ""
 
 
 @pytest.fixture
