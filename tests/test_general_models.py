@@ -414,3 +414,47 @@ def test_bench_leaves_a_stateful_model_in_its_initial_state():
     result = bench_model(model, bench_inputs(model), runs=10, warmup=2)
     assert result["bare"]["p50_us"] > 0
     assert int(model.predict(_frames(1)[0])["frames"]) == 1
+
+
+# --- bundles: golden self-test on every fixture; a stateful model after its self-test ------------------
+
+GOLDEN = {  # samples on a new leading axis: (N, *input shape), scalars (N,)
+    "ocr_dynamic.tflite": lambda r: {"image": r.random((3, 1, 16, 40, 3), dtype=np.float32)},
+    "stream_state.tflite": lambda r: {
+        "frame": r.random((4, 1, 64), dtype=np.float32),
+        "gain": r.random(4).astype(np.float32),
+    },
+    "vad_if.onnx": lambda r: {"audio": r.random((3, 1, 256), dtype=np.float32), "sr": np.array([16000, 8000, 16000])},
+    "digits_qio.onnx": lambda r: {"pixels": r.random((3, 1, 1, 8, 8), dtype=np.float32)},
+    "segmenter_dense.onnx": lambda r: {"image": r.random((2, 1, 3, 12, 16), dtype=np.float32)},
+}
+
+
+@pytest.mark.parametrize("fname", FIXTURES)
+def test_every_fixture_packages_with_golden_vectors_and_passes_its_self_test(tmp_path, fname):
+    from edgefleet.agent.selftest import verify_bundle
+    from edgefleet.converters.package import package_model
+
+    golden = GOLDEN[fname](np.random.default_rng(1))
+    bundle, _ = package_model(MODELS / fname, "m", "1.0.0", out=tmp_path, golden=golden)
+    report = verify_bundle(str(bundle))
+    assert report["ok"], report
+    assert report["golden"]["samples"] == next(iter(golden.values())).shape[0]
+
+
+def test_stateful_bundle_after_its_self_test_and_reset_serves_from_the_initial_state(tmp_path):
+    from edgefleet.agent.selftest import run_golden
+    from edgefleet.bundle.archive import BundleReader
+    from edgefleet.converters.package import package_model
+
+    golden = GOLDEN["stream_state.tflite"](np.random.default_rng(2))
+    bundle, manifest = package_model(MODELS / "stream_state.tflite", "vad", "1.0.0", out=tmp_path, golden=golden)
+    model = load_model(bundle)
+    assert model.example_inputs is not None  # kept, but a stateful model is not warmed up
+    with BundleReader(bundle) as b:
+        data = b.read("golden.npz")
+    assert manifest.golden is not None
+    assert run_golden(model, data, manifest.golden).passed
+    assert int(model.predict(_frames(1)[0])["frames"]) == 5  # four golden samples advanced the state
+    model.reset()
+    assert run_golden(model, data, manifest.golden).passed  # again from the initial state
