@@ -360,7 +360,7 @@ def load_model(
             model = bundle.read_model()
             if manifest.labels is not None:
                 labels = parse_labels(bundle.read(manifest.labels.path), f"{p}: {manifest.labels.path}")
-            if manifest.golden is not None:
+            if manifest.golden is not None and manifest.golden.size <= _GOLDEN_WARMUP_MAX_BYTES:
                 golden = bundle.read(manifest.golden.path)
         kind = manifest.runtime
     if backend is not None:
@@ -378,18 +378,38 @@ def load_model(
     return Model(be, str(p), manifest, labels=labels, warmup=warmup, example_inputs=example)
 
 
-def _first_golden_sample(data: bytes, where: str) -> dict[str, np.ndarray[Any, Any]] | None:
-    """Sample 0 of a bundle's golden inputs (arrays are ``(N, *input shape)``), or None if unreadable
-    (the self-test reports that; loading does not fail for it)."""
-    from edgefleet.agent.selftest import load_golden
-    from edgefleet.errors import BundleError
+_GOLDEN_WARMUP_MAX_BYTES = 32 << 20  # golden.npz read at load for warm-up only up to this size (bytes)
 
+
+def _first_golden_sample(data: bytes, where: str) -> dict[str, np.ndarray[Any, Any]] | None:
+    """Sample 0 of a bundle's golden inputs (``input.NAME`` arrays of shape ``(N, *input shape)``),
+    reading only that sample of each array; None if the file is not a plain uncompressed-or-deflated
+    ``.npz`` of such arrays (the self-test reports that; loading does not fail for it)."""
+    import io
+    import zipfile
+
+    fmt = np.lib.format
+    sample: dict[str, np.ndarray[Any, Any]] = {}
     try:
-        inputs, _ = load_golden(data, where)
-    except BundleError as e:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for member in zf.namelist():
+                if not (member.startswith("input.") and member.endswith(".npy")):
+                    continue
+                with zf.open(member) as f:
+                    major, _ = fmt.read_magic(f)
+                    read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+                    shape, fortran, dtype = read_header(f)
+                    if fortran or not shape or shape[0] < 1 or dtype.hasobject:
+                        return None
+                    count = int(np.prod(shape[1:], dtype=np.int64))
+                    raw = f.read(count * dtype.itemsize)
+                    if len(raw) != count * dtype.itemsize:
+                        return None
+                    sample[member[6:-4]] = np.frombuffer(raw, dtype=dtype).reshape(shape[1:]).copy()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         log.debug("%s: golden inputs not usable for warm-up: %s", where, e)
         return None
-    return {name: arr[0] for name, arr in inputs.items()}
+    return sample or None
 
 
 def _check_manifest_matches(manifest: Manifest, backend: Backend, where: str) -> None:
