@@ -73,6 +73,16 @@ def _same_tensors(details: list[dict[str, Any]], by_key: dict[str, dict[str, Any
     return sorted((d["index"], d["name"]) for d in details) == sorted((d["index"], d["name"]) for d in by_key.values())
 
 
+def _has_resource_tensors(it: Any) -> bool:
+    """Resource tensors (variables, and TensorLists) show as object dtype (strings are bytes)."""
+    obj = np.dtype(object)
+    try:
+        details = [d for s in range(it.num_subgraphs()) for d in it.get_tensor_details(s)]
+    except (AttributeError, TypeError):  # older tflite_runtime: no num_subgraphs(), first subgraph only
+        details = it.get_tensor_details()
+    return any(np.dtype(d["dtype"]) == obj for d in details)
+
+
 class LiteRTBackend:
     """A model on the LiteRT interpreter. The interpreter is not thread-safe: the caller locks."""
 
@@ -137,12 +147,7 @@ class LiteRTBackend:
         self._in_index = {k: int(d["index"]) for k, d in in_pairs}
         self._out_index = [(k, int(d["index"])) for k, d in out_pairs]
         self._scalar_out = [s.name for s in self.outputs if s.shape == ()]  # get_tensor gives numpy scalars
-        # Resource tensors (variables, and TensorLists) show as object dtype; strings as bytes.
-        self.stateful = any(
-            np.dtype(d["dtype"]) == np.dtype(object)
-            for s in range(it.num_subgraphs())
-            for d in it.get_tensor_details(s)
-        )
+        self.stateful = _has_resource_tensors(it)
         self.metadata: dict[str, str] = {}
         self._dynamic = any(d is None for s in self.inputs for d in s.shape)
         self._it = it
