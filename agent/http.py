@@ -19,9 +19,9 @@ a web page in a browser on the device must not reach the loopback API. Before a 
 - gzip/deflate bodies are decompressed off the event loop, bounded (413) and charged to the budget.
 
 Connections are capped (when full, the connection idle or in its headers the longest is closed to
-make room; when every one is busy, a 503), headers must arrive within ``header_timeout`` (slowloris),
-a whole request within ``request_timeout`` (408), and idle keep-alive connections are closed after
-``keepalive_timeout``. Every error body is JSON.
+make room, one that never completed a request first; when every one is busy, a 503), headers must
+arrive within ``header_timeout`` (slowloris), a whole request within ``request_timeout`` (408), and
+idle keep-alive connections are closed after ``keepalive_timeout``. Every error body is JSON.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class _Budget:
         self.used -= n
 
 
-def _decompress(body: bytes | bytearray, encoding: str, limit: int) -> bytes:
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Decode a gzip/deflate body to at most ``limit`` bytes (run on a thread: it can take a while).
 
     Raises :class:`HttpError` 413 past the limit, 400 for data that is not valid ``encoding``.
@@ -127,9 +127,11 @@ def _decompress(body: bytes | bytearray, encoding: str, limit: int) -> bytes:
         out = d.decompress(body, limit + 1)
     except zlib.error as e:
         raise HttpError(400, f"body is not valid {encoding} data: {e}") from e
-    if len(out) > limit or d.unconsumed_tail:
-        raise HttpError(413, f"decompressed body is over the {limit}-byte limit")
-    if not d.eof or d.unused_data:
+    size, complete = len(out), d.eof and not d.unused_data
+    if size > limit or d.unconsumed_tail or not complete:
+        del out  # not kept alive by the traceback's frame
+        if size > limit or d.unconsumed_tail:
+            raise HttpError(413, f"decompressed body is over the {limit}-byte limit")
         raise HttpError(400, f"body is not one complete {encoding} stream")
     return out
 
@@ -286,13 +288,14 @@ class _Connection:
             raise HttpError(413, f"request body of {int(declared)} bytes is over the {limit}-byte {kind} limit")
         return limit
 
-    async def _read_body(self, limit: int, declared: int | None) -> bytearray:
-        """Read the body into one buffer whose bytes are charged to the budget as they arrive (the
-        declared length up front). The caller gives back ``len(result)``; on an error, this does."""
+    async def _read_body(self, limit: int, declared: int | None) -> bytes:
+        """Read the body, charging its bytes to the budget as they arrive (the declared length up
+        front). The caller gives back ``len(result)``; on an error, this does. The pieces are kept
+        apart until the end (no reallocation copies while a client trickles a body in)."""
         budget = self.server.budget
         deadline = asyncio.get_running_loop().time() + self.limits.request_timeout
-        body = bytearray()
-        reserved = 0
+        chunks: list[bytes] = []
+        size = reserved = 0
         try:
             if declared:
                 budget.take(declared)
@@ -303,22 +306,27 @@ class _Connection:
                 except TimeoutError:
                     raise HttpError(408, f"request body not received within {self.limits.request_timeout} s") from None
                 if isinstance(event, h11.Data):
-                    n = len(event.data)
-                    if len(body) + n > limit:
+                    size += len(event.data)
+                    if size > limit:
                         raise HttpError(413, f"request body is over the {limit}-byte limit")
-                    if len(body) + n > reserved:
-                        budget.take(len(body) + n - reserved)
-                        reserved = len(body) + n
-                    body += event.data
+                    if size > reserved:
+                        budget.take(size - reserved)
+                        reserved = size
+                    chunks.append(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:
                     raise ConnectionError("client went away mid-body")
         except BaseException:
             budget.give(reserved)
+            # The traceback keeps this frame, and with it the chunks, alive until the cycle collector
+            # runs (which megabytes of bytes do not trigger): drop them now.
+            chunks.clear()
             raise
-        budget.give(reserved - len(body))
-        return body
+        budget.give(reserved - size)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return bytes(body)
 
     async def _handle(self, request: h11.Request) -> None:
         headers = [(k.lower(), v) for k, v in request.headers]
@@ -326,7 +334,7 @@ class _Connection:
         got = dict(headers)
         declared = int(got[b"content-length"]) if b"content-length" in got else None
         budget = self.server.budget
-        body: bytes | bytearray = await self._read_body(limit, declared)
+        body = await self._read_body(limit, declared)
         held = len(body)
         try:
             encoding = got.get(b"content-encoding", b"identity").strip().lower().decode()
@@ -346,10 +354,9 @@ class _Connection:
             await self._call_app(request, headers, body)
         finally:
             budget.give(held)
+            del body
 
-    async def _call_app(
-        self, request: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes | bytearray
-    ) -> None:
+    async def _call_app(self, request: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         target = request.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         path = unquote(raw_path)  # ASGI's path is percent-decoded
@@ -409,13 +416,14 @@ class HttpServer:
         self._connections: set[_Connection] = set()
 
     def _make_room(self) -> bool:
-        """At the connection cap, close the connection idle (or in its headers) the longest."""
+        """At the connection cap, close the connection idle (or in its headers) the longest, taking
+        first those that never completed a request (a flood, a slowloris) over a client's keep-alive."""
         if len(self._connections) < self.limits.max_connections:
             return True
         idle = [c for c in self._connections if not c.busy]
         if not idle:
             return False
-        victim = min(idle, key=lambda c: c.waiting_since)
+        victim = min(idle, key=lambda c: (c.served > 0, c.waiting_since))
         self._connections.discard(victim)
         victim.close()
         return True
