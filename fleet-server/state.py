@@ -93,17 +93,18 @@ def add_api_token(
     return token, row
 
 
-def private_dir(path: Path) -> None:
-    """Create ``path`` (with parents) and make it 0700, whatever the umask. Raises ConfigError when that
-    is impossible (not a folder, not ours, read-only)."""
+def private_dir(path: Path) -> list[str]:
+    """Create ``path`` (with parents) and make it 0700, whatever the umask: what was tightened (for the
+    caller to log). Raises ConfigError when that is impossible (not a folder, not ours, read-only)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode != 0o700:
             os.chmod(path, 0o700)
-            log.warning("%s: was mode %o, now 0700 (it holds the fleet's secrets)", path, mode)
+            return [f"{path}: was mode {mode:o}, now 0700"]
     except OSError as e:
         raise ConfigError(f"data_dir: cannot make {path} a private folder: {e.strerror or e}") from e
+    return []
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -118,22 +119,24 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def private_sqlite_file(url: str) -> None:
+def private_sqlite_file(url: str) -> list[str]:
     """For a SQLite URL: create the database file 0600 before SQLite does (SQLite would follow the umask)
-    and tighten an existing one and its -wal/-shm/-journal files to 0600. Other URLs: nothing. Raises
-    ConfigError when a file cannot be made private."""
+    and tighten an existing one and its -wal/-shm/-journal files to 0600: what was tightened (for the
+    caller to log). Other URLs: nothing. Raises ConfigError when a file cannot be made private."""
     path = _sqlite_path(url)
     if path is None:
-        return
+        return []
+    changed: list[str] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # before SQLite, which would follow the umask
         for f in [path, *(path.with_name(path.name + side) for side in _SQLITE_SIDE_FILES)]:
-            if f.exists() and stat.S_IMODE(f.stat().st_mode) & 0o077:
+            if f.exists() and (mode := stat.S_IMODE(f.stat().st_mode)) & 0o077:
                 os.chmod(f, 0o600)
-                log.warning("%s: was readable by others, now 0600", f)
+                changed.append(f"{f}: was mode {mode:o}, now 0600")
     except OSError as e:
         raise ConfigError(f"db_url: cannot make the database {path} private: {e.strerror or e}") from e
+    return changed
 
 
 def is_initialised(settings: Settings) -> bool:
@@ -155,8 +158,8 @@ def open_state(settings: Settings, *, run_migrations: bool | None = None) -> Ser
     configured). Raises ConfigError when the server was never initialised (nothing is created then), a
     secret cannot be made private, or the schema is behind and migrations are off."""
     ca = load_ca(settings.data_dir)
-    private_dir(settings.data_dir)
-    private_sqlite_file(settings.database_url())
+    for change in private_dir(settings.data_dir) + private_sqlite_file(settings.database_url()):
+        log.warning("%s (it holds the fleet's secrets)", change)
     engine = make_engine(settings.database_url())
     if settings.migrate_on_start if run_migrations is None else run_migrations:
         migrate(engine)

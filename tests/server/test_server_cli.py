@@ -124,7 +124,7 @@ def test_uploaded_bundles_and_their_folders_are_private_too(tmp_path: Path) -> N
 
 
 def test_a_loose_data_folder_and_database_from_an_older_install_are_tightened_on_start(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = tmp_path / "data"
     init(capsys, data)
@@ -133,6 +133,7 @@ def test_a_loose_data_folder_and_database_from_an_older_install_are_tightened_on
     state = open_state(Settings(data_dir=data))
     try:
         assert_private(data)
+        assert "was mode 755, now 0700" in caplog.text and "was mode 644, now 0600" in caplog.text
     finally:
         state.loop_db.close()
         state.engine.dispose()
