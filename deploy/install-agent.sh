@@ -89,6 +89,7 @@ else
     [[ $(basename -- "$PACKAGE") == edgefleet-*.whl ]] \
         || die "$PACKAGE is not an edgefleet wheel (expected edgefleet-VERSION-py3-none-any.whl from 'make wheel')"
 fi
+SOURCE=$PACKAGE
 PACKAGE="$PACKAGE[$extras]"
 
 # --- Checks before changing anything -----------------------------------------------------------
@@ -155,9 +156,12 @@ else
     run "$PYTHON" -m venv --clear "$VENV"
 fi
 run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-# --upgrade: a re-run installs a newer release; pip also compiles the .pyc files the service,
-# whose venv is read-only, cannot write.
+# --upgrade: a re-run brings the dependencies up to date; pip also compiles the .pyc files the
+# service, whose venv is read-only, cannot write.
 run "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade "$PACKAGE"
+# pip keeps an installed edgefleet of the same version, so a rebuilt wheel or an edited checkout would
+# be ignored: reinstall edgefleet itself (only it) from SOURCE.
+run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --force-reinstall "$SOURCE"
 run "$VENV/bin/edgefleet" --version
 
 # --- 4. Configuration ----------------------------------------------------------------------------

@@ -391,6 +391,8 @@ def test_install_dry_run_with_a_local_wheel_adds_the_agent_extra(tmp_path: Path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert calls == []
     assert f"{wheel}\\[agent\\]" in r.stdout
+    # The same version rebuilt must still replace what is installed.
+    assert f"-m pip install --disable-pip-version-check --no-deps --force-reinstall {wheel}\n" in r.stdout
     assert "+ systemctl enable edgefleet-agent" in r.stdout
     assert "--now" not in r.stdout
 
