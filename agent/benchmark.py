@@ -35,10 +35,11 @@ def _fmt(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def resolve_shape(spec: TensorSpec, given: Sequence[int] | None = None) -> tuple[int, ...]:
+def resolve_shape(spec: TensorSpec, given: Sequence[int] | None = None, guess: bool = False) -> tuple[int, ...]:
     """A concrete shape for ``spec``: ``given`` checked against its rank and fixed dims, else its
-    fixed dims with a dynamic leading batch dim of one. Raises :class:`ModelError` naming the
-    input when ``given`` does not fit or another dim is dynamic and no shape was given."""
+    fixed dims with a dynamic leading batch dim of one (and, with ``guess``, every other dynamic
+    dim too, which many models reject). Raises :class:`ModelError` naming the input when ``given``
+    does not fit, or, without ``guess``, another dim is dynamic and no shape was given."""
     if given is not None:
         dims = tuple(int(d) for d in given)
         if (
@@ -51,7 +52,7 @@ def resolve_shape(spec: TensorSpec, given: Sequence[int] | None = None) -> tuple
     out: list[int] = []
     for axis, d in enumerate(spec.shape):
         if d is None:
-            if axis != 0 or len(spec.shape) < 2:
+            if not guess and (axis != 0 or len(spec.shape) < 2):
                 example = "x".join("N" if x is None else str(x) for x in spec.shape) or "(scalar)"
                 raise ModelError(
                     f"input {spec.name!r} has dynamic dims {_fmt(spec.shape)}: give its shape "
@@ -62,23 +63,26 @@ def resolve_shape(spec: TensorSpec, given: Sequence[int] | None = None) -> tuple
     return tuple(out)
 
 
+def _check_names(specs: Sequence[TensorSpec], shapes: Shapes) -> None:
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        names = [s.name for s in specs]
+        raise ModelError(f"shape given for unknown input(s) {unknown}; the model's inputs are {names}")
+
+
 def random_inputs(
     specs: list[TensorSpec], seed: int = 0, float_for_quantized: bool = False, shapes: Shapes | None = None
 ) -> dict[str, np.ndarray[Any, Any]]:
-    """Random inputs of the right dtype, at ``shapes[name]`` where given, else at
-    :func:`resolve_shape`'s shape. Quantized inputs get their integer dtype unless
-    ``float_for_quantized``. Raises :class:`ModelError` for a shape that does not fit, an unknown
-    name in ``shapes``, or a dynamic dim with no shape given."""
+    """Random inputs of the right dtype, at ``shapes[name]`` where given, else at the fixed dims
+    with every dynamic dim one (a guess: :func:`bench_inputs` refuses to guess). Quantized inputs
+    get their integer dtype unless ``float_for_quantized``. Raises :class:`ModelError` for a shape
+    that does not fit or an unknown name in ``shapes``."""
     shapes = shapes or {}
-    unknown = sorted(set(shapes) - {s.name for s in specs})
-    if unknown:
-        raise ModelError(
-            f"shape given for unknown input(s) {unknown}; the model's inputs are {[s.name for s in specs]}"
-        )
+    _check_names(specs, shapes)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray[Any, Any]] = {}
     for s in specs:
-        shape = resolve_shape(s, shapes.get(s.name))
+        shape = resolve_shape(s, shapes.get(s.name), guess=True)
         if s.quantization is not None and float_for_quantized:
             feeds[s.name] = rng.random(shape, dtype=np.float32)
         elif s.dtype.kind == "f":
@@ -107,11 +111,14 @@ def bench_inputs(
     """
     if inputs is not None:
         return _sample_zero(model, inputs)
-    if shapes:
-        return random_inputs(model.inputs, seed, shapes=shapes)
-    if model.example_inputs is not None:
+    if not shapes and model.example_inputs is not None:
         return dict(model.example_inputs)
-    return random_inputs(model.inputs, seed)
+    shapes = shapes or {}
+    _check_names(model.inputs, shapes)
+    for s in model.inputs:  # no guessing here: a dynamic dim other than the batch needs a shape
+        if s.name not in shapes:
+            resolve_shape(s)
+    return random_inputs(model.inputs, seed, shapes=shapes)
 
 
 def _sample_zero(
