@@ -110,7 +110,26 @@ def parse(doc: Path) -> tuple[list[Block], list[str]]:
                 problems.append(f"{b.where}: a ```pycon transcript cannot be run: write it as ```python or skip it")
         elif b.mode is not None:
             problems.append(f"{b.where}: a doctest marker on a ```{b.lang or '(no language)'} block, not a command block")
+        if b.mode == "run" and b.lang in SHELL_LANGS:
+            problems.extend(_unwaited_background(b))
     return blocks, problems
+
+
+# A background start is followed, in the same block, by a bounded wait for readiness.
+BACKGROUND = re.compile(r"(?<![&|])&\s*(#.*)?$")
+WAIT = re.compile(r"curl\b.*--retry|until\b.*curl|\bwait-for\b|edgefleet \S+ wait\b")
+
+
+def _unwaited_background(b: Block) -> list[str]:
+    lines = [line for line in b.text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    out = []
+    for i, line in enumerate(lines):
+        if BACKGROUND.search(line) and not any(WAIT.search(later) for later in lines[i + 1 :]):
+            out.append(
+                f"{b.where}: {line.strip()!r} starts something in the background with no wait for it to be "
+                "ready after it in the block (e.g. curl -sf --retry 30 --retry-delay 1 --retry-connrefused URL)"
+            )
+    return out
 
 
 def console_commands(text: str) -> str:
@@ -201,7 +220,8 @@ def test_parser_finds_unmarked_stray_and_reasonless_blocks(tmp_path: Path) -> No
         "<!-- doctest: skip -->\n```sh\necho no reason\n```\n\n"
         "<!-- doctest: run -->\nprose, not a block\n\n"
         "```toml\nkey = 1\n```\n\n"
-        "````console\n$ edgefleet --version \\\n    --help\noutput\n```\nstill inside\n````\n"
+        "````console\n$ edgefleet --version \\\n    --help\noutput\n```\nstill inside\n````\n\n"
+        "<!-- doctest: run -->\n```sh\nedgefleet agent serve m.efb &\ncurl -s localhost:8500/v2/models/m\n```\n"
     )
     doc.write_text(text)
     blocks, problems = parse(doc)
@@ -211,12 +231,14 @@ def test_parser_finds_unmarked_stray_and_reasonless_blocks(tmp_path: Path) -> No
         ("sh", "skip"),
         ("toml", None),
         ("console", None),
+        ("sh", "run"),
     ]
     assert any(":6: ```bash block without a marker" in p for p in problems), problems
     assert any("needs a reason" in p for p in problems), problems
     assert any(":15: a doctest marker not directly followed" in p for p in problems), problems
     assert any(":22: ```console block without a marker" in p for p in problems), problems
     assert console_commands(blocks[4].text) == "edgefleet --version \\\n    --help\n"
+    assert any(":31: 'edgefleet agent serve m.efb &' starts something in the background" in p for p in problems), problems
 
 
 # --- Running them ---------------------------------------------------------------------------------
