@@ -104,9 +104,11 @@ def init(
     ),
     as_json: bool = _JSON,
 ) -> None:
-    """Create the data folder (0700), database, fleet CA and a first admin token, printed once (only its
-    hash is kept). On an already initialised folder it refuses, unless --tls-hostname asks only for a
-    TLS certificate."""
+    """Create the data folder (0700), database, fleet CA and a first admin token (printed once).
+
+    Only the token's hash is kept. On an already initialised folder it refuses, unless --tls-hostname
+    asks only for a TLS certificate.
+    """
     from edgefleet.server.ca import CA_CERT, check_hostnames
     from edgefleet.server.state import init_server, is_initialised
 
@@ -156,8 +158,10 @@ def tls(
     days: int = typer.Option(825, "--days", help="validity in days (1 to 3650)"),
     as_json: bool = _JSON,
 ) -> None:
-    """Issue a TLS server certificate from the fleet CA into DATA/tls/ (key 0600), replacing an earlier
-    one, and say which settings make the server use it. No running server is needed."""
+    """Issue a TLS server certificate from the fleet CA into DATA/tls/, and say which settings use it.
+
+    The key is 0600; an earlier certificate is replaced. No running server is needed.
+    """
     settings = _settings(config, data_dir=data)
     with _one_line(f"server tls {settings.data_dir}"):
         out = _issue_tls(settings, config, hostname, days)
@@ -178,8 +182,10 @@ def token_create(
     expires_in_days: int | None = typer.Option(None, "--expires-in-days", help="1 to 3650 [default: never]"),
     as_json: bool = _JSON,
 ) -> None:
-    """Make an operator API token straight in the database, without a running server (e.g. the admin
-    token is lost). Audited as made offline by this OS user. The token is printed once."""
+    """Make an operator API token straight in the database, without a running server (a lost admin token).
+
+    Audited as made offline by this OS user. The token is printed once.
+    """
     from datetime import timedelta
 
     from pydantic import ValidationError
