@@ -40,6 +40,7 @@ from edgefleet.errors import BundleError, EdgefleetError
 __all__ = ["BlobStore", "StagedBlob", "UploadError"]
 
 _SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+_BLOB_MODE = 0o400  # immutable, and private to the server's user whatever the umask (as its folders: 0700)
 _TRASH = "trash-"  # tmp/trash-SHA-RANDOM: a blob a delete took out, until its transaction ends
 
 
@@ -66,8 +67,8 @@ class BlobStore:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir / "blobs" / "sha256"
         self.tmp = data_dir / "tmp"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root.parent, self.root, self.tmp):
+            _private_dir(folder)
 
     def path(self, sha256: str) -> Path:
         """Where the blob with this hash lives. Raises ValueError for anything but a sha256 hex digest."""
@@ -140,8 +141,8 @@ class BlobStore:
         if final.is_file():
             self.discard(staged)
             return False  # same content already stored: content addressing makes this a no-op
-        final.parent.mkdir(exist_ok=True)
-        os.chmod(staged.path, 0o444)
+        _private_dir(final.parent)
+        os.chmod(staged.path, _BLOB_MODE)
         os.replace(staged.path, final)
         fsync_dir(final.parent)
         return True
@@ -164,7 +165,7 @@ class BlobStore:
         if final.is_file():
             trashed.unlink(missing_ok=True)
             return
-        final.parent.mkdir(exist_ok=True)
+        _private_dir(final.parent)
         with contextlib.suppress(FileNotFoundError):
             os.replace(trashed, final)
             fsync_dir(final.parent)
@@ -172,6 +173,13 @@ class BlobStore:
     def purge(self, trashed: Path) -> None:
         """Remove a trashed blob for good (its delete committed)."""
         trashed.unlink(missing_ok=True)
+
+
+def _private_dir(folder: Path) -> None:
+    """Create ``folder`` if needed and make it 0700 (mkdir's mode is cut by the umask, chmod's is not)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o777 != 0o700:
+        os.chmod(folder, 0o700)
 
 
 def _validate(path: Path) -> Manifest:

@@ -8,7 +8,9 @@ The server URL comes from ``--server``, ``$EDGEFLEET_SERVER`` or the CLI config 
     token = "efo_..."
     ca_cert = "/etc/edgefleet/ca.crt"   # optional: verify the server with the fleet CA
 
-Every command has ``--json``. A refusal from the server becomes one line naming the field.
+Every command has ``--json``. A refusal from the server becomes one line naming the field. A command
+waits up to :data:`WAIT_FOR_SERVER` seconds for a server that refuses connections (one that is still
+starting), then fails with one line.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from edgefleet.bundle.manifest import shown
 from edgefleet.errors import ConfigError, EdgefleetError
 
-__all__ = ["ApiClientError", "device_app", "list_models", "push", "register", "show", "token_app"]
+__all__ = ["WAIT_FOR_SERVER", "ApiClientError", "device_app", "list_models", "push", "register", "show", "token_app"]
 
 device_app = typer.Typer(help="Enrolled devices: list, show, tag, revoke; enrollment tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=True)
@@ -33,6 +38,8 @@ token_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=Tru
 _SERVER = typer.Option(None, "--server", "-s", help="fleet server URL [env: EDGEFLEET_SERVER, or the config file]")
 _JSON = typer.Option(False, "--json", help="print JSON")
 _CHUNK = 1 << 20  # upload chunk, bytes
+WAIT_FOR_SERVER = 5.0  # seconds a command retries a refused connection (a server that is starting)
+_SCHEME = re.compile(r"\Ahttps?://[^/]", re.IGNORECASE)
 
 
 class ApiClientError(EdgefleetError):
@@ -56,6 +63,11 @@ def _client(server: str | None) -> Any:
     url = server or os.environ.get("EDGEFLEET_SERVER") or cfg.get("server")
     if not url:
         raise ConfigError("server: give --server URL, set EDGEFLEET_SERVER, or put server = ... in the CLI config")
+    url = str(url).strip()
+    if not _SCHEME.match(url):
+        raise ConfigError(
+            f"server: {shown(url)} is not a URL; add http:// or https:// (e.g. --server http://{url[:80]})"
+        )
     token = os.environ.get("EDGEFLEET_TOKEN") or cfg.get("token")
     if not token:
         raise ConfigError("token: set EDGEFLEET_TOKEN or put token = ... in the CLI config")
@@ -65,15 +77,46 @@ def _client(server: str | None) -> Any:
     )
 
 
-def _call(method: str, path: str, server: str | None, **kwargs: Any) -> Any:
+def _refused(e: BaseException) -> bool:
+    """Whether a connect error is, underneath, a refused connection (nothing listens yet)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "connection refused" in str(e).lower()
+
+
+def _send(c: Any, method: str, path: str, body: Callable[[], Iterator[bytes]] | None = None, **kwargs: Any) -> Any:
+    """One request; a refused connection is retried for :data:`WAIT_FOR_SERVER` seconds (the body, made
+    by ``body()``, is made afresh each time). Raises :class:`ApiClientError` for any transport failure."""
     import httpx
 
-    with _client(server) as c:
+    deadline = time.monotonic() + WAIT_FOR_SERVER
+    pause = 0.1
+    while True:
         try:
-            r = c.request(method, path, **kwargs)
+            if body is not None:
+                kwargs["content"] = body()
+            return c.request(method, path, **kwargs)
+        except httpx.ConnectError as e:
+            if _refused(e) and time.monotonic() + pause < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            hint = f" (refused for {WAIT_FOR_SERVER:g} s: is the server running?)" if _refused(e) else ""
+            raise ApiClientError(f"{c.base_url}: cannot connect: {_one_line(e)}{hint}") from e
         except httpx.HTTPError as e:
-            raise ApiClientError(f"{c.base_url}: {type(e).__name__}: {e}") from e
-    return _result(r)
+            raise ApiClientError(f"{c.base_url}: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def _call(method: str, path: str, server: str | None, **kwargs: Any) -> Any:
+    with _client(server) as c:
+        return _result(_send(c, method, path, **kwargs))
 
 
 def _result(r: Any) -> Any:
@@ -81,8 +124,9 @@ def _result(r: Any) -> Any:
         try:
             body = r.json()
             msg = body.get("error") or body.get("detail") or r.text
-        except ValueError:
+        except (ValueError, AttributeError):
             msg = r.text[:200]
+        msg = " ".join(str(msg).split())[:500]
         raise ApiClientError(f"{r.request.method} {r.request.url.path}: {r.status_code}: {msg}")
     return r.json() if r.content else None
 
@@ -116,35 +160,60 @@ def push(
     server: str | None = _SERVER,
     as_json: bool = _JSON,
 ) -> None:
-    """Upload a bundle to the registry (streamed, with a progress bar); the server validates it."""
-    import httpx
+    """Upload a bundle to the registry (streamed, with a progress bar); the server validates it.
+
+    The bundle is checked here first, then the server is asked for its NAME VERSION: a bad token, or a
+    version that exists with other content, is refused before any of the body is sent, and the same
+    bytes pushed again are a no-op."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    from edgefleet.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
     size = bundle.stat().st_size
     digest = hashlib.sha256()
     with bundle.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  disable=as_json, transient=True) as progress:
-        task = progress.add_task(f"push {bundle.name}", total=size)
+    sha = digest.hexdigest()
+    with _client(server) as c:
+        known = _send(c, "GET", f"/api/v1/models/{manifest.name}/{manifest.version}")
+        if known.status_code == 200:
+            out = known.json()
+            if out.get("sha256") != sha:
+                raise ApiClientError(
+                    f"version: {manifest.name} {manifest.version} already exists with different content "
+                    f"(sha256 {out.get('sha256')}); give the new bundle a new version"
+                )
+            out.pop("manifest", None)
+            _pushed(out, as_json, unchanged=True)
+            return
+        if known.status_code != 404:
+            _result(known)  # 401, 403, ...: raises
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), disable=as_json, transient=True) as progress:
+            task = progress.add_task(f"push {bundle.name}", total=size)
 
-        def chunks() -> Iterator[bytes]:
-            with bundle.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    progress.advance(task, len(chunk))
-                    yield chunk
+            def chunks() -> Iterator[bytes]:
+                progress.reset(task)
+                with bundle.open("rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        progress.advance(task, len(chunk))
+                        yield chunk
 
-        headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": digest.hexdigest(),
-                   "Content-Length": str(size)}
-        with _client(server) as c:
-            try:
-                r = c.post("/api/v1/models", content=chunks(), headers=headers, timeout=None)
-            except httpx.HTTPError as e:
-                raise ApiClientError(f"{c.base_url}: {type(e).__name__}: {e}") from e
-    out = _result(r)
+            headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha,
+                       "Content-Length": str(size), "X-Model-Name": manifest.name,
+                       "X-Model-Version": manifest.version}
+            r = _send(c, "POST", "/api/v1/models", body=chunks, headers=headers, timeout=None)
+    _pushed(_result(r), as_json, unchanged=r.status_code == 200)
+
+
+def _pushed(out: dict[str, Any], as_json: bool, unchanged: bool) -> None:
     if as_json:
-        _echo(out, True)
+        _echo({**out, "unchanged": unchanged}, True)
+    elif unchanged:
+        typer.echo(f"{out['name']} {out['version']} is already in the registry with these bytes (sha256 "
+                   f"{out['sha256']}): nothing to push")
     else:
         typer.echo(f"pushed {out['name']} {out['version']} ({out['size']} bytes, sha256 {out['sha256']})")
 

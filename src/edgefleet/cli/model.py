@@ -38,6 +38,24 @@ def _tensor_table(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -
     return table
 
 
+_MODEL_SUFFIXES = (".onnx", ".tflite", ".efb")
+
+
+def _not_a_model(path: Path) -> str | None:
+    """A plain reason when ``path`` is plainly not a model (empty, or no model suffix and no model's
+    magic bytes), else None (the runtime's own error says more)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head:
+        return f"{path}: an empty file, not a model"
+    if path.suffix.lower() in _MODEL_SUFFIXES or head[4:8] == b"TFL3" or head[257:262] == b"ustar":
+        return None
+    return f"{path}: not a model: give a .onnx or .tflite model file or a .efb bundle"
+
+
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .onnx or .tflite model, or a .efb bundle."),
@@ -63,8 +81,12 @@ def inspect(
             console.print("pipeline: " + " → ".join(steps))
         return
     from edgefleet.agent.runtime import load_model
+    from edgefleet.errors import ModelError
 
-    model = load_model(path, warmup=False)
+    try:
+        model = load_model(path, warmup=False)
+    except ModelError as e:
+        raise ModelError(_not_a_model(path) or str(e)) from e
     info = model.info()
     if as_json:
         emit_json(info)
