@@ -160,7 +160,7 @@ def _stem(p: Path) -> str:
 
 
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
-    """Apply ``EDGEFLEET_AGENT__*`` variables (and, for one release, the old ``EDGEFLEET_SECTION__KEY``
+    """Apply ``EDGEFLEET_AGENT__*`` variables (and, for one release, the old ``EDGEFLEET_<SECTION>__<KEY>``
     form, with a warning) to ``data`` in place; returns key path -> variable name.
 
     Variables of other commands (``EDGEFLEET_SERVER``, ``EDGEFLEET_TOKEN``, ``EDGEFLEET_SERVER_*``...)
@@ -175,7 +175,7 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[s
         elif key.startswith(LEGACY_PREFIX) and key not in NOT_AGENT and not key.startswith(SERVER_PREFIX):
             rest = key[len(LEGACY_PREFIX) :]
             if rest.lower().split("__")[0] not in fields:
-                continue  # another command's variable (EDGEFLEET_SERVER_DB, EDGEFLEET_CA_CERT...)
+                continue  # another command's variable (EDGEFLEET_SERVER_DB_URL, EDGEFLEET_CA_CERT...)
             new = ENV_PREFIX + rest
             log.warning("%s is deprecated and will stop working in the next release; use %s", key, new)
         else:

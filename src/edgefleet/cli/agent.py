@@ -52,7 +52,7 @@ def serve(
 ) -> None:
     """Serve models over the Open Inference Protocol, with no fleet and no config file.
 
-    Any other [api] setting can be given as EDGEFLEET_AGENT__API__KEY (see docs/environment.md)."""
+    Any other [api] setting can be given as EDGEFLEET_AGENT__API__<KEY> (see docs/environment.md)."""
     from edgefleet.agent.config import config_from_dict
     from edgefleet.agent.service import AgentService
 
