@@ -13,6 +13,11 @@ from edgefleet.cli import fleet as fleet_cmd
 from edgefleet.cli import model as model_cmd
 from edgefleet.errors import EdgefleetError
 
+try:  # typer >= 0.25 carries its own copy of click
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as cx  # type: ignore[no-redef]
+
 __all__ = ["app", "main"]
 
 app = typer.Typer(
@@ -42,11 +47,20 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the app, turning edgefleet's errors into a one-line message and exit 1."""
+    """Entry point: runs the app, turning edgefleet's errors into a one-line message and exit 1, and a
+    mistyped command line into one line naming the option and exit 2."""
     try:
-        app(args=argv, prog_name="edgefleet")
+        code = app(args=argv, prog_name="edgefleet", standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:  # `edgefleet model`: the group's help, as before
+        typer.echo(e.ctx.get_help() if e.ctx else "see 'edgefleet --help'")
+        sys.exit(0)
+    except cx.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "edgefleet"
+        typer.secho(f"error: {e.format_message()} (see '{where} --help')", err=True, fg=typer.colors.RED)
+        sys.exit(2)
     except EdgefleetError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
