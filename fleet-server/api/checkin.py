@@ -1,22 +1,24 @@
 """Device check-in: the desired state (ETag/304, cheap when nothing changed) and reports.
 
 The unchanged path costs one indexed read of the device row (identity, revocation, ETag, last seen)
-and, at most once per ``last_seen_granularity`` seconds per device, one small UPDATE, both on one
-pooled autocommit connection. The handlers are plain functions, so FastAPI runs them in its thread
-pool: a database that blocks (a held SQLite lock, an unreachable PostgreSQL) stalls only that request,
-which ends in a 503 with ``Retry-After`` once the bounded wait runs out, never the event loop.
+and, at most once per ``last_seen_granularity`` seconds per device, one small UPDATE. They run on one
+of the database workers (:class:`edgefleet.server.db.AutocommitDB`, each with an autocommit connection
+kept open), never on the event loop: a database that blocks (a held SQLite lock, an unreachable
+PostgreSQL) stalls that check-in, which ends in a 503 with ``Retry-After`` once the bounded wait runs
+out; the token check before it is CPU only. Reports are plain functions, run on FastAPI's thread pool.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.orm import Session
 
-from edgefleet.server.api.deps import StateDep, device_caller
+from edgefleet.server.api.deps import DeviceCaller, StateDep, device_caller
 from edgefleet.server.api.identity import live_device
 from edgefleet.server.api.schemas import DEVICE_ID, ReportIn
 from edgefleet.server.desired import desired_state, etag_of
@@ -45,32 +47,41 @@ def _matches(header: str | None, etag: str) -> bool:
     "/devices/{device_id}/desired",
     responses={200: {"description": "the desired state"}, 304: {"description": "unchanged since If-None-Match"}},
 )
-def get_desired(device_id: DevicePath, request: Request) -> Response:
+async def get_desired(device_id: DevicePath, request: Request) -> Response:
     """What this device should run. Send the last ``ETag`` in ``If-None-Match`` to get a 304 when
     nothing changed. Only the device itself may ask. A busy or unreachable database is a 503."""
     state: ServerState = request.app.state.server
     who = device_caller(request, state)
     if who.device_id != device_id:
         raise ApiError(403, "device_id: a device may only act as itself", "device_id")
-    now = utcnow()
-    with state.loop_db.connect() as conn:
-        row = conn.execute(_ROW, {"id": device_id}).first()
-        if row is None or row.revoked_at is not None:
-            raise ApiError(403, "device_id: not enrolled or revoked", "device_id")
-        if row.cert_serial != who.cert_serial:
-            raise ApiError(401, "authorization: issued for a replaced certificate; authenticate again",
-                           "authorization")
-        seen = row.last_seen
-        if seen is None or now - seen >= timedelta(seconds=state.settings.last_seen_granularity):
-            conn.execute(_TOUCH, {"did": device_id, "now": now})
-    etag = f'"{row.desired_etag}"'
-    if _matches(request.headers.get("if-none-match"), etag):
+    granularity = timedelta(seconds=state.settings.last_seen_granularity)
+    if_none_match = request.headers.get("if-none-match")
+    etag, body = await state.loop_db.run(_check_in, who, if_none_match, granularity, idempotent=True)
+    if body is None:
         state.metrics.checkins.labels("304").inc()
         return Response(status_code=304, headers={"etag": etag, "cache-control": "no-cache"})
-    with state.sessions() as s:
-        body = desired_state(s, device_id)
     state.metrics.checkins.labels("200").inc()
     return JSONResponse(body, headers={"etag": f'"{etag_of(body)}"', "cache-control": "no-cache"})
+
+
+def _check_in(
+    conn: Connection, who: DeviceCaller, if_none_match: str | None, granularity: timedelta
+) -> tuple[str, dict[str, Any] | None]:
+    """On a database worker: check the device, touch last_seen when due; (ETag, None) when unchanged
+    since ``if_none_match``, else (ETag, the desired state). Raises ApiError 403/401."""
+    row = conn.execute(_ROW, {"id": who.device_id}).first()
+    if row is None or row.revoked_at is not None:
+        raise ApiError(403, "device_id: not enrolled or revoked", "device_id")
+    if row.cert_serial != who.cert_serial:
+        raise ApiError(401, "authorization: issued for a replaced certificate; authenticate again", "authorization")
+    now = utcnow()
+    if row.last_seen is None or now - row.last_seen >= granularity:
+        conn.execute(_TOUCH, {"did": who.device_id, "now": now})
+    etag = f'"{row.desired_etag}"'
+    if _matches(if_none_match, etag):
+        return etag, None
+    with Session(bind=conn) as s:
+        return etag, desired_state(s, who.device_id)
 
 
 @router.post("/devices/{device_id}/reports", status_code=204)
