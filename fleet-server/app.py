@@ -65,7 +65,9 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     limits = {UPLOAD_ROUTE: settings.max_upload_bytes}
-    app.add_middleware(BodyLimit, default=settings.max_json_bytes, per_route=limits)
+    app.add_middleware(
+        BodyLimit, default=settings.max_json_bytes, per_route=limits, budget=settings.max_buffered_body_bytes
+    )
     if settings.trusted_proxies:
         app.add_middleware(TrustedProxy, trusted=list(settings.trusted_proxies))
     app.add_middleware(MetricsMiddleware, metrics=st.metrics)

@@ -8,7 +8,11 @@ it), so :class:`BodyLimit` sits in front of the router. Each request gets the li
 - a body without one (chunked) is counted as it arrives, and refused once it passes the limit: the
   413 is sent (when no response has started) with ``Connection: close``, the application sees its
   ``receive()`` raise :class:`BodyTooLarge`, and whatever the application sends afterwards is dropped;
-- a ``Content-Length`` that is not a non-negative integer is a JSON 400.
+- a ``Content-Length`` that is not a non-negative integer is a JSON 400;
+- bodies the application holds in memory (every route but those given their own limit, which stream
+  to disk) share a budget: a request whose body would take the bytes held by all requests in flight
+  past it is a JSON 503 with ``Retry-After`` (so many connections each sending a body up to the
+  limit cannot add up to more than the budget).
 
 A route with its own limit is found by its template, before the router runs (the template is left
 in the scope as ``edgefleet.route``, for the metrics of requests refused here). Starlette's own
@@ -37,7 +41,8 @@ ROUTE_KEY = "edgefleet.route"  # scope key: the template of a route with its own
 
 
 class BodyTooLarge(Exception):
-    """Raised from ``receive()`` once a body passes its route's limit (the 413 is already sent)."""
+    """Raised from ``receive()`` once a body passes its route's limit or the budget (the refusal is
+    already sent)."""
 
 
 def error_response(status: int, message: str, field: str | None, extra_headers: Iterable[tuple[bytes, bytes]] = ()
@@ -58,82 +63,99 @@ def error_response(status: int, message: str, field: str | None, extra_headers: 
 
 
 class BodyLimit:
-    """Bound every request body by its route's limit (see the module docstring).
+    """Bound every request body by its route's limit, and the bodies held at once by a budget (see the
+    module docstring).
 
     ``per_route`` maps ``(METHOD, path template)`` (``/api/v1/models``, ``/x/{name}``) to a limit in
-    bytes; ``default`` bounds every other request. Raises ValueError for a template starlette cannot
-    compile or a negative limit.
+    bytes, for routes that stream their body away (to disk); ``default`` bounds every other request,
+    whose body the application holds in memory, and ``budget`` bounds the sum of those bodies over all
+    requests in flight (at least ``default``). Raises ValueError for a negative limit or a template
+    starlette cannot compile.
     """
 
-    def __init__(self, app: ASGIApp, default: int, per_route: Mapping[tuple[str, str], int]) -> None:
-        if default < 0 or any(v < 0 for v in per_route.values()):
+    def __init__(self, app: ASGIApp, default: int, per_route: Mapping[tuple[str, str], int], budget: int) -> None:
+        if default < 0 or budget < 0 or any(v < 0 for v in per_route.values()):
             raise ValueError("body limits must be non-negative byte counts")
         self.app = app
         self.default = default
+        self.budget = max(budget, default)
+        self.in_use = 0  # bytes of in-memory bodies admitted and not yet finished (one event loop: no lock)
         self.routes = [(method, template, compile_path(template)[0], limit)
                        for (method, template), limit in per_route.items()]
-        self.smallest = min([default, *per_route.values()])
 
-    def limit_for(self, scope: Scope) -> int:
-        """The body limit of the request's route, bytes (its template goes in ``scope[ROUTE_KEY]``)."""
+    def limit_for(self, scope: Scope) -> tuple[int, bool]:
+        """The body limit of the request's route, bytes, and whether its body counts against the budget
+        (the template of a route with its own limit goes in ``scope[ROUTE_KEY]``)."""
         for method, template, regex, limit in self.routes:
             if scope["method"] == method and regex.match(scope["path"]):
                 scope[ROUTE_KEY] = template
-                return limit
-        return self.default
+                return limit, False
+        return self.default, True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared: int | None = None
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 text = value.decode("latin-1").strip()
                 if not text.isdigit() or len(text) > 19:
-                    for m in error_response(400, "content-length: not a byte count", "content-length"):
-                        await send(m)
+                    await _refuse(send, 400, "content-length: not a byte count", "content-length")
                     return
                 declared = int(text)
-        limit = self.limit_for(scope) if declared is not None and declared > self.smallest else self.default
-        if declared is not None and declared > limit:
-            msg = f"content-length: {declared} bytes, over this route's {limit}-byte limit"
-            for m in error_response(413, msg, "content-length"):
-                await send(m)
-            return
-        if declared is not None:  # the server stops the body at Content-Length: nothing more to count
+            elif name == b"transfer-encoding":
+                chunked = True
+        if not declared and not chunked:  # no body at all (the check-in path)
             await self.app(scope, receive, send)
             return
-        await self._counted(scope, receive, send)
+        limit, buffered = self.limit_for(scope)
+        if declared is not None:
+            if declared > limit:
+                msg = f"content-length: {declared} bytes, over this route's {limit}-byte limit"
+                await _refuse(send, 413, msg, "content-length")
+                return
+            if buffered and self.in_use + declared > self.budget:
+                await _refuse(send, 503, _BUSY, "body", retry_after=True)
+                return
+            reserved = declared if buffered else 0
+            self.in_use += reserved
+            try:  # the server delivers at most Content-Length bytes: nothing more to count
+                await self.app(scope, receive, send)
+            finally:
+                self.in_use -= reserved
+            return
+        await self._counted(scope, receive, send, limit, buffered)
 
-    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: int, buffered: bool) -> None:
         seen = 0
-        limit: int | None = None
         started = refused = False
 
         async def counting_receive() -> Message:
-            nonlocal seen, limit, refused
+            nonlocal seen, refused
+            if refused:
+                raise BodyTooLarge("body: refused")
             message = await receive()
-            if message["type"] == "http.request" and not refused:
-                seen += len(message.get("body", b""))
-                if seen > self.smallest:
-                    if limit is None:
-                        limit = self.limit_for(scope)
-                    if seen > limit:
-                        refused = True
-                        if not started:
-                            msg = f"body: more than this route's {limit}-byte limit"
-                            for m in error_response(413, msg, "body"):
-                                await send(m)
-                        raise BodyTooLarge(f"body: over the {limit}-byte limit")
-            elif refused:
-                raise BodyTooLarge("body: over the limit")
+            if message["type"] == "http.request":
+                n = len(message.get("body", b""))
+                seen += n
+                if buffered:
+                    self.in_use += n
+                if seen > limit or (buffered and self.in_use > self.budget):
+                    refused = True
+                    if not started:
+                        if seen > limit:
+                            await _refuse(send, 413, f"body: more than this route's {limit}-byte limit", "body")
+                        else:
+                            await _refuse(send, 503, _BUSY, "body", retry_after=True)
+                    raise BodyTooLarge(f"body: over the {limit}-byte limit or the server's budget")
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
-                return  # the 413 went out; the application's own answer to the failed read is dropped
+                return  # the refusal went out; the application's own answer to the failed read is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -143,3 +165,14 @@ class BodyLimit:
         except Exception:
             if not refused:
                 raise
+        finally:
+            if buffered:
+                self.in_use -= seen
+
+
+_BUSY = "body: the server holds as many request bodies as it may; retry later"
+
+
+async def _refuse(send: Send, status: int, message: str, field: str | None, retry_after: bool = False) -> None:
+    for m in error_response(status, message, field, [(b"retry-after", b"1")] if retry_after else ()):
+        await send(m)
