@@ -32,6 +32,7 @@ JSON_LIMIT = 1 * MIB  # the default max_json_bytes
 UPLOAD_LIMIT = 32 * MIB  # max_upload_bytes for these servers
 MAX_CONNECTIONS = 100
 SLACK = 64 * MIB  # allowed RSS growth on top of the route's body limit
+BODY_BUDGET = 32 * MIB  # the default max_buffered_body_bytes
 HOSTILE_ENV = {
     "EDGEFLEET_SERVER_HEADER_TIMEOUT": "1",
     "EDGEFLEET_SERVER_BODY_IDLE_TIMEOUT": "1",
@@ -309,6 +310,33 @@ def test_half_sent_bodies_are_dropped_when_they_stall(fleet: Fleet) -> None:
     assert body_of(said[0])["field"] == "body"
     assert rss.growth_mib * MIB <= JSON_LIMIT + SLACK
     probe.assert_answered()
+
+
+def test_a_flood_of_nearly_complete_bodies_is_held_to_the_body_budget(fleet: Fleet) -> None:
+    n = MAX_CONNECTIONS - 10  # room for the health probe
+    head = (
+        b"POST /api/v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % JSON_LIMIT
+    )
+    part = b" " * (JSON_LIMIT - 1)  # all but the last byte, then silence
+    with PeakRSS(fleet.server.pid) as rss, HealthProbe(fleet.server.url) as probe:
+        socks = [socket.create_connection(("127.0.0.1", fleet.server.port), timeout=10) for _ in range(n)]
+        try:
+            for s in socks:
+                try:
+                    s.sendall(head + part)
+                except OSError:
+                    pass  # refused at once (503) and closed
+            said = _wait_closed(socks)
+        finally:
+            for s in socks:
+                s.close()
+    statuses = [status_of(v) for v in said.values()]
+    report(f"{n} nearly complete 1 MiB bodies", rss, refused_503=statuses.count(503), dropped_408=statuses.count(408))
+    assert set(statuses) == {408, 503} and statuses.count(408) <= BODY_BUDGET // JSON_LIMIT
+    assert rss.growth_mib * MIB <= JSON_LIMIT + SLACK
+    probe.assert_answered()
+    assert fleet.client.post("/api/v1/enroll", json={}).status_code == 422  # the budget is free again
 
 
 def test_a_connection_flood_is_capped_with_a_503_and_idle_ones_are_closed(fleet: Fleet) -> None:

@@ -120,3 +120,21 @@ def test_cli_init_run_push_enroll_and_sigkill_mid_upload_loses_nothing(server: S
     logged = server.stop()
     for secret in (admin, viewer["token"], enroll["token"]):
         assert secret not in logged
+
+
+def test_server_run_on_a_busy_port_is_a_one_line_error(clean_db: str, tmp_path: Path) -> None:
+    from edgefleet.server.settings import Settings
+    from edgefleet.server.state import init_server
+
+    init_server(Settings(data_dir=tmp_path / "data", db_url=clean_db))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [*CLI, "server", "run", "--data", str(tmp_path / "data"), "--db", clean_db, "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: port {port} on 127.0.0.1 is in use (set --port or port in server.toml)"], r.stderr
