@@ -142,3 +142,74 @@ def test_demo_prints_real_predictions() -> None:
     assert "passed" in r.stdout and "FAILED" not in r.stdout
     assert "agent stopped on SIGTERM (exit 0)" in r.stdout  # a real agent process served a bundle
     assert "edgefleet model list" in r.stdout and "digits-cnn-int8-tflite" in r.stdout  # pushed to a real server
+
+
+# ---------------------------------------------------------------- the operator CLI against a fleet server
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    from _support import assert_one_line_error
+
+    assert_one_line_error(r.returncode, r.stderr, *needles)
+    assert "Traceback" not in r.stderr
+
+
+def test_server_without_a_scheme_is_one_line_saying_to_add_it() -> None:
+    r = run("model", "list", "--server", "127.0.0.1:8700", env={"EDGEFLEET_TOKEN": "efo_x_y"})
+    _one_line_error(r, "server: '127.0.0.1:8700'", "add http:// or https://", "http://127.0.0.1:8700")
+    r = run("device", "list", env={"EDGEFLEET_SERVER": "fleet.example.com", "EDGEFLEET_TOKEN": "efo_x_y"})
+    _one_line_error(r, "add http:// or https://")
+
+
+def test_commands_wait_for_a_server_that_is_still_starting(tmp_path: Path) -> None:
+    from _support import free_port
+
+    data = tmp_path / "data"
+    init = run("server", "init", "--data", str(data), "--json")
+    assert init.returncode == 0, init.stderr
+    port = free_port()
+    env = {**os.environ, "EDGEFLEET_SERVER": f"http://127.0.0.1:{port}", "EDGEFLEET_TOKEN": json.loads(init.stdout)[
+        "admin_token"]}
+    # as a README tour does: `server run &`, then at once a command
+    server = subprocess.Popen([EDGEFLEET, "server", "run", "--data", str(data), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        r = subprocess.run([EDGEFLEET, "model", "list", "--json"], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == []
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_a_server_that_never_answers_is_one_line_after_the_bounded_wait() -> None:
+    from _support import free_port
+
+    r = run("model", "list", "--server", f"http://127.0.0.1:{free_port()}", env={"EDGEFLEET_TOKEN": "efo_x_y"})
+    _one_line_error(r, "cannot connect", "is the server running?")
+
+
+def test_push_of_a_file_that_is_not_a_bundle_is_one_line_before_any_connection(tmp_path: Path) -> None:
+    from _support import free_port
+
+    junk = tmp_path / "notes-1.0.0.efb"
+    junk.write_text("not a bundle\n" * 100)
+    r = run("model", "push", str(junk), "--server", f"http://127.0.0.1:{free_port()}", env={"EDGEFLEET_TOKEN": "x"})
+    _one_line_error(r, "notes-1.0.0.efb", "not a valid bundle")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("notes.txt", b"hello\n", "not a model: give a .onnx or .tflite model file or a .efb bundle"),
+        ("empty.onnx", b"", "an empty file, not a model"),
+        ("random.onnx", bytes(range(256)) * 8, "not a loadable ONNX model"),
+        ("random.tflite", bytes(range(256)) * 8, "not a loadable TFLite model"),
+        ("random.efb", bytes(range(256)) * 8, "not a valid bundle"),
+    ],
+)
+def test_inspect_of_a_file_that_is_not_a_model_is_one_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    _one_line_error(run("model", "inspect", str(tmp_path / name)), message)

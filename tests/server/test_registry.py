@@ -99,3 +99,77 @@ def test_devices_download_their_bundles_with_their_token(fleet, tmp_path: Path) 
     r = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**d.headers, "Range": "bytes=0-9"})
     assert r.status_code == 206 and len(r.content) == 10
     assert fleet.client.get(f"/api/v1/blobs/{sha}").status_code == 401
+
+
+def test_the_longest_version_a_bundle_may_carry_is_addressable(fleet, tmp_path: Path) -> None:
+    from edgefleet.bundle.manifest import MAX_VERSION_LENGTH
+
+    version = "1.0.0-" + "a" * (MAX_VERSION_LENGTH - 6)
+    assert fleet.upload(make_bundle(tmp_path, "long", version)).status_code == 201
+    assert fleet.client.get(f"/api/v1/models/long/{version}", headers=fleet.admin_h).status_code == 200
+    assert fleet.client.get(f"/api/v1/models/long/{version}/bundle", headers=fleet.admin_h).status_code == 200
+    assert fleet.client.delete(f"/api/v1/models/long/{version}", headers=fleet.admin_h).status_code == 204
+
+
+def _hand_made(folder: Path, manifest: dict, members: dict[str, bytes], extra: bytes = b"") -> bytes:
+    import io
+    import json
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in {"manifest.json": json.dumps(manifest).encode(), **members}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue() + extra
+
+
+def test_a_version_longer_than_the_paths_accept_is_refused_at_upload(fleet, tmp_path: Path) -> None:
+    from edgefleet.bundle import BundleReader
+
+    with BundleReader(make_bundle(tmp_path)) as b:
+        manifest, model = b.manifest.model_dump(mode="json"), b.read_model()
+    body = _hand_made(tmp_path, {**manifest, "version": "1.0.0-" + "a" * 200}, {"model.onnx": model})
+    r = fleet.client.post("/api/v1/models", content=body, headers=fleet.admin_h)
+    assert r.status_code == 422 and r.json()["field"] == "body", r.text
+    assert "version: String should have at most 128 characters" in r.json()["error"]
+
+
+def test_junk_after_the_tar_and_hostile_member_names_are_refused_with_bounded_errors(fleet, tmp_path: Path) -> None:
+    data = make_bundle(tmp_path).read_bytes()
+    r = fleet.client.post("/api/v1/models", content=data + b"JUNK", headers=fleet.admin_h)
+    assert r.status_code == 422 and f"trailing data after the end of the archive at offset {len(data)}" in r.text
+    from edgefleet.bundle import BundleReader
+
+    with BundleReader(make_bundle(tmp_path)) as b:
+        manifest, model = b.manifest.model_dump(mode="json"), b.read_model()
+    body = _hand_made(tmp_path, manifest, {"model.onnx": model, "\x1b]0;pwned\x07" + "x" * 20_000: b""})
+    r = fleet.client.post("/api/v1/models", content=body, headers=fleet.admin_h)
+    assert r.status_code == 422 and "not listed in the manifest" in r.json()["error"]
+    assert len(r.json()["error"]) < 200 and "\x1b" not in r.json()["error"], r.json()["error"]
+
+
+def test_upload_whose_declared_name_and_version_differ_from_the_bundle_is_refused(fleet, tmp_path: Path) -> None:
+    data = make_bundle(tmp_path, "real", "1.0.0").read_bytes()
+    h = {**fleet.admin_h, "X-Model-Name": "real", "X-Model-Version": "9.9.9"}
+    r = fleet.client.post("/api/v1/models", content=data, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "x-model-version", r.text
+    assert list((fleet.settings.data_dir / "tmp").iterdir()) == []
+    assert fleet.client.get("/api/v1/models", headers=fleet.admin_h).json() == []
+    h["X-Model-Version"] = "1.0.0"
+    assert fleet.client.post("/api/v1/models", content=data, headers=h).status_code == 201
+    again = fleet.client.post("/api/v1/models", content=data, headers={**h, "X-Content-SHA256": hashlib.sha256(
+        data).hexdigest()})
+    assert again.status_code == 200 and again.json()["version"] == "1.0.0"
+
+
+def test_malformed_and_unsatisfiable_ranges_are_json_416(fleet, tmp_path: Path) -> None:
+    data = make_bundle(tmp_path).read_bytes()
+    sha = fleet.upload(make_bundle(tmp_path)).json()["sha256"]
+    for rng in ("bytes=abc", "bytes=5-1", f"bytes={len(data)}-", "pages=1-2"):
+        r = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**fleet.admin_h, "Range": rng})
+        assert r.status_code == 416, (rng, r.text)
+        assert r.json()["field"] == "range" and r.headers["content-range"] == f"bytes */{len(data)}"
+    stale = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**fleet.admin_h, "Range": "bytes=abc", "If-Range": '"x"'})
+    assert stale.status_code == 200 and stale.content == data  # If-Range not matching: the whole file

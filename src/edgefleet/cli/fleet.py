@@ -38,7 +38,7 @@ token_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=Tru
 _SERVER = typer.Option(None, "--server", "-s", help="fleet server URL [env: EDGEFLEET_SERVER, or the config file]")
 _JSON = typer.Option(False, "--json", help="print JSON")
 _CHUNK = 1 << 20  # upload chunk, bytes
-WAIT_FOR_SERVER = 5.0  # seconds a command retries a refused connection (a server that is starting)
+WAIT_FOR_SERVER = 10.0  # seconds a command retries a refused connection (a server that is starting)
 _SCHEME = re.compile(r"\Ahttps?://[^/]", re.IGNORECASE)
 
 
