@@ -224,3 +224,51 @@ sinks = [{{ type = "jsonl", path = "{out}" }}]
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _ask(sock: socket.socket, host: str, origin: str | None = None) -> int:
+    head = f"GET /v2/health/ready HTTP/1.1\r\nHost: {host}\r\n" + (f"Origin: {origin}\r\n" if origin else "")
+    with sock:
+        sock.settimeout(10)
+        sock.sendall((head + "Connection: close\r\n\r\n").encode())
+        answer = b""
+        while data := sock.recv(4096):
+            answer += data
+    return int(answer.split()[1])
+
+
+def test_allow_lists_in_agent_toml_reach_the_server_and_the_unix_socket_skips_the_host_check(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    port = free_port()
+    uds = tmp_path / "agent.sock"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'state_dir = "state"\n\n[api]\nport = {port}\nuds = "{uds}"\n'
+        'allowed_hosts = ["pi-0042.local"]\nallowed_origins = ["http://localhost:3000"]\n\n'
+        f'[[models]]\npath = "{models_dir / "multi_io.onnx"}"\n'
+    )
+    proc = subprocess.Popen([EDGEFLEET, "agent", "run", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready:")
+
+        def tcp() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port))
+
+        def unix() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(uds))
+            return s
+
+        assert _ask(tcp(), f"127.0.0.1:{port}") == 200
+        assert _ask(tcp(), "pi-0042.local:8500") == 200
+        assert _ask(tcp(), "evil.example") == 421
+        assert _ask(tcp(), "localhost", "http://localhost:3000") == 200
+        assert _ask(tcp(), "localhost", "http://localhost:3001") == 403
+        assert _ask(unix(), "evil.example") == 200  # no browser reaches a Unix socket
+        assert _ask(unix(), "localhost", "http://evil.example") == 403
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stdout:
+            proc.stdout.close()
