@@ -95,13 +95,14 @@ def test_demo_keep_running_serves_its_printed_url_until_ctrl_c() -> None:
         with urllib.request.urlopen(f"{url}/healthz", timeout=10) as resp:
             assert resp.status == 200
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 0, "".join(seen)
+        code = proc.wait(60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     while (line := lines.get(timeout=30)) != "":
         seen.append(line)
+    assert code == 0, "".join(seen)
     assert any("fleet server stopped" in line for line in seen), "".join(seen)
 
     def refused() -> bool:

@@ -330,9 +330,9 @@ def _fleet(work: Path, *, keep_running: bool = False) -> None:
             versions.add_row(m["name"], m["version"], m["runtime"], str(m["size"]))
         console.print(versions)
         if keep_running:
-            console.print(f"the fleet server is running: API docs at {url}/docs (the dashboard comes in a later issue)")
-            console.print("press Ctrl-C to stop it")
-            try:
+            try:  # Ctrl-C may come as soon as the URL is out, so the prints are inside the try too
+                console.print(f"the fleet server is running: API docs at {url}/docs (the dashboard comes later)")
+                console.print("press Ctrl-C to stop it")
                 server.wait()
             except KeyboardInterrupt:
                 pass
