@@ -209,11 +209,13 @@ class InferenceApp:
             head, binary = body, memoryview(b"")
         if len(head) > self.max_json_bytes:
             raise RequestError(f"JSON of {len(head)} bytes is over the {self.max_json_bytes}-byte JSON limit", 413)
-        if len(head) > INLINE_BYTES:  # parsing megabytes of JSON takes long enough to stall the loop
-            req = await asyncio.get_running_loop().run_in_executor(self._pool, _parse_json, head)
+        if len(head) > INLINE_BYTES or len(binary) > INLINE_BYTES:
+            # parsing megabytes of JSON (and making arrays of it) takes long enough to stall the loop
+            req, (feeds, outputs, binary_out) = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _decode, head, served, binary
+            )
         else:
-            req = _parse_json(head)
-        feeds, outputs, binary_out = _parse_request(req, served, binary)
+            req, (feeds, outputs, binary_out) = _decode(head, served, binary)
         model = served.model
         started = time.perf_counter()
         try:
@@ -256,7 +258,7 @@ class InferenceApp:
         return 200, out_headers, head_out + b"".join(blobs)
 
 
-def _parse_json(head: bytes | bytearray) -> Any:
+def _parse_json(head: bytes) -> Any:
     """The JSON head of a request. Raises RequestError (400) for invalid or too deeply nested JSON."""
     try:
         return json.loads(head)
@@ -264,6 +266,14 @@ def _parse_json(head: bytes | bytearray) -> Any:
         raise RequestError(f"request body is not valid JSON: {e}") from e
     except RecursionError:
         raise RequestError("request body is JSON nested too deeply") from None
+
+
+def _decode(
+    head: bytes, served: Served, binary: memoryview
+) -> tuple[Any, tuple[dict[str, np.ndarray[Any, Any]], list[str] | None, dict[str, bool]]]:
+    """The request's JSON and the feeds it describes. Raises RequestError (400)."""
+    req = _parse_json(head)
+    return req, _parse_request(req, served, binary)
 
 
 def _parse_request(
