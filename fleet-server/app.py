@@ -66,7 +66,11 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
 
     limits = {UPLOAD_ROUTE: settings.max_upload_bytes}
     app.add_middleware(
-        BodyLimit, default=settings.max_json_bytes, per_route=limits, budget=settings.max_buffered_body_bytes
+        BodyLimit,
+        default=settings.max_json_bytes,
+        per_route=limits,
+        budget=settings.max_buffered_body_bytes,
+        deadline=settings.body_timeout,
     )
     if settings.trusted_proxies:
         app.add_middleware(TrustedProxy, trusted=list(settings.trusted_proxies))

@@ -12,7 +12,8 @@ it), so :class:`BodyLimit` sits in front of the router. Each request gets the li
 - bodies the application holds in memory (every route but those given their own limit, which stream
   to disk) share a budget: a request whose body would take the bytes held by all requests in flight
   past it is a JSON 503 with ``Retry-After`` (so many connections each sending a body up to the
-  limit cannot add up to more than the budget).
+  limit cannot add up to more than the budget), and must arrive within a deadline (a JSON 408 past
+  it: a body dripped a byte at a time cannot hold its share of the budget for ever).
 
 A route with its own limit is found by its template, before the router runs (the template is left
 in the scope as ``edgefleet.route``, for the metrics of requests refused here). Starlette's own
@@ -23,6 +24,7 @@ closes it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -68,15 +70,24 @@ class BodyLimit:
 
     ``per_route`` maps ``(METHOD, path template)`` (``/api/v1/models``, ``/x/{name}``) to a limit in
     bytes, for routes that stream their body away (to disk); ``default`` bounds every other request,
-    whose body the application holds in memory, and ``budget`` bounds the sum of those bodies over all
-    requests in flight (at least ``default``). Raises ValueError for a negative limit or a template
+    whose body the application holds in memory, ``budget`` bounds the sum of those bodies over all
+    requests in flight (at least ``default``), and ``deadline`` (seconds) the time each may take to
+    arrive, counted from its headers. Raises ValueError for a negative limit or a template
     starlette cannot compile.
     """
 
-    def __init__(self, app: ASGIApp, default: int, per_route: Mapping[tuple[str, str], int], budget: int) -> None:
-        if default < 0 or budget < 0 or any(v < 0 for v in per_route.values()):
-            raise ValueError("body limits must be non-negative byte counts")
+    def __init__(
+        self,
+        app: ASGIApp,
+        default: int,
+        per_route: Mapping[tuple[str, str], int],
+        budget: int,
+        deadline: float = 30.0,
+    ) -> None:
+        if default < 0 or budget < 0 or any(v < 0 for v in per_route.values()) or deadline <= 0:
+            raise ValueError("body limits must be non-negative byte counts and the deadline positive")
         self.app = app
+        self.deadline = deadline
         self.default = default
         self.budget = max(budget, default)
         self.in_use = 0  # bytes of in-memory bodies admitted and not yet finished (one event loop: no lock)
@@ -119,37 +130,50 @@ class BodyLimit:
             if buffered and self.in_use + declared > self.budget:
                 await _refuse(send, 503, _BUSY, "body", retry_after=True)
                 return
-            reserved = declared if buffered else 0
-            self.in_use += reserved
-            try:  # the server delivers at most Content-Length bytes: nothing more to count
+            if not buffered:  # the server delivers at most Content-Length bytes: nothing to count or time
                 await self.app(scope, receive, send)
-            finally:
-                self.in_use -= reserved
-            return
-        await self._counted(scope, receive, send, limit, buffered)
+                return
+        await self._guarded(scope, receive, send, limit, buffered, declared)
 
-    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: int, buffered: bool) -> None:
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, buffered: bool, declared: int | None
+    ) -> None:
+        """Run the application with ``receive`` counting the body against ``limit`` (and, for a body
+        held in memory, against the budget, and within ``deadline`` seconds of now)."""
+        reserved = declared if buffered and declared is not None else 0
+        self.in_use += reserved
         seen = 0
         started = refused = False
+        deadline = asyncio.get_running_loop().time() + self.deadline if buffered else None
 
-        async def counting_receive() -> Message:
-            nonlocal seen, refused
+        async def refuse(status: int, message: str, retry_after: bool = False) -> None:
+            nonlocal refused
+            refused = True
+            if not started:
+                await _refuse(send, status, message, "body", retry_after=retry_after)
+            raise BodyTooLarge(message)
+
+        async def guarded_receive() -> Message:
+            nonlocal seen
             if refused:
                 raise BodyTooLarge("body: refused")
-            message = await receive()
-            if message["type"] == "http.request":
+            if deadline is None:
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    await refuse(408, f"body: not complete within {self.deadline:g} s")
+            if message["type"] == "http.request" and declared is None:
                 n = len(message.get("body", b""))
                 seen += n
                 if buffered:
                     self.in_use += n
-                if seen > limit or (buffered and self.in_use > self.budget):
-                    refused = True
-                    if not started:
-                        if seen > limit:
-                            await _refuse(send, 413, f"body: more than this route's {limit}-byte limit", "body")
-                        else:
-                            await _refuse(send, 503, _BUSY, "body", retry_after=True)
-                    raise BodyTooLarge(f"body: over the {limit}-byte limit or the server's budget")
+                if seen > limit:
+                    await refuse(413, f"body: more than this route's {limit}-byte limit")
+                if buffered and self.in_use > self.budget:
+                    await refuse(503, _BUSY, retry_after=True)
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -161,13 +185,12 @@ class BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
             if not refused:
                 raise
         finally:
-            if buffered:
-                self.in_use -= seen
+            self.in_use -= reserved + (seen if buffered else 0)
 
 
 _BUSY = "body: the server holds as many request bodies as it may; retry later"

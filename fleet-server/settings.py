@@ -57,6 +57,10 @@ class Settings(BaseModel):
     body_idle_timeout: float = Field(
         default=30.0, gt=0, le=3600, description="a connection whose request body stops arriving this long is closed, s"
     )
+    body_timeout: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="a body held in memory (every route but the upload) must arrive within this of its headers, s",
+    )
     keep_alive_timeout: int = Field(
         default=5, ge=1, le=300, description="an idle keep-alive connection is closed after this, s"
     )

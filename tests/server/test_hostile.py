@@ -36,6 +36,7 @@ BODY_BUDGET = 32 * MIB  # the default max_buffered_body_bytes
 HOSTILE_ENV = {
     "EDGEFLEET_SERVER_HEADER_TIMEOUT": "1",
     "EDGEFLEET_SERVER_BODY_IDLE_TIMEOUT": "1",
+    "EDGEFLEET_SERVER_BODY_TIMEOUT": "3",
     "EDGEFLEET_SERVER_KEEP_ALIVE_TIMEOUT": "2",
     "EDGEFLEET_SERVER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
     "EDGEFLEET_SERVER_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
@@ -309,6 +310,26 @@ def test_half_sent_bodies_are_dropped_when_they_stall(fleet: Fleet) -> None:
     assert {status_of(v) for v in said.values()} == {408}
     assert body_of(said[0])["field"] == "body"
     assert rss.growth_mib * MIB <= JSON_LIMIT + SLACK
+    probe.assert_answered()
+
+
+def test_json_bodies_dripped_a_byte_at_a_time_get_a_408_at_the_body_deadline(fleet: Fleet) -> None:
+    head = (
+        b"POST /api/v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n\r\n{"
+    )
+    with PeakRSS(fleet.server.pid) as rss, HealthProbe(fleet.server.url) as probe:
+        socks = [socket.create_connection(("127.0.0.1", fleet.server.port), timeout=10) for _ in range(20)]
+        try:
+            for s in socks:
+                s.sendall(head)
+            said = _wait_closed(socks, drip=b" ")  # faster than the idle timeout: only the deadline stops it
+        finally:
+            for s in socks:
+                s.close()
+    report("20 dripped JSON bodies", rss)
+    assert {status_of(v) for v in said.values()} == {408}
+    assert "within 3 s" in body_of(said[0])["error"]
     probe.assert_answered()
 
 
