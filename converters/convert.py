@@ -59,6 +59,7 @@ class ConvertOptions:
     input_shapes: tuple[Shape, ...] = ()
     opset: int = 17
     max_samples: int = 300  # representative samples used, at most
+    allow_no_gain: bool = False  # write a quantized model even when nothing was quantized or it grew
 
 
 def parse_input_shape(text: str) -> Shape:
@@ -311,6 +312,7 @@ def convert_model(
                     mode="dynamic" if options.quantize == "dynamic" else "static",
                     per_channel=True,
                     max_samples=options.max_samples,
+                    allow_no_gain=options.allow_no_gain,
                 )
                 report = quantize_onnx(
                     float_path, out_p, q, representative, validation, labels, None, bench_runs, max_accuracy_drop
@@ -347,8 +349,12 @@ def convert_model(
         else:
             onnx = require("onnx", "convert")
             proto = onnx.load(str(float_path))
-            report.float_nodes, report.quantized_nodes = onnx_float_nodes(proto, proto, qdq=False)
-        report.apply_gate(max_accuracy_drop)
+            report.float_nodes, report.quantized_nodes, report.subgraph_nodes = onnx_float_nodes(
+                proto, proto, qdq=False
+            )
+        if options.quantize != "none":  # float16 keeps float ops by design: only its size can fail to gain
+            report.check_gain(nodes=options.quantize != "float16")
+        report.apply_gate(max_accuracy_drop, options.allow_no_gain or options.quantize == "none")
         if report.passed:
             commit(after_path, out_p)
     return report

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from edgefleet.agent.runtime import Model, load_model
 from edgefleet.converters.calibration import SampleSet, load_data, load_labels, make_samples, ort_reader
-from edgefleet.converters.report import Report, measure, onnx_float_nodes
+from edgefleet.converters.report import Report, measure, onnx_float_nodes, onnx_nodes
 from edgefleet.durable import atomic_writer
 from edgefleet.errors import ConfigError, ModelError
 
@@ -62,6 +62,7 @@ class QuantizeOptions:
     per_channel: bool = False
     exclude: tuple[str, ...] = ()
     max_samples: int = 300  # calibration samples used, at most (the validation set is used whole)
+    allow_no_gain: bool = False  # write the model even when nothing was quantized or it grew
 
 
 def require(module: str, extra: str) -> Any:
@@ -142,13 +143,31 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _is_quant_op(op: str) -> bool:
+    return (
+        op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "QAttention")
+        or op.startswith(("QLinear", "DynamicQuantize"))
+        or op.endswith("Integer")
+    )
+
+
 def _check_ops(proto: Any, where: Path) -> None:
-    for n in proto.graph.node:
+    """Refuse custom-domain ops and a model that is already quantized (one line each)."""
+    quant: dict[str, int] = {}
+    for name, n, _ in onnx_nodes(proto.graph):
         if n.domain not in _ORT_DOMAINS:
             raise ModelError(
-                f"{where}: node {n.name or n.output[0]!r} is the custom op {n.domain}::{n.op_type}, which "
+                f"{where}: node {n.name or name!r} is the custom op {n.domain}::{n.op_type}, which "
                 "onnxruntime has no kernel for: it can be neither calibrated nor quantized (and no device can run it)"
             )
+        if _is_quant_op(n.op_type):
+            quant[n.op_type] = quant.get(n.op_type, 0) + 1
+    if quant:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(quant.items()))
+        raise ModelError(
+            f"{where}: already quantized ({ops}): quantizing it again would stack new scales on the old "
+            "ones; quantize its float original instead"
+        )
 
 
 def _preprocess(src: Path, dst: Path) -> Any:
@@ -169,16 +188,23 @@ def _preprocess(src: Path, dst: Path) -> Any:
         except Exception as e2:
             raise ModelError(f"{src}: shape inference before quantization failed: {_first_line(e2)}") from e2
     proto = onnx.load(str(dst))
-    taken = {n.name for n in proto.graph.node if n.name}
-    for i, n in enumerate(proto.graph.node):
+    _name_nodes(proto.graph, {n.name for _, n, _ in onnx_nodes(proto.graph) if n.name})
+    onnx.save(proto, str(dst))
+    return proto
+
+
+def _name_nodes(graph: Any, taken: set[str]) -> None:
+    """``OpType_index`` for every unnamed node, in subgraph bodies too (names are model-wide unique)."""
+    for i, n in enumerate(graph.node):
         if not n.name:
             name = f"{n.op_type}_{i}"
             while name in taken:
                 name += "_"
             n.name = name
             taken.add(name)
-    onnx.save(proto, str(dst))
-    return proto
+        for a in n.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                _name_nodes(g, taken)
 
 
 _NO_KERNEL = re.compile(r"implementation for (\w+)\(\d+\) node with name '([^']*)'")
@@ -247,10 +273,12 @@ def quantize_onnx(
     ``calibration`` (required for static) is an ``.npz`` keyed by input name or a folder of images
     run through ``pipeline``; ``validation`` (default: the calibration data) is what the report
     compares the two models on; ``labels`` is a ``.npy`` file or a key of the validation ``.npz``.
-    ``out`` is written only when the report passes ``max_accuracy_drop`` (points); otherwise the
-    returned report has ``passed`` false and nothing is written.
+    ``out`` is written only when the report passes ``max_accuracy_drop`` (points) and, unless
+    ``options.allow_no_gain``, quantizing gained something (some node quantized, the file no larger);
+    otherwise the returned report has ``passed`` false and nothing is written.
 
-    Raises :class:`ModelError` for a model or data problem (naming the file, node or input) and
+    Raises :class:`ModelError` for a model or data problem (naming the file, node or input; an
+    already-quantized model is one) and
     :class:`ConfigError` for options that do not fit together; nothing is written then either.
     """
     src_p, out_p = Path(src), Path(out)
@@ -277,12 +305,13 @@ def quantize_onnx(
         raw = load_data(validation, before.inputs, pipe)
         val = make_samples(raw, before.inputs, str(validation))
     y = load_labels(labels, raw, val.count, val.source) if labels is not None and val is not None else None
-    settings = {k: v for k, v in asdict(options).items() if options.mode == "static" or k not in ("fmt", "method")}
+    skip = ("allow_no_gain",) if options.mode == "static" else ("allow_no_gain", "fmt", "method")
+    settings = {k: v for k, v in asdict(options).items() if k not in skip}
     report = Report("quantize", str(src_p), str(out_p), f"float model {src_p}", settings, src_p.stat().st_size, 0)
     with tempfile.TemporaryDirectory(prefix="edgefleet-quantize-") as tmp:
         pre, q = Path(tmp) / "preprocessed.onnx", Path(tmp) / "quantized.onnx"
         pre_proto = _preprocess(src_p, pre)
-        names = {n.name for n in pre_proto.graph.node}
+        names = {n.name for _, n, _ in onnx_nodes(pre_proto.graph)}
         unknown = [n for n in options.exclude if n not in names]
         if unknown:
             some = sorted(names)[:12]
@@ -297,10 +326,17 @@ def quantize_onnx(
         after = _load_quantized(q, src_p, options)
         report.size_after = q.stat().st_size
         measure(report, before, after, val, y, bench_runs)
-        report.float_nodes, report.quantized_nodes = onnx_float_nodes(
+        report.float_nodes, report.quantized_nodes, report.subgraph_nodes = onnx_float_nodes(
             pre_proto, onnx.load(str(q)), qdq=options.mode == "static" and options.fmt == "qdq"
         )
-        report.apply_gate(max_accuracy_drop)
+        in_bodies = [n for n in report.float_nodes if "/" in n.split(" (")[0]]
+        if in_bodies:
+            report.warnings.append(
+                f"{len(in_bodies)} node(s) inside If/Loop/Scan bodies left in float: onnxruntime's quantizer "
+                "does not quantize subgraphs"
+            )
+        report.check_gain()
+        report.apply_gate(max_accuracy_drop, options.allow_no_gain)
         if report.passed:
             commit(q, out_p)
     return report

@@ -32,9 +32,12 @@ REPORT_KEYS = {
     "accuracy",
     "max_abs_error",
     "mean_abs_error",
+    "cosine_similarity",
     "outputs",
     "float_nodes",
     "quantized_nodes",
+    "subgraph_nodes",
+    "warnings",
     "gate",
 }
 
@@ -152,13 +155,19 @@ def test_lstm_graph_quantizes_and_the_report_says_what_stayed_float(
 ) -> None:
     model, seq = lstm
     out = tmp_path / "lstm_q.onnx"
+    # Weights this small grow with their scales and Q/DQ nodes: --allow-no-gain writes it anyway.
     code, stdout, err = run_cli(
         capsys, "model", "quantize", model, "-o", out, "--mode", mode, "--calibration", seq, "--bench-runs", "10",
-        "--json",
+        "--allow-no-gain", "--json",
     )  # fmt: skip
     assert code == 0, err
     report = json.loads(stdout)
     assert report["max_abs_error"] < 0.1 and report["top1_agreement"] > 0.9
+    assert report["gate"]["allow_no_gain"] and report["gate"]["passed"]
+    assert report["warnings"] == report["gate"]["no_gain"]
+    if report["gate"]["no_gain"]:
+        assert "the output is larger" in report["gate"]["no_gain"][0]
+        assert "warning:" in err and "the output is larger" in err
     ops = {n.op_type for n in onnx.load(out).graph.node}
     if mode == "dynamic":  # onnxruntime has an integer LSTM only for dynamic quantization
         assert "DynamicQuantizeLSTM" in ops and "lstm (LSTM)" not in report["float_nodes"]
@@ -184,10 +193,13 @@ def test_report_json_has_every_field_and_matches_the_report_file(capsys: Any, tm
     assert set(report["latency_us"]["before"]) == set(report["latency_us"]["after"]) == {"p50", "p99"}
     assert report["latency_us"]["runs"] == 20
     assert report["validation"] == {"data": str(val), "samples": 597, "output": "probabilities"}
+    assert report["outputs"]["probabilities"]["kind"] == "scores"
+    assert 0.99 < report["cosine_similarity"] <= 1.0 and report["subgraph_nodes"] == 0 and report["warnings"] == []
     assert set(report["accuracy"]) == {"before", "after", "drop_points"}
     assert all(0 <= report["accuracy"][k] <= 1 for k in ("before", "after"))
     assert report["max_abs_error"] >= report["mean_abs_error"] >= 0
-    assert isinstance(report["float_nodes"], list) and report["gate"] == {"max_accuracy_drop": None, "passed": True}
+    assert isinstance(report["float_nodes"], list)
+    assert report["gate"] == {"max_accuracy_drop": None, "allow_no_gain": False, "no_gain": [], "passed": True}
 
 
 def test_table_output_and_image_folder_calibration_through_a_pipeline(capsys: Any, tmp_path: Path) -> None:
@@ -218,8 +230,12 @@ def test_table_output_and_image_folder_calibration_through_a_pipeline(capsys: An
 BAD_DATA = {
     # case: (arrays to save, or None for an empty image folder; what the one line must say)
     "missing input": ({"inputs": np.zeros((4, 64), np.float32)}, ["missing input 'input'", "['inputs']"]),
-    "wrong shape": ({"input": np.zeros((4, 63), np.float32)}, ["input 'input'", "shape [64], got [63]"]),
-    "wrong rank": ({"input": np.zeros((4, 8, 8), np.float32)}, ["input 'input'", "got [8, 8]"]),
+    "wrong shape": ({"input": np.zeros((4, 63), np.float32)}, ["input 'input'", "shape [1, 64], got [1, 63]"]),
+    "wrong rank": ({"input": np.zeros((4, 8, 8), np.float32)}, ["input 'input'", "shape [?, 64], got [8, 8]"]),
+    "wrong layout": (
+        {"input": np.zeros((4, 2, 8, 8), np.float32)},
+        ["array 'input' has shape [4, 2, 8, 8]", "expected [N, ?, 64]", "new leading axis"],
+    ),
     "wrong dtype": ({"input": np.zeros((4, 64), np.float64)}, ["input 'input'", "expected dtype float32, got float64"]),
     "no samples": ({"input": np.zeros((0, 64), np.float32)}, ["empty calibration set", "'input' has no samples"]),
     "no arrays": ({}, ["empty calibration set", "no arrays"]),
@@ -271,7 +287,7 @@ def test_accuracy_gate_fails_in_one_line_and_writes_no_model(capsys: Any, tmp_pa
     assert_one_line_error(code, err, "accuracy fell", "--max-accuracy-drop 1", "nothing written")
     assert not out.exists()
     report = json.loads(rep.read_text())  # the report still says why
-    assert report["gate"] == {"max_accuracy_drop": 1.0, "passed": False}
+    assert report["gate"] == {"max_accuracy_drop": 1.0, "allow_no_gain": False, "no_gain": [], "passed": False}
     assert report["accuracy"]["drop_points"] > 1
     assert "FAILED" in stdout
 

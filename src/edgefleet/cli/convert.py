@@ -32,6 +32,9 @@ _DROP = typer.Option(
 _LABELS = typer.Option(
     None, "--labels", help="Class labels for accuracy: a .npy file, or a key of the validation .npz (e.g. y)."
 )
+_NO_GAIN = typer.Option(
+    False, "--allow-no-gain", help="Write the model even when nothing was quantized or it is larger (exit 0)."
+)
 _VALIDATION = typer.Option(
     None, "--validation", help="Data the report compares models on (.npz by input name; default: the calibration data)."
 )
@@ -55,6 +58,8 @@ def _finish(report: Report, report_file: Path | None, as_json: bool) -> None:
         raise ModelError(report.gate_message())
     if not as_json:
         console.print(f"wrote {report.output} ({report.size_after:,} bytes)")
+    for w in report.no_gain:  # written anyway (--allow-no-gain): say so where a script sees it too
+        typer.echo(f"warning: {report.output}: {w}", err=True)
 
 
 def quantize(
@@ -78,6 +83,7 @@ def quantize(
     labels: str | None = _LABELS,
     bench_runs: int = _BENCH,
     max_accuracy_drop: float | None = _DROP,
+    allow_no_gain: bool = _NO_GAIN,
     report_file: Path | None = _REPORT,
     as_json: bool = _JSON,
 ) -> None:
@@ -93,6 +99,7 @@ def quantize(
         per_channel=per_channel,
         exclude=exclude_list(exclude),
         max_samples=samples,
+        allow_no_gain=allow_no_gain,
     )
     report = quantize_onnx(
         model, out, options, calibration, validation, labels, pipeline, bench_runs, max_accuracy_drop
@@ -124,6 +131,7 @@ def convert(
     labels: str | None = _LABELS,
     bench_runs: int = _BENCH,
     max_accuracy_drop: float | None = _DROP,
+    allow_no_gain: bool = _NO_GAIN,
     report_file: Path | None = _REPORT,
     as_json: bool = _JSON,
 ) -> None:
@@ -137,6 +145,7 @@ def convert(
         input_shapes=tuple(parse_input_shape(s) for s in input_shape),
         opset=opset,
         max_samples=samples,
+        allow_no_gain=allow_no_gain,
     )
     report = convert_model(src, out, options, representative, validation, labels, bench_runs, max_accuracy_drop)
     _finish(report, report_file, as_json)
