@@ -95,6 +95,9 @@ def _resize(x: np.ndarray[Any, Any], s: ResizeStep) -> np.ndarray[Any, Any]:
     if x.dtype not in (np.uint8, np.float32):
         x = x.astype(np.float32)
     h, w = x.shape[:2]
+    if s.keep_aspect:
+        return _keep_aspect(x, s, interp)
+    assert s.width is not None and s.height is not None  # the manifest requires both without keep_aspect
     if s.mode == "stretch":
         out = cv2.resize(x, (s.width, s.height), interpolation=interp)
     else:
@@ -105,6 +108,25 @@ def _resize(x: np.ndarray[Any, Any], s: ResizeStep) -> np.ndarray[Any, Any]:
         top, left = (s.height - nh) // 2, (s.width - nw) // 2
         out[top : top + nh, left : left + nw] = inner.reshape(nh, nw, -1)
     return out.reshape(s.height, s.width, -1)  # type: ignore[no-any-return]
+
+
+def _keep_aspect(x: np.ndarray[Any, Any], s: ResizeStep, interp: int) -> np.ndarray[Any, Any]:
+    """Scale to fit ``width`` and/or ``height`` keeping the aspect ratio, then pad right and bottom
+    with ``pad_value`` up to a multiple of ``multiple`` (the image stays at the top left, so a
+    coordinate on the model's input maps back by the scale alone)."""
+    cv2 = _cv2()
+    h, w, c = x.shape
+    ratios = [t / d for t, d in ((s.width, w), (s.height, h)) if t is not None]
+    r = min(ratios)
+    nw, nh = max(1, round(w * r)), max(1, round(h * r))
+    inner = cv2.resize(x, (nw, nh), interpolation=interp).reshape(nh, nw, c) if (nw, nh) != (w, h) else x
+    m = s.multiple
+    ph, pw = -(-nh // m) * m, -(-nw // m) * m
+    if (ph, pw) == (nh, nw):
+        return inner
+    out = np.full((ph, pw, c), s.pad_value, dtype=x.dtype)
+    out[:nh, :nw] = inner
+    return out
 
 
 def _crop(x: np.ndarray[Any, Any], s: CenterCropStep) -> np.ndarray[Any, Any]:
@@ -179,27 +201,65 @@ def _softmax(x: np.ndarray[Any, Any], axis: int) -> np.ndarray[Any, Any]:
     return e / e.sum(axis=axis, keepdims=True)  # type: ignore[no-any-return]
 
 
+def _axis(x: np.ndarray[Any, Any], axis: int, op: str) -> int:
+    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
+        raise PipelineError(f"step {op}: axis {axis} is out of range for shape {list(x.shape)}")
+    return axis % x.ndim
+
+
+def _nest(flat: list[Any], shape: Sequence[int]) -> Any:
+    """A flat list as nested lists of ``shape`` (``[]`` shape: the one element)."""
+    if not shape:
+        return flat[0]
+    step = len(flat) // shape[0] if shape[0] else 0
+    return [_nest(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _ranked(
+    x: np.ndarray[Any, Any], axis: int | None, k: int, op: str, labels: Sequence[str] | None
+) -> tuple[list[list[dict[str, Any]]], tuple[int, ...]]:
+    """The ``k`` best entries of every vector along ``axis`` (None: of the whole output), and the
+    shape of the other axes (``()`` when there is one vector)."""
+    rest: tuple[int, ...] = ()
+    if axis is None:
+        rows = x.reshape(1, -1)
+    else:
+        a = _axis(x, axis, op)
+        moved = np.moveaxis(x, a, -1)
+        rest = tuple(int(d) for d in moved.shape[:-1])
+        rows = moved.reshape(-1, moved.shape[-1])
+    if rows.shape[1] == 0:
+        raise PipelineError(f"step {op}: the output is empty")
+    k = min(k, rows.shape[1])
+    idx = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    best = [
+        [{"index": int(i), "label": _label(labels, int(i)), "score": float(row[i])} for i in ids]
+        for row, ids in zip(rows, idx, strict=True)
+    ]
+    return best, rest
+
+
 def postprocess(out: np.ndarray[Any, Any], steps: Sequence[PostStep], labels: Sequence[str] | None) -> dict[str, Any]:
-    """Apply post-processing to one sample's output; returns the JSON-ready additions."""
+    """Apply post-processing to one sample's output; returns the JSON-ready additions.
+
+    ``argmax``/``topk`` read the whole output as one vector of class scores, or with ``axis`` each
+    vector along that axis (then ``class``, ``label``, ``score`` and ``top_k`` are nested lists over
+    the other axes). Raises :class:`PipelineError` for an axis out of range or an empty output.
+    """
     result: dict[str, Any] = {}
     x = out
     for s in steps:
         if isinstance(s, SoftmaxStep):
-            if x.ndim == 0 or not -x.ndim <= s.axis < x.ndim:
-                raise PipelineError(f"step softmax: axis {s.axis} is out of range for shape {list(x.shape)}")
-            x = _softmax(x, s.axis)
+            x = _softmax(x, _axis(x, s.axis, "softmax"))
             result["scores"] = x.tolist()
+            continue
+        k = s.k if isinstance(s, TopKStep) else 1
+        best, rest = _ranked(x, s.axis, k, s.op, labels)
+        if isinstance(s, TopKStep):
+            result["top_k"] = _nest(best, rest)
         else:
-            flat = x.reshape(-1)
-            if flat.size == 0:
-                raise PipelineError(f"step {s.op}: the output is empty")
-            k = 1 if not isinstance(s, TopKStep) else min(s.k, flat.size)
-            idx = np.argsort(-flat, kind="stable")[:k]
-            top = [{"index": int(i), "label": _label(labels, int(i)), "score": float(flat[i])} for i in idx]
-            if isinstance(s, TopKStep):
-                result["top_k"] = top
-            else:
-                result.update({"class": top[0]["index"], "label": top[0]["label"], "score": top[0]["score"]})
+            for key, field in (("class", "index"), ("label", "label"), ("score", "score")):
+                result[key] = _nest([b[0][field] for b in best], rest)
     return result
 
 
@@ -208,15 +268,36 @@ def _label(labels: Sequence[str] | None, i: int) -> str | None:
 
 
 class Pipeline:
-    """A model with its pre- and post-processing: raw data in, a JSON-ready result out."""
+    """A model with its pre- and post-processing: raw data in, a JSON-ready result out.
+
+    Raises :class:`PipelineError` when the spec names an input or output the model does not have.
+    """
 
     def __init__(self, model: Model, spec: PipelineSpec | None = None, labels: Sequence[str] | None = None):
         self.model = model
         self.spec = spec if spec is not None else (model.manifest.pipeline if model.manifest else PipelineSpec())
         self.labels = list(labels) if labels is not None else model.labels
+        names = [s.name for s in model.outputs]
         self.input = self.spec.input or model.inputs[0].name
-        self.output = self.spec.output or model.outputs[0].name
-        self._rank = len(next(s for s in model.inputs if s.name == self.input).shape)
+        self.output = self.spec.output or names[0]
+        spec_in = next((s for s in model.inputs if s.name == self.input), None)
+        if spec_in is None:
+            raise PipelineError(
+                f"pipeline input {self.input!r}: the model's inputs are {[s.name for s in model.inputs]}"
+            )
+        if self.output not in names:
+            raise PipelineError(f"pipeline output {self.output!r}: the model's outputs are {names}")
+        self._rank = len(spec_in.shape)
+        self.raw_outputs = self._raw(self.spec.raw_outputs)
+
+    def _raw(self, raw: bool | Sequence[str]) -> tuple[str, ...]:
+        names = [s.name for s in self.model.outputs]
+        if isinstance(raw, bool):
+            return tuple(names) if raw else ()
+        unknown = [n for n in raw if n not in names]
+        if unknown:
+            raise PipelineError(f"raw_outputs: no output(s) {unknown}; the model's outputs are {names}")
+        return tuple(raw)
 
     def prepare(self, data: Any) -> dict[str, Any]:
         """Raw data to the model's input feeds."""
@@ -234,10 +315,19 @@ class Pipeline:
             x = x[None]
         return x
 
-    def run(self, data: Any) -> dict[str, Any]:
-        """Pre-process, predict, post-process one sample; the result is plain JSON."""
+    def run(self, data: Any, raw_outputs: bool | Sequence[str] | None = None) -> dict[str, Any]:
+        """Pre-process, predict, post-process one sample; the result is plain JSON.
+
+        ``raw_outputs`` (default: the spec's, which defaults to off) adds ``"outputs"``, the model's
+        raw outputs as lists: ``True`` for all, or the names wanted. Raises :class:`PipelineError`
+        for data the steps cannot take or an unknown output name, and
+        :class:`~edgefleet.errors.ModelError` when the model refuses the prepared input.
+        """
+        raw = self.raw_outputs if raw_outputs is None else self._raw(raw_outputs)
         outputs = self.model.predict(self.prepare(data))
-        result: dict[str, Any] = {"model": self.model.name, "outputs": {k: v.tolist() for k, v in outputs.items()}}
+        result: dict[str, Any] = {"model": self.model.name}
+        if raw:
+            result["outputs"] = {k: outputs[k].tolist() for k in raw}
         out = outputs[self.output]
         if out.ndim >= 1 and out.shape[0] == 1:
             out = out[0]

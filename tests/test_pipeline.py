@@ -134,6 +134,6 @@ def test_pipeline_errors_name_the_file(models_dir: Path, tmp_path: Path) -> None
 
 
 def test_pipeline_passes_a_dict_through_for_multi_input_models(models_dir: Path) -> None:
-    pipe = Pipeline(load_model(models_dir / "multi_io.onnx"), PipelineSpec(output="total"))
+    pipe = Pipeline(load_model(models_dir / "multi_io.onnx"), PipelineSpec(output="total", raw_outputs=["total"]))
     res = pipe.run({"features": [[1.0, 2.0]], "scale": 2})
-    assert res["outputs"]["total"] == [pytest.approx(7.0)]
+    assert res["outputs"] == {"total": [pytest.approx(7.0)]}

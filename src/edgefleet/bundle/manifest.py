@@ -136,14 +136,33 @@ class GoldenRef(FileRef):
 
 
 class ResizeStep(_Strict):
-    """Resize an HWC image; ``letterbox`` keeps the aspect ratio and pads with ``pad_value``."""
+    """Resize an HWC image to ``width`` x ``height``; ``letterbox`` keeps the aspect ratio and pads
+    with ``pad_value``. With ``keep_aspect`` the size follows the image instead (for models with
+    dynamic height/width): scaled to fit the ``width`` and/or ``height`` given, keeping its aspect
+    ratio, then padded right and bottom with ``pad_value`` up to a ``multiple`` of pixels."""
 
     op: Literal["resize"]
-    width: int = Field(ge=1, le=16384)
-    height: int = Field(ge=1, le=16384)
+    width: int | None = Field(default=None, ge=1, le=16384, description="pixels; optional with keep_aspect")
+    height: int | None = Field(default=None, ge=1, le=16384, description="pixels; optional with keep_aspect")
     mode: Literal["stretch", "letterbox"] = "stretch"
     interpolation: Literal["nearest", "linear", "area", "cubic"] = "linear"
     pad_value: float = 0.0
+    keep_aspect: bool = False
+    multiple: int = Field(default=1, ge=1, le=1024, description="pixels; output dims rounded up to it (keep_aspect)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ResizeStep:
+        if self.keep_aspect:
+            if self.width is None and self.height is None:
+                raise ValueError("keep_aspect needs width, height or both (the box the image is fitted into)")
+            if self.mode == "letterbox":
+                raise ValueError("keep_aspect and mode letterbox exclude each other (letterbox pads to the full size)")
+        else:
+            if self.width is None or self.height is None:
+                raise ValueError("width and height are both needed unless keep_aspect is true")
+            if self.multiple != 1:
+                raise ValueError("multiple applies with keep_aspect = true only (the size is fixed otherwise)")
+        return self
 
 
 class CenterCropStep(_Strict):
@@ -200,12 +219,19 @@ class SoftmaxStep(_Strict):
 
 
 class ArgmaxStep(_Strict):
+    """The best class; with ``axis`` (of the output without its batch axis), one per position along
+    the other axes (e.g. ``axis = -1`` on a ``[T, C]`` sequence gives ``T`` classes)."""
+
     op: Literal["argmax"]
+    axis: int | None = None
 
 
 class TopKStep(_Strict):
+    """The ``k`` best classes; with ``axis``, ``k`` per position along the other axes."""
+
     op: Literal["topk"]
     k: int = Field(default=5, ge=1, le=1000)
+    axis: int | None = None
 
 
 PostStep = Annotated[SoftmaxStep | ArgmaxStep | TopKStep, Field(discriminator="op")]
@@ -215,12 +241,18 @@ class PipelineSpec(_Strict):
     """How raw data becomes the model's input, and its output a result.
 
     ``input``/``output`` name the tensors the steps apply to (default: the model's first).
+    ``raw_outputs`` (default off) adds the model's raw outputs to every result: a detector's can be
+    hundreds of KB of JSON per frame.
     """
 
     input: str | None = None
     output: str | None = None
     preprocess: list[PreStep] = Field(default_factory=list)
     postprocess: list[PostStep] = Field(default_factory=list)
+    raw_outputs: bool | list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default=False,
+        description="put the model's raw outputs in the result: true for all, or a list of output names",
+    )
 
 
 class Manifest(_Strict):
