@@ -46,6 +46,7 @@ _UPLOAD_BODY: dict[str, Any] = {
 }
 _UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": VersionOut, "description": "the same bytes were already stored as this version: a no-op"},
+    204: {"description": "dry run: an upload with these headers would be taken"},
 }
 
 
@@ -167,12 +168,16 @@ async def upload(
     x_model_version: Annotated[
         str | None, Header(pattern=VERSION_PATTERN, description="the bundle's version (with X-Model-Name)")
     ] = None,
-) -> VersionOut:
+    dry_run: Annotated[
+        bool, Query(description="check the token, the headers and the version only; read no body (204 if taken)")
+    ] = False,
+) -> Any:
     """Upload a ``.efb`` bundle as the raw body: 201 stored, 200 when the same bytes are already this
     version (a no-op). Refused: 413 over the limit, 422 an invalid bundle, 409 when NAME-VERSION exists
     with other content. With ``X-Model-Name``/``X-Model-Version`` (and ``X-Content-SHA256``) a conflict
     or a no-op is answered before the body is read, so a client sending ``Expect: 100-continue``
-    sends none of it."""
+    sends none of it; ``?dry_run=true`` asks just that, with no body (what ``edgefleet model push`` does
+    before it sends one)."""
     limit = state.settings.max_upload_bytes
     if content_length is not None and content_length > limit:
         raise ApiError(413, f"content-length: {content_length} bytes, over the {limit}-byte limit", "content-length")
@@ -184,6 +189,10 @@ async def upload(
                 response.status_code = 200
                 return _out(early)
             raise _conflict(early)
+    if dry_run:
+        if declared is None:
+            raise ApiError(422, "x-model-name: a dry run needs X-Model-Name and X-Model-Version", "x-model-name")
+        return Response(status_code=204)
     try:
         staged = await state.blobs.receive(request.stream(), limit, x_content_sha256)
     except ClientDisconnect as e:

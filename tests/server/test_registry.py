@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from _fleet import make_bundle
 
@@ -173,3 +174,22 @@ def test_malformed_and_unsatisfiable_ranges_are_json_416(fleet, tmp_path: Path) 
         assert r.json()["field"] == "range" and r.headers["content-range"] == f"bytes */{len(data)}"
     stale = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**fleet.admin_h, "Range": "bytes=abc", "If-Range": '"x"'})
     assert stale.status_code == 200 and stale.content == data  # If-Range not matching: the whole file
+
+
+def test_a_dry_run_checks_token_role_and_version_without_a_body(fleet, tmp_path: Path) -> None:
+    data = make_bundle(tmp_path, "dry", "1.0.0").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    h = {"X-Model-Name": "dry", "X-Model-Version": "1.0.0", "X-Content-SHA256": sha}
+
+    def dry(headers: dict[str, str]) -> Any:
+        return fleet.client.post("/api/v1/models", params={"dry_run": "true"}, headers=headers)
+
+    assert dry({**fleet.admin_h}).json()["field"] == "x-model-name"
+    assert dry(h).status_code == 401
+    assert dry({**h, **fleet.auth(fleet.api_token("viewer"))}).status_code == 403
+    assert dry({**h, **fleet.admin_h}).status_code == 204
+    assert fleet.client.get("/api/v1/models", headers=fleet.admin_h).json() == []  # nothing stored
+    assert fleet.upload(make_bundle(tmp_path, "dry", "1.0.0")).status_code == 201
+    assert dry({**h, **fleet.admin_h}).status_code == 200
+    other = dry({**h, **fleet.admin_h, "X-Content-SHA256": "0" * 64})
+    assert other.status_code == 409 and "already exists with different content" in other.json()["error"]

@@ -136,6 +136,21 @@ def test_upload_racing_a_delete_of_the_same_version_never_splits_row_and_blob(se
     print(f"race outcomes over {rounds} rounds: {outcomes}")
 
 
+def test_two_uploads_of_one_version_with_different_bytes_store_exactly_one(server: Server, tmp_path: Path) -> None:
+    with httpx.Client(base_url=server.url, headers=server.h(), timeout=30) as a, httpx.Client(
+        base_url=server.url, headers=server.h(), timeout=30
+    ) as b:
+        for i in range(10):
+            one = make_bundle(tmp_path / f"a{i}", "twin", f"1.0.{i}", 10_000).read_bytes()
+            two = make_bundle(tmp_path / f"b{i}", "twin", f"1.0.{i}", 11_000).read_bytes()
+            codes = _race(
+                lambda one=one: a.post("/api/v1/models", content=one).status_code,
+                lambda two=two: b.post("/api/v1/models", content=two).status_code,
+            )
+            assert sorted(codes) == [201, 409], codes
+            _assert_rows_and_blobs_agree(server)
+
+
 def test_refused_uploads_leave_no_blob_and_nothing_downloadable(server: Server, tmp_path: Path) -> None:
     first = make_bundle(tmp_path / "a", "m", "1.0.0", 4000).read_bytes()
     assert server.http.post("/api/v1/models", content=first).status_code == 201
@@ -181,6 +196,14 @@ def test_range_errors_are_json_416_with_the_size(server: Server, tmp_path: Path)
         assert len(r.json()["error"]) < 200
     ok = httpx.get(f"{server.url}/api/v1/models/r/1.0.0/bundle", headers={**server.h(), "Range": "bytes=-10"})
     assert ok.status_code == 206 and ok.content == data[-10:]
+
+
+def _vm(pid: int, key: str) -> int:
+    """VmRSS / VmHWM of a process, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for {pid}")
 
 
 class CountingProxy:
@@ -245,10 +268,12 @@ def test_push_of_50_mb_with_a_bad_token_or_a_conflicting_version_sends_almost_no
     taken = make_bundle(tmp_path / "taken", "big", "1.0.0", 1000)  # the same version with other bytes
     assert server.http.post("/api/v1/models", content=taken.read_bytes()).status_code == 201
     proxy = CountingProxy(server.port)
+    hwm_before = _vm(server.proc.pid, "VmHWM")
     try:
         for what, token, needle in (
             ("bad token", "efo_nope_nope", "401"),
             ("conflicting version", server.admin, "already exists with different content"),
+            ("viewer token", server.token("viewer"), "403"),
         ):
             before = proxy.sent
             r = _push(big, proxy.url, token)
@@ -260,6 +285,9 @@ def test_push_of_50_mb_with_a_bad_token_or_a_conflicting_version_sends_almost_no
             assert sent < 64 * 1024, (what, sent)
     finally:
         proxy.close()
+    growth = (_vm(server.proc.pid, "VmHWM") - hwm_before) / 1024
+    print(f"server peak RSS growth over the three refused 50 MB pushes: {growth:.1f} MiB")
+    assert growth < 64
     assert not any(p.name == hashlib.sha256(big.read_bytes()).hexdigest() for p in server.data.rglob("*"))
 
 

@@ -162,9 +162,9 @@ def push(
 ) -> None:
     """Upload a bundle to the registry (streamed, with a progress bar); the server validates it.
 
-    The bundle is checked here first, then the server is asked for its NAME VERSION: a bad token, or a
-    version that exists with other content, is refused before any of the body is sent, and the same
-    bytes pushed again are a no-op."""
+    The bundle is checked here first, then the server is asked, with no body (a dry run), whether it
+    would take it: a bad token, a role that may not push, or a version that exists with other content
+    is refused before any of the body is sent, and the same bytes pushed again are a no-op."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from edgefleet.bundle import read_manifest
@@ -176,20 +176,17 @@ def push(
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     sha = digest.hexdigest()
+    headers = {"X-Content-SHA256": sha, "X-Model-Name": manifest.name, "X-Model-Version": manifest.version}
     with _client(server) as c:
-        known = _send(c, "GET", f"/api/v1/models/{manifest.name}/{manifest.version}")
-        if known.status_code == 200:
-            out = known.json()
-            if out.get("sha256") != sha:
-                raise ApiClientError(
-                    f"version: {manifest.name} {manifest.version} already exists with different content "
-                    f"(sha256 {out.get('sha256')}); give the new bundle a new version"
-                )
-            out.pop("manifest", None)
-            _pushed(out, as_json, unchanged=True)
+        # A dry run first: the token, the role and the version are checked with no body sent; 200 means
+        # these bytes are already this version.
+        check = _send(c, "POST", "/api/v1/models", params={"dry_run": "true"}, headers=headers)
+        if check.status_code == 200:
+            _pushed(_result(check), as_json, unchanged=True)
             return
-        if known.status_code != 404:
-            _result(known)  # 401, 403, ...: raises
+        if check.status_code != 204:
+            _result(check)  # 401, 403, 409, ...: raises
+            raise ApiClientError(f"POST /api/v1/models?dry_run=true: unexpected {check.status_code}")
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), disable=as_json, transient=True) as progress:
             task = progress.add_task(f"push {bundle.name}", total=size)
@@ -201,9 +198,7 @@ def push(
                         progress.advance(task, len(chunk))
                         yield chunk
 
-            headers = {"Content-Type": "application/octet-stream", "X-Content-SHA256": sha,
-                       "Content-Length": str(size), "X-Model-Name": manifest.name,
-                       "X-Model-Version": manifest.version}
+            headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
             r = _send(c, "POST", "/api/v1/models", body=chunks, headers=headers, timeout=None)
     _pushed(_result(r), as_json, unchanged=r.status_code == 200)
 
