@@ -50,7 +50,8 @@ def import_litert() -> tuple[Any, Any, str]:
         return Interpreter, load_delegate, "tflite_runtime"
     except ImportError as e:
         raise ModelError(
-            "no TFLite runtime: install ai-edge-litert (pip install 'edgefleet[agent]') or tflite-runtime"
+            "no TFLite runtime: install the agent extra, which brings ai-edge-litert (pip install "
+            "'edgefleet-VERSION-py3-none-any.whl[agent]', or -e '.[agent]' from a checkout), or tflite-runtime"
         ) from e
 
 

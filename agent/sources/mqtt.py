@@ -84,7 +84,10 @@ def make_client(cfg: MqttBrokerConfig, role: str) -> mqtt.Client:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
     except ImportError as e:
-        raise ConfigError(f"{role}: MQTT needs paho-mqtt (pip install 'edgefleet[agent]')") from e
+        raise ConfigError(
+            f"{role}: MQTT needs paho-mqtt: install the agent extra "
+            "(pip install 'edgefleet-VERSION-py3-none-any.whl[agent]', or -e '.[agent]' from a checkout)"
+        ) from e
     protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
