@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import socket
+import traceback
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -136,6 +137,23 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+def _forget(e: BaseException) -> None:
+    """Clear the locals of the finished frames in ``e``'s traceback (and its context's).
+
+    An exception caught here is often in a reference cycle: asyncio's StreamReader keeps the
+    connection error it re-raises, whose traceback holds our frames, which hold the reader. Such a
+    cycle keeps the connection's buffers (hundreds of KiB each, or a body) alive until the cycle
+    collector runs, and big buffers do not make it run: without this, a client resetting
+    connections mid-body grew the agent by tens of MiB.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        traceback.clear_frames(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
+
+
 class _Connection:
     def __init__(self, server: HttpServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -153,7 +171,13 @@ class _Connection:
         self.writer.close()
 
     async def _next_event(self, deadline: float) -> Any:
-        """The next h11 event; raises TimeoutError at the loop time ``deadline``."""
+        """The next h11 event; raises TimeoutError at the loop time ``deadline``.
+
+        Timeouts use ``asyncio.timeout``, not ``wait_for``: an error raised through ``wait_for``
+        (a reset connection) makes a cycle (exception -> traceback -> wait_for's frame -> its future
+        -> exception) that keeps this connection's buffers alive until the cycle collector runs,
+        and megabytes of buffers do not make it run: a client resetting connections mid-body grew
+        the agent by tens of MiB."""
         loop = asyncio.get_running_loop()
         while True:
             event = self.conn.next_event()
@@ -164,7 +188,8 @@ class _Connection:
             left = deadline - loop.time()
             if left <= 0:
                 raise TimeoutError
-            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), left)
+            async with asyncio.timeout(left):  # not wait_for: see _read
+                data = await self.reader.read(READ_CHUNK)
             self.conn.receive_data(data)
 
     async def _next_request(self) -> Any:
@@ -173,7 +198,8 @@ class _Connection:
         self.waiting_since = loop.time()
         if self.served and not self.conn.trailing_data[0]:
             # keep-alive: idle until the next request's first byte
-            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), self.limits.keepalive_timeout)
+            async with asyncio.timeout(self.limits.keepalive_timeout):
+                data = await self.reader.read(READ_CHUNK)
             self.conn.receive_data(data)
         return await self._next_event(loop.time() + self.limits.header_timeout)
 
@@ -182,7 +208,8 @@ class _Connection:
         if data:
             self.writer.write(data)
             if self.writer.transport.get_write_buffer_size() > READ_CHUNK:  # a client not reading
-                await asyncio.wait_for(self.writer.drain(), self.limits.request_timeout)
+                async with asyncio.timeout(self.limits.request_timeout):
+                    await self.writer.drain()
             else:
                 await self.writer.drain()
 
@@ -209,7 +236,8 @@ class _Connection:
             while not self.server.stopping:
                 try:
                     event = await self._next_request()
-                except (TimeoutError, asyncio.IncompleteReadError):
+                except (TimeoutError, asyncio.IncompleteReadError) as e:
+                    _forget(e)
                     return
                 if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     return
@@ -219,6 +247,7 @@ class _Connection:
                 try:
                     await self._handle(event)
                 except HttpError as e:
+                    _forget(e)
                     await self._error(e.status, str(e), e.headers)
                 finally:
                     self.busy = False
@@ -232,9 +261,10 @@ class _Connection:
                 except h11.LocalProtocolError:
                     return
         except h11.RemoteProtocolError as e:
+            _forget(e)
             await self._error(e.error_status_hint, f"bad HTTP request: {e}")
-        except (ConnectionError, TimeoutError):
-            pass
+        except (ConnectionError, TimeoutError) as e:
+            _forget(e)
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):
@@ -398,8 +428,9 @@ class _Connection:
             await self.server.app(scope, receive, send)
         except (ConnectionError, TimeoutError):
             raise
-        except Exception:
+        except Exception as e:
             log.exception("unhandled error in %s %s", scope["method"], path)
+            _forget(e)
             if not started:
                 await self._error(500, "internal error; see the agent's log")
 

@@ -74,31 +74,6 @@ def bind_sockets(host: str, port: int, uds: Path | None) -> list[socket.socket]:
     return socks
 
 
-def return_large_buffers_to_the_os() -> None:
-    """Have glibc's malloc give every block of 1 MiB or more its own mapping, unmapped on free.
-
-    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so
-    request bodies of a few MiB end up in the heap, which it rarely trims: under a client that keeps
-    starting big bodies, the agent's RSS ratchets up by hundreds of MiB although the request buffer
-    budget is never exceeded. Fixing the thresholds turns off that adjustment. Not glibc: nothing
-    to do.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None or os.uname().sysname != "Linux":
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 1 << 20)
-    mallopt(m_trim_threshold, 4 << 20)
-
-
 class AgentService:
     """The agent process. ``run()`` blocks until SIGTERM/SIGINT and returns the exit code."""
 
@@ -209,7 +184,6 @@ class AgentService:
         """Serve until SIGTERM/SIGINT; then stop taking requests, finish those in flight, stop flows."""
         api = self.config.api
         self._sockets = bind_sockets(api.host, api.port, api.uds)
-        return_large_buffers_to_the_os()
         server = HttpServer(self.app, api.limits())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
