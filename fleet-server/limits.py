@@ -10,10 +10,12 @@ it), so :class:`BodyLimit` sits in front of the router. Each request gets the li
   ``receive()`` raise :class:`BodyTooLarge`, and whatever the application sends afterwards is dropped;
 - a ``Content-Length`` that is not a non-negative integer is a JSON 400;
 - bodies the application holds in memory (every route but those given their own limit, which stream
-  to disk) share a budget: a request whose body would take the bytes held by all requests in flight
-  past it is a JSON 503 with ``Retry-After`` (so many connections each sending a body up to the
-  limit cannot add up to more than the budget), and must arrive within a deadline (a JSON 408 past
-  it: a body dripped a byte at a time cannot hold its share of the budget for ever).
+  to disk) share a budget, because a parsed JSON body takes up to ~25 times its size (1 MiB of
+  ``[{},{},...]`` is 25 MiB of dicts) and every request in flight holds its own: a request with a
+  ``Content-Length`` waits, unread, until its bytes fit in the budget (a JSON 503 with
+  ``Retry-After`` if they do not within the deadline); a chunked one is counted as it arrives and
+  refused with the same 503 once the bodies in flight pass the budget. Each must then arrive within
+  the deadline (a JSON 408 past it: a body dripped a byte at a time cannot hold its share for ever).
 
 A route with its own limit is found by its template, before the router runs (the template is left
 in the scope as ``edgefleet.route``, for the metrics of requests refused here). Starlette's own
@@ -91,6 +93,7 @@ class BodyLimit:
         self.default = default
         self.budget = max(budget, default)
         self.in_use = 0  # bytes of in-memory bodies admitted and not yet finished (one event loop: no lock)
+        self._waiters: list[asyncio.Future[None]] = []  # requests waiting for budget, woken by each release
         self.routes = [(method, template, compile_path(template)[0], limit)
                        for (method, template), limit in per_route.items()]
 
@@ -127,21 +130,51 @@ class BodyLimit:
                 msg = f"content-length: {declared} bytes, over this route's {limit}-byte limit"
                 await _refuse(send, 413, msg, "content-length")
                 return
-            if buffered and self.in_use + declared > self.budget:
-                await _refuse(send, 503, _BUSY, "body", retry_after=True)
-                return
             if not buffered:  # the server delivers at most Content-Length bytes: nothing to count or time
                 await self.app(scope, receive, send)
                 return
-        await self._guarded(scope, receive, send, limit, buffered, declared)
+            if not await self._admit(declared):
+                await _refuse(send, 503, _BUSY, "body", retry_after=True)
+                return
+        try:
+            await self._guarded(scope, receive, send, limit, buffered, declared)
+        finally:
+            if buffered and declared:
+                self._release(declared)
+
+    async def _admit(self, n: int) -> bool:
+        """Reserve ``n`` bytes of the budget, waiting up to ``deadline`` seconds for them to be free
+        (the body stays unread meanwhile); False when they never were."""
+        if n > self.budget:
+            return False
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.deadline
+        while self.in_use + n > self.budget:
+            freed = loop.create_future()
+            self._waiters.append(freed)
+            try:
+                async with asyncio.timeout_at(until):
+                    await freed
+            except TimeoutError:
+                return False
+            finally:
+                if freed in self._waiters:
+                    self._waiters.remove(freed)
+        self.in_use += n
+        return True
+
+    def _release(self, n: int) -> None:
+        self.in_use -= n
+        waiters, self._waiters = self._waiters, []
+        for freed in waiters:
+            if not freed.done():
+                freed.set_result(None)
 
     async def _guarded(
         self, scope: Scope, receive: Receive, send: Send, limit: int, buffered: bool, declared: int | None
     ) -> None:
         """Run the application with ``receive`` counting the body against ``limit`` (and, for a body
         held in memory, against the budget, and within ``deadline`` seconds of now)."""
-        reserved = declared if buffered and declared is not None else 0
-        self.in_use += reserved
         seen = 0
         started = refused = False
         deadline = asyncio.get_running_loop().time() + self.deadline if buffered else None
@@ -190,7 +223,8 @@ class BodyLimit:
             if not refused:
                 raise
         finally:
-            self.in_use -= reserved + (seen if buffered else 0)
+            if buffered and seen:
+                self._release(seen)
 
 
 _BUSY = "body: the server holds as many request bodies as it may; retry later"

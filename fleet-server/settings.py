@@ -45,8 +45,9 @@ class Settings(BaseModel):
         default=1 << 20, ge=1024, le=64 << 20, description="body limit of every route but the bundle upload, bytes"
     )
     max_buffered_body_bytes: int = Field(
-        default=32 << 20, ge=1 << 20, le=1 << 34,
-        description="request bodies held in memory at once, over all connections (all but uploads), bytes",
+        default=2 << 20, ge=1 << 20, le=1 << 34,
+        description="request bodies held in memory at once, over all connections (all but uploads), bytes; "
+        "parsed JSON takes up to ~25x its size",
     )
     max_header_bytes: int = Field(
         default=16384, ge=1024, le=1 << 20, description="request line and headers of one request, bytes"
