@@ -349,9 +349,8 @@ def convert_model(
         else:
             onnx = require("onnx", "convert")
             proto = onnx.load(str(float_path))
-            report.float_nodes, report.quantized_nodes, report.subgraph_nodes = onnx_float_nodes(
-                proto, proto, qdq=False
-            )
+            nodes = onnx_float_nodes(proto, proto, qdq=False)
+            report.float_nodes, report.quantized_nodes, report.subgraph_nodes = nodes[:3]
         if options.quantize != "none":  # float16 keeps float ops by design: only its size can fail to gain
             report.check_gain(nodes=options.quantize != "float16")
         report.apply_gate(max_accuracy_drop, options.allow_no_gain or options.quantize == "none")

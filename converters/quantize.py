@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from edgefleet.agent.runtime import Model, load_model
 from edgefleet.converters.calibration import SampleSet, load_data, load_labels, make_samples, ort_reader
-from edgefleet.converters.report import Report, measure, onnx_float_nodes, onnx_nodes
+from edgefleet.converters.report import Report, is_quant_op, measure, onnx_float_nodes, onnx_nodes
 from edgefleet.durable import atomic_writer
 from edgefleet.errors import ConfigError, ModelError
 
@@ -143,14 +143,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _is_quant_op(op: str) -> bool:
-    return (
-        op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "QAttention")
-        or op.startswith(("QLinear", "DynamicQuantize"))
-        or op.endswith("Integer")
-    )
-
-
 def _check_ops(proto: Any, where: Path) -> None:
     """Refuse custom-domain ops and a model that is already quantized (one line each)."""
     quant: dict[str, int] = {}
@@ -160,7 +152,7 @@ def _check_ops(proto: Any, where: Path) -> None:
                 f"{where}: node {n.name or name!r} is the custom op {n.domain}::{n.op_type}, which "
                 "onnxruntime has no kernel for: it can be neither calibrated nor quantized (and no device can run it)"
             )
-        if _is_quant_op(n.op_type):
+        if is_quant_op(n.op_type):
             quant[n.op_type] = quant.get(n.op_type, 0) + 1
     if quant:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(quant.items()))
@@ -188,13 +180,15 @@ def _preprocess(src: Path, dst: Path) -> Any:
         except Exception as e2:
             raise ModelError(f"{src}: shape inference before quantization failed: {_first_line(e2)}") from e2
     proto = onnx.load(str(dst))
-    _name_nodes(proto.graph, {n.name for _, n, _ in onnx_nodes(proto.graph) if n.name})
+    _name_nodes(proto.graph)
     onnx.save(proto, str(dst))
     return proto
 
 
-def _name_nodes(graph: Any, taken: set[str]) -> None:
-    """``OpType_index`` for every unnamed node, in subgraph bodies too (names are model-wide unique)."""
+def _name_nodes(graph: Any) -> None:
+    """``OpType_index`` for every unnamed node, unique within its graph, in subgraph bodies too (the
+    report names a body node by its If/Loop/Scan, its body and its own name)."""
+    taken = {n.name for n in graph.node if n.name}
     for i, n in enumerate(graph.node):
         if not n.name:
             name = f"{n.op_type}_{i}"
@@ -204,7 +198,7 @@ def _name_nodes(graph: Any, taken: set[str]) -> None:
             taken.add(name)
         for a in n.attribute:
             for g in [a.g] if a.HasField("g") else list(a.graphs):
-                _name_nodes(g, taken)
+                _name_nodes(g)
 
 
 _NO_KERNEL = re.compile(r"implementation for (\w+)\(\d+\) node with name '([^']*)'")
@@ -326,14 +320,12 @@ def quantize_onnx(
         after = _load_quantized(q, src_p, options)
         report.size_after = q.stat().st_size
         measure(report, before, after, val, y, bench_runs)
-        report.float_nodes, report.quantized_nodes, report.subgraph_nodes = onnx_float_nodes(
-            pre_proto, onnx.load(str(q)), qdq=options.mode == "static" and options.fmt == "qdq"
-        )
-        in_bodies = [n for n in report.float_nodes if "/" in n.split(" (")[0]]
-        if in_bodies:
+        nodes = onnx_float_nodes(pre_proto, onnx.load(str(q)), qdq=options.mode == "static" and options.fmt == "qdq")
+        report.float_nodes, report.quantized_nodes, report.subgraph_nodes = nodes[:3]
+        if nodes.float_in_bodies:
             report.warnings.append(
-                f"{len(in_bodies)} node(s) inside If/Loop/Scan bodies left in float: onnxruntime's quantizer "
-                "does not quantize subgraphs"
+                f"{nodes.float_in_bodies} node(s) inside If/Loop/Scan bodies left in float: onnxruntime's "
+                "quantizer does not quantize subgraphs"
             )
         report.check_gain()
         report.apply_gate(max_accuracy_drop, options.allow_no_gain)

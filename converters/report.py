@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -20,8 +20,10 @@ from edgefleet.agent.runtime import Model
 from edgefleet.converters.calibration import SampleSet, iter_samples
 
 __all__ = [
+    "NodeCount",
     "Report",
     "compare_outputs",
+    "is_quant_op",
     "measure",
     "onnx_float_nodes",
     "onnx_nodes",
@@ -262,8 +264,12 @@ def measure(
         else:
             try:
                 feeds = bench_inputs(before)
-            except ModelError as e:
-                report.warnings.append(f"latency not measured: {e} (give --validation data)")
+            except ModelError:  # dynamic dims other than the batch: no shape known to be valid
+                dyn = [s.describe() for s in before.inputs if None in s.shape]
+                report.warnings.append(
+                    f"latency not measured: no samples to take a shape from for input(s) {', '.join(dyn)} "
+                    "(give --validation or --calibration data)"
+                )
         if feeds is not None:
             report.latency_runs = runs
             for side, model in (("before", before), ("after", after)):
@@ -278,17 +284,36 @@ def measure(
     return report
 
 
-def onnx_nodes(graph: Any, prefix: str = "") -> Iterator[tuple[str, Any, int]]:
+def onnx_nodes(graph: Any, scope: str = "") -> Iterator[tuple[str, Any, str]]:
     """Every node of ``graph`` and, depth first, of the ``If``/``Loop``/``Scan`` bodies inside it:
-    ``(qualified name, node, depth)``. A body node's name is ``OUTER/ATTRIBUTE/NAME`` (for example
-    ``If_1/then_branch/MatMul_0``); an unnamed node is ``OpType_index``."""
+    ``(qualified name, node, scope)``. A body node's name is ``OUTER/ATTRIBUTE/NAME`` (for example
+    ``If_1/then_branch/MatMul_0``), its scope ``OUTER/ATTRIBUTE/`` (``""`` for the main graph); an
+    unnamed node is ``OpType_index``."""
     for k, n in enumerate(graph.node):
-        name = f"{prefix}{n.name or f'{n.op_type}_{k}'}"
-        yield name, n, prefix.count("/") // 2
+        name = f"{scope}{n.name or f'{n.op_type}_{k}'}"
+        yield name, n, scope
         for a in n.attribute:
             for j, g in enumerate([a.g] if a.HasField("g") else list(a.graphs)):
                 tag = a.name if a.HasField("g") else f"{a.name}[{j}]"
                 yield from onnx_nodes(g, f"{name}/{tag}/")
+
+
+def is_quant_op(op: str) -> bool:
+    """An op that only a quantized model holds (Q/DQ, QLinear*, *Integer, dynamic quantization)."""
+    return (
+        op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "QAttention")
+        or op.startswith(("QLinear", "DynamicQuantize"))
+        or op.endswith("Integer")
+    )
+
+
+class NodeCount(NamedTuple):
+    """What :func:`onnx_float_nodes` found."""
+
+    float_nodes: list[str]  # "name (Op)", left in float
+    quantized: int
+    in_bodies: int  # of all the nodes counted, those inside If/Loop/Scan bodies
+    float_in_bodies: int  # of float_nodes, those inside bodies
 
 
 def _graphs(graph: Any) -> Iterator[Any]:
@@ -339,17 +364,19 @@ def _float_outputs(graph: Any, float_tensors: set[str]) -> None:
             float_tensors.update(n.output)
 
 
-def onnx_float_nodes(float_model: Any, quantized: Any, qdq: bool) -> tuple[list[str], int, int]:
-    """``(nodes left in float, nodes quantized, nodes inside subgraphs)`` among the float model's
-    nodes that compute on float tensors, as ``"name (Op)"``, counting the nodes inside
-    ``If``/``Loop``/``Scan`` bodies (onnxruntime's quantizer leaves those in float: a count of
-    ``graph.node`` alone would show "nothing left in float" for a model it did not touch).
+def onnx_float_nodes(float_model: Any, quantized: Any, qdq: bool) -> NodeCount:
+    """The float model's nodes that compute on float tensors, split into left in float and
+    quantized, counting the nodes inside ``If``/``Loop``/``Scan`` bodies (onnxruntime's quantizer
+    leaves those in float: a count of ``graph.node`` alone would show "nothing left in float" for
+    a model it did not touch).
 
-    A node is quantized when the quantizer replaced it by an integer op (or fused it away), or, in QDQ
-    format, when every input that was float is now fed by a ``DequantizeLinear`` (onnxruntime then runs
-    it as an integer kernel). In QOperator form a node that kept its op is float if a float tensor
-    reaches it (float tensors are traced from the graph inputs and ``DequantizeLinear`` outputs).
-    Nodes that hold a body (``If``, ``Loop``) are not counted themselves: their body nodes are.
+    In a scope (the main graph, or one body) holding no quantization op at all, every such node is
+    left in float, whatever the quantizer renamed. Elsewhere a node is quantized when the quantizer
+    replaced it by an integer op (or fused it away), or, in QDQ format, when every input that was
+    float is now fed by a ``DequantizeLinear`` (onnxruntime then runs it as an integer kernel). In
+    QOperator form a node that kept its op is float if a float tensor reaches it (float tensors are
+    traced from the graph inputs and ``DequantizeLinear`` outputs). Nodes that hold a body (``If``,
+    ``Loop``) are not counted themselves: their body nodes are.
     """
     types = _onnx_types(float_model)
 
@@ -358,27 +385,32 @@ def onnx_float_nodes(float_model: Any, quantized: Any, qdq: bool) -> tuple[list[
             return False
         return any(types.get(i, 1) in _FLOAT_ONNX for i in n.input if i)
 
-    floaty = [(name, n, depth) for name, n, depth in onnx_nodes(float_model.graph) if computes_on_float(n)]
-    in_bodies = sum(1 for _, _, depth in floaty if depth > 0)
+    floaty = [(name, n, scope) for name, n, scope in onnx_nodes(float_model.graph) if computes_on_float(n)]
+    in_bodies = sum(1 for _, _, scope in floaty if scope)
+    left: list[tuple[str, str]] = []  # (name with op, scope)
     if quantized is float_model:  # nothing was quantized
-        return [f"{name} ({n.op_type})" for name, n, _ in floaty], 0, in_bodies
-    by_name = {name: n for name, n, _ in onnx_nodes(quantized.graph)}
-    producer = {o: n.op_type for _, n, _ in onnx_nodes(quantized.graph) for o in n.output}
+        left = [(f"{name} ({n.op_type})", scope) for name, n, scope in floaty]
+        return NodeCount([x for x, _ in left], 0, in_bodies, sum(1 for _, sc in left if sc))
+    q_nodes = list(onnx_nodes(quantized.graph))
+    by_name = {name: n for name, n, _ in q_nodes}
+    producer = {o: n.op_type for _, n, _ in q_nodes for o in n.output}
+    touched = {scope for _, n, scope in q_nodes if is_quant_op(n.op_type)}
     float_tensors: set[str] = set()
     _float_outputs(quantized.graph, float_tensors)
-    left: list[str] = []
-    for name, n, _ in floaty:
+    for name, n, scope in floaty:
         q = by_name.get(name)
-        if q is None or q.op_type != n.op_type or len(q.input) != len(n.input):
+        if scope not in touched:
+            is_float = True
+        elif q is None or q.op_type != n.op_type or len(q.input) != len(n.input):
             continue  # replaced by an integer op, or fused
-        was_float = [qi for fi, qi in zip(n.input, q.input, strict=True) if fi and types.get(fi, 1) in _FLOAT_ONNX]
-        if qdq:
+        elif qdq:
+            was_float = [qi for fi, qi in zip(n.input, q.input, strict=True) if fi and types.get(fi, 1) in _FLOAT_ONNX]
             is_float = any(producer.get(qi) != "DequantizeLinear" for qi in was_float)
         else:
             is_float = any(qi in float_tensors for qi in q.input if qi)
         if is_float:
-            left.append(f"{name} ({n.op_type})")
-    return left, len(floaty) - len(left), in_bodies
+            left.append((f"{name} ({n.op_type})", scope))
+    return NodeCount([x for x, _ in left], len(floaty) - len(left), in_bodies, sum(1 for _, sc in left if sc))
 
 
 def tflite_float_ops(model: bytes) -> tuple[list[str], int]:
