@@ -8,6 +8,7 @@ the module (``pytest -s``) for the issue's report.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -412,3 +413,30 @@ def test_loopback_clients_with_json_are_served(agent: Agent, headers: list[str])
 def test_protocol_errors_have_valid_json_bodies(agent: Agent, payload: bytes) -> None:
     status, answer = exchange(agent, payload)
     assert status == 400 and answer["error"].startswith("bad HTTP request")
+
+
+def test_a_body_trickled_past_the_request_deadline_gets_a_408(agent: Agent) -> None:
+    """Bytes keep coming, so no idle timeout fires; the whole-request deadline still does."""
+    with Watch(agent) as w, agent.connect() as s:
+        s.sendall(post(INFER, b"", "Content-Type: application/json", length=10_000))
+        s.settimeout(0.2)
+        answer = b""
+        for _ in range(10_000):
+            try:
+                s.send(b" ")
+            except OSError:
+                break  # the agent answered and closed
+            try:
+                answer += s.recv(4096)
+            except TimeoutError:
+                continue
+            if b"\r\n\r\n" in answer:
+                break
+        s.settimeout(10)
+        with contextlib.suppress(OSError):
+            while data := s.recv(4096):
+                answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert f"not received within {REQUEST_TIMEOUT} s" in json.loads(body)["error"]
+    w.check("trickled body", JSON_LIMIT)
