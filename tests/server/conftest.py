@@ -131,6 +131,20 @@ def clean_db(db_url: str) -> str:
     return db_url
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL schema of its own, migrated, for tests that only make sense there."""
+    for url in _postgres_schema():
+        yield from _migrated(url)
+
+
+@pytest.fixture
+def clean_postgres(postgres_url: str) -> str:
+    """That PostgreSQL schema, emptied."""
+    _clean(postgres_url)
+    return postgres_url
+
+
 @pytest.fixture
 def fleet(db_url: str, tmp_path: Path) -> Iterator[Fleet]:
     _clean(db_url)

@@ -516,3 +516,104 @@ def test_a_held_database_lock_is_a_503_with_retry_after_while_healthz_answers(cl
         f.client.close()
         logged = f.server.stop()
     assert "Traceback" not in logged, logged[-4000:]
+
+
+class TcpRelay:
+    """A TCP relay on a free loopback port to ``upstream``; :meth:`cut` drops every connection and
+    refuses new ones (the database becomes unreachable), :meth:`restore` listens again."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (close would not)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_an_unreachable_postgresql_is_a_503_with_retry_after_and_the_server_recovers(
+    clean_postgres: str, tmp_path: Path
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    clean_db = clean_postgres
+
+    url = make_url(clean_db)
+    relay = TcpRelay((url.host or "127.0.0.1", url.port or 5432))
+    via_relay = clean_db.replace(f"{url.host}:{url.port or 5432}", f"127.0.0.1:{relay.port}", 1)
+    assert via_relay != clean_db
+    f = start_fleet(tmp_path, via_relay)
+    try:
+        d = f.device()
+        assert f.client.get(f"/api/v1/devices/{d.id}/desired", headers=d.headers).status_code == 200
+        relay.cut()
+        for path, headers in ((f"/api/v1/devices/{d.id}/desired", d.headers), ("/api/v1/devices", f.admin_h)):
+            r = f.client.get(path, headers=headers)
+            assert r.status_code == 503 and r.headers["retry-after"].isdigit(), (path, r.text)
+            assert r.json()["field"] == "database"
+        assert f.client.get("/healthz").status_code == 200
+        relay.restore()
+        assert f.client.get(f"/api/v1/devices/{d.id}/desired", headers=d.headers).status_code == 200
+        assert f.client.get("/api/v1/devices", headers=f.admin_h).status_code == 200
+    finally:
+        f.client.close()
+        logged = f.server.stop()
+        relay.cut()
+    assert "Traceback" not in logged, logged[-4000:]
