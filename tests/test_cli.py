@@ -83,7 +83,8 @@ def test_package_inspect_verify_bench_through_the_cli(models_dir: Path, holdout:
     bundle = Path(json.loads(r.stdout)["bundle"])
     assert bundle == tmp_path / "digits-3.0.0.efb"
     r = run("model", "inspect", str(bundle), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["pipeline"]["postprocess"][1] == {"op": "topk", "k": 2}
+    assert r.returncode == 0, r.stderr
+    assert {"op": "topk", "k": 2}.items() <= json.loads(r.stdout)["pipeline"]["postprocess"][1].items()
     r = run("model", "inspect", str(bundle))
     assert "scale → layout → model → softmax → topk" in r.stdout
     r = run("model", "verify", str(bundle), "--json")
