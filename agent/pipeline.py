@@ -2,7 +2,9 @@
 
 Images are handled as OpenCV gives them: HWC, BGR, uint8. Steps run in the order the manifest lists;
 after them a batch axis is added when the data is one rank short of the model's input. The result of
-:meth:`Pipeline.run` is plain JSON (lists, floats, strings).
+:meth:`Pipeline.run` is plain JSON (lists, floats, strings): ``model`` and what the post-processing
+steps add; the model's raw outputs only when asked for (``raw_outputs`` in the spec or the call), since
+a detector's or segmenter's are hundreds of KB of JSON per sample.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def postprocess(out: np.ndarray[Any, Any], steps: Sequence[PostStep], labels: Se
 
     ``argmax``/``topk`` read the whole output as one vector of class scores, or with ``axis`` each
     vector along that axis (then ``class``, ``label``, ``score`` and ``top_k`` are nested lists over
-    the other axes). Raises :class:`PipelineError` for an axis out of range or an empty output.
+    the other axes; ``label`` is None without labels). Raises :class:`PipelineError` for an axis
+    out of range or an empty output.
     """
     result: dict[str, Any] = {}
     x = out
@@ -258,8 +261,9 @@ def postprocess(out: np.ndarray[Any, Any], steps: Sequence[PostStep], labels: Se
         if isinstance(s, TopKStep):
             result["top_k"] = _nest(best, rest)
         else:
-            for key, field in (("class", "index"), ("label", "label"), ("score", "score")):
-                result[key] = _nest([b[0][field] for b in best], rest)
+            result["class"] = _nest([b[0]["index"] for b in best], rest)
+            result["label"] = _nest([b[0]["label"] for b in best], rest) if labels is not None else None
+            result["score"] = _nest([b[0]["score"] for b in best], rest)
     return result
 
 
