@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,38 @@ def test_bundle_reader_never_crashes(tmp_path: Path, members: list[tuple[str, by
             b.verify_hashes()
     except BundleError:
         pass
+
+
+def _tiny_bundle() -> bytes:
+    from datetime import UTC, datetime
+
+    from edgefleet.bundle import Manifest, file_ref, write_bundle
+
+    out = Path(tempfile.mkdtemp()) / "b.efb"
+    m = Manifest(
+        name="m", version="1.0.0", runtime="onnx", model=file_ref("model.onnx", b"m" * 700),
+        inputs=[{"name": "x", "dtype": "float32", "shape": [1]}],
+        outputs=[{"name": "y", "dtype": "float32", "shape": [1]}], created_at=datetime(2026, 11, 1, tzinfo=UTC),
+    )
+    return write_bundle(out, m, {"model.onnx": b"m" * 700}).read_bytes()
+
+
+_TINY = _tiny_bundle()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=1, max_size=2048), st.integers(min_value=0, max_value=4096))
+def test_any_trailing_byte_that_is_not_nul_is_refused_and_nul_padding_is_not(tmp_path: Path, tail: bytes, pad: int) -> None:
+    path = tmp_path / "t.efb"
+    path.write_bytes(_TINY + bytes(pad) + tail)
+    if tail.strip(b"\0"):
+        at = len(_TINY) + pad + len(tail) - len(tail.lstrip(b"\0"))
+        try:
+            BundleReader(path).close()
+        except BundleError as e:
+            assert str(e).endswith(f"trailing data after the end of the archive at offset {at}"), str(e)
+        else:
+            raise AssertionError("trailing data was accepted")
+    else:
+        with BundleReader(path) as b:
+            assert b.manifest.name == "m"

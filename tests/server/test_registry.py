@@ -193,3 +193,21 @@ def test_a_dry_run_checks_token_role_and_version_without_a_body(fleet, tmp_path:
     assert dry({**h, **fleet.admin_h}).status_code == 200
     other = dry({**h, **fleet.admin_h, "X-Content-SHA256": "0" * 64})
     assert other.status_code == 409 and "already exists with different content" in other.json()["error"]
+
+
+def test_a_delete_cut_off_before_its_commit_finds_its_blob_again_at_start(tmp_path: Path) -> None:
+    """A crash between taking the blob out (trash) and the commit leaves the row: the start-up sweep
+    puts the blob back; partial uploads go."""
+    from edgefleet.server.blobs import BlobStore
+
+    store = BlobStore(tmp_path)
+    data = make_bundle(tmp_path / "b").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    store.path(sha).parent.mkdir(parents=True, exist_ok=True)
+    store.path(sha).write_bytes(data)
+    trashed = store.trash(sha)
+    assert trashed is not None and not store.exists(sha)
+    (store.tmp / "upload-partial.efb").write_bytes(b"half")
+    assert BlobStore(tmp_path).sweep() == 2
+    assert store.path(sha).read_bytes() == data and list(store.tmp.iterdir()) == []
+    assert store.stored() == {sha}
