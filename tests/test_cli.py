@@ -214,3 +214,34 @@ def test_inspect_of_a_file_that_is_not_a_model_is_one_line(
 ) -> None:
     (tmp_path / name).write_bytes(content)
     _one_line_error(run("model", "inspect", str(tmp_path / name)), message)
+
+
+def test_a_missing_ca_cert_or_a_broken_url_is_one_line() -> None:
+    env = {"EDGEFLEET_TOKEN": "efo_x_y", "EDGEFLEET_CA_CERT": "/nonexistent/ca.crt"}
+    _one_line_error(run("model", "list", "--server", "https://127.0.0.1:9", env=env), "ca_cert: /nonexistent/ca.crt")
+    _one_line_error(run("model", "list", "--server", "http://[::1", env={"EDGEFLEET_TOKEN": "x"}), "not a valid URL")
+
+
+def test_a_server_that_is_not_a_fleet_server_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    from _support import free_port, wait_until
+
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(listening, 30)
+        r = run("model", "list", "--server", f"http://127.0.0.1:{port}", env={"EDGEFLEET_TOKEN": "efo_x_y"})
+        _one_line_error(r, "404", "is 127.0.0.1 a fleet server?")
+    finally:
+        web.terminate()
+        web.wait(10)

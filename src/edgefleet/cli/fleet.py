@@ -71,10 +71,21 @@ def _client(server: str | None) -> Any:
     token = os.environ.get("EDGEFLEET_TOKEN") or cfg.get("token")
     if not token:
         raise ConfigError("token: set EDGEFLEET_TOKEN or put token = ... in the CLI config")
-    verify: Any = cfg.get("ca_cert") or os.environ.get("EDGEFLEET_CA_CERT") or True
-    return httpx.Client(
-        base_url=str(url).rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60.0, verify=verify
-    )
+    ca_cert = os.environ.get("EDGEFLEET_CA_CERT") or cfg.get("ca_cert")
+    verify: Any = True
+    if ca_cert:
+        import ssl
+
+        try:
+            verify = ssl.create_default_context(cafile=str(ca_cert))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"ca_cert: {ca_cert}: cannot load the CA certificate: {e.strerror or e}") from e
+    try:
+        return httpx.Client(
+            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60.0, verify=verify
+        )
+    except (httpx.InvalidURL, ValueError) as e:
+        raise ConfigError(f"server: {shown(url)} is not a valid URL: {_one_line(e)}") from e
 
 
 def _refused(e: BaseException) -> bool:
@@ -125,10 +136,18 @@ def _result(r: Any) -> Any:
             body = r.json()
             msg = body.get("error") or body.get("detail") or r.text
         except (ValueError, AttributeError):
-            msg = r.text[:200]
+            msg = f"{r.reason_phrase} (not an edgefleet answer: is {r.request.url.host} a fleet server?)"
         msg = " ".join(str(msg).split())[:500]
         raise ApiClientError(f"{r.request.method} {r.request.url.path}: {r.status_code}: {msg}")
-    return r.json() if r.content else None
+    if not r.content:
+        return None
+    try:
+        return r.json()
+    except ValueError as e:
+        raise ApiClientError(
+            f"{r.request.method} {r.request.url.path}: {r.status_code} but not JSON: is {r.request.url.host} a fleet "
+            "server?"
+        ) from e
 
 
 def _echo(data: Any, as_json: bool, columns: list[str] | None = None, title: str | None = None) -> None:
