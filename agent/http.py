@@ -171,13 +171,8 @@ class _Connection:
         self.writer.close()
 
     async def _next_event(self, deadline: float) -> Any:
-        """The next h11 event; raises TimeoutError at the loop time ``deadline``.
-
-        Timeouts use ``asyncio.timeout``, not ``wait_for``: an error raised through ``wait_for``
-        (a reset connection) makes a cycle (exception -> traceback -> wait_for's frame -> its future
-        -> exception) that keeps this connection's buffers alive until the cycle collector runs,
-        and megabytes of buffers do not make it run: a client resetting connections mid-body grew
-        the agent by tens of MiB."""
+        """The next h11 event; raises TimeoutError at the loop time ``deadline``. (``asyncio.timeout``,
+        not ``wait_for``, whose future would add one more reference cycle: see :func:`_forget`.)"""
         loop = asyncio.get_running_loop()
         while True:
             event = self.conn.next_event()
@@ -188,7 +183,7 @@ class _Connection:
             left = deadline - loop.time()
             if left <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(left):  # not wait_for: see _read
+            async with asyncio.timeout(left):
                 data = await self.reader.read(READ_CHUNK)
             self.conn.receive_data(data)
 
