@@ -103,10 +103,11 @@ def stack_samples(
         if any(w is not None and w != g for w, g in zip(want, got, strict=True)):
             raise error(
                 f"{where}: input {s.name!r}: each sample must have shape {_fmt(want)}, got {got} "
-                f"(array shape {list(np.asarray(data[s.name]).shape)})"
+                f"(array shape {list(np.shape(data[s.name]))})"
             )
         if x.shape[0] == 0:
-            raise error(f"{where}: empty calibration set: input {s.name!r} has no samples (shape {list(x.shape)})")
+            given = list(np.shape(data[s.name]))
+            raise error(f"{where}: empty calibration set: input {s.name!r} has no samples (shape {given})")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0][0])
             raise error(f"{where}: input {s.name!r}: sample {bad} holds NaN or inf")

@@ -452,7 +452,8 @@ def render(report: Report) -> Any:
         "", "before", "after", title=f"{report.command} {Path(report.source).name} -> {Path(report.output).name}"
     )
     ratio = report.size_before / report.size_after if report.size_after else 0.0
-    table.add_row("size (bytes)", f"{report.size_before:,}", f"{report.size_after:,}  ({ratio:.2f}x smaller)")
+    change = f"{ratio:.2f}x smaller" if ratio >= 1 or not ratio else f"{1 / ratio:.2f}x larger"
+    table.add_row("size (bytes)", f"{report.size_before:,}", f"{report.size_after:,}  ({change})")
     table.add_row("latency p50 (µs)", _fmt_lat(report.latency_before, "p50"), _fmt_lat(report.latency_after, "p50"))
     table.add_row("latency p99 (µs)", _fmt_lat(report.latency_before, "p99"), _fmt_lat(report.latency_after, "p99"))
     if report.accuracy_before is not None:
@@ -466,7 +467,7 @@ def render(report: Report) -> Any:
             Text(
                 f"on {report.samples} samples of {report.validation} (output {report.compared_output}, {kind}): "
                 f"{top1}max |error| {_num(report.max_abs_error)}, mean |error| {_num(report.mean_abs_error)}, "
-                f"cosine similarity {_num(report.cosine_similarity)}"
+                f"cosine similarity {_num(report.cosine_similarity, 6)}"
             )
         )
     shown = ", ".join(report.float_nodes[:12]) + (" ..." if len(report.float_nodes) > 12 else "")
@@ -486,5 +487,5 @@ def render(report: Report) -> Any:
     return Group(*lines)
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
