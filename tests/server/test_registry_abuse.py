@@ -261,6 +261,43 @@ def big_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("big"), "big", "1.0.0", 50_000_000)
 
 
+def test_50_mb_uploads_keep_the_server_flat_and_answering(server: Server, big_bundle: Path) -> None:
+    """A valid 50 MB bundle, and the same with junk after its end: streamed to disk, hashed and checked
+    1 MiB at a time, while /healthz keeps answering."""
+
+    def body(extra: bytes) -> Iterator[bytes]:
+        with big_bundle.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        yield extra
+
+    health: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not done.is_set():
+                health.append(c.get("/healthz").status_code)
+                done.wait(0.05)
+
+    hwm = _vm(server.proc.pid, "VmHWM")
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        junk = server.http.post("/api/v1/models", content=body(b"JUNK" * 1000), timeout=120)
+        good = server.http.post("/api/v1/models", content=body(b""), timeout=120)
+    finally:
+        done.set()
+        poller.join(30)
+    assert junk.status_code == 422 and "trailing data after the end of the archive" in junk.json()["error"]
+    assert good.status_code == 201, good.text
+    growth = (_vm(server.proc.pid, "VmHWM") - hwm) / 1024
+    print(f"server peak RSS growth over two 50 MB uploads: {growth:.1f} MiB; /healthz answered {len(health)} times")
+    assert growth < 64 and health and set(health) == {200}
+    assert server.http.delete("/api/v1/models/big/1.0.0").status_code == 204
+    _assert_rows_and_blobs_agree(server)
+
+
 def test_push_of_50_mb_with_a_bad_token_or_a_conflicting_version_sends_almost_none_of_it(
     server: Server, tmp_path: Path, big_bundle: Path
 ) -> None:

@@ -212,9 +212,23 @@ class BundleReader:
         return self.read(self.manifest.model.path)
 
     def verify_hashes(self) -> None:
-        """Check every member's sha256 (reads the whole bundle)."""
+        """Check every member's sha256, streaming (reads the whole bundle, holds 1 MiB of it at a time)."""
+        assert self._tar is not None
         for ref in self.manifest.members():
-            self.read(ref.path)
+            info = self._infos[ref.path]
+            digest = hashlib.sha256()
+            size = 0
+            try:
+                f = self._tar.extractfile(info)
+                while f is not None and (chunk := f.read(_CHUNK)):
+                    digest.update(chunk)
+                    size += len(chunk)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                raise self._fail(f"member {shown(ref.path)}: cannot be read (truncated?): {e}") from e
+            if size != ref.size:
+                raise self._fail(f"member {shown(ref.path)}: truncated ({size} of {ref.size} bytes)")
+            if digest.hexdigest() != ref.sha256:
+                raise self._fail(f"member {shown(ref.path)}: sha256 does not match the manifest (tampered or corrupt)")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
