@@ -50,7 +50,8 @@ class Settings(BaseModel):
         "parsed JSON takes up to ~25x its size",
     )
     max_header_bytes: int = Field(
-        default=16384, ge=1024, le=1 << 20, description="request line and headers of one request, bytes"
+        default=16384, ge=1024, le=1 << 20,
+        description="a request line and headers still arriving past this are a 431 (h11's bound), bytes",
     )
     header_timeout: float = Field(
         default=10.0, gt=0, le=300, description="a request's line and headers must arrive within this, s"

@@ -94,3 +94,25 @@ def test_openapi_and_docs_are_served(fleet) -> None:
     spec = fleet.client.get("/openapi.json").json()
     assert "/api/v1/devices/{device_id}/desired" in spec["paths"]
     assert fleet.client.get("/docs").status_code == 200
+
+
+def test_metric_labels_come_from_fixed_sets() -> None:
+    from edgefleet.server.metrics import method_label, status_label
+
+    methods = ("GET", "POST", "BREW", "get", "X" * 500)
+    assert [method_label(m) for m in methods] == ["GET", "POST", "other", "other", "other"]
+    statuses = (200, 304, 413, 418, 599, 999, 42)
+    assert [status_label(s) for s in statuses] == ["200", "304", "413", "4xx", "5xx", "other", "other"]
+
+
+def test_only_database_state_errors_are_a_503() -> None:
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from edgefleet.server.errors import database_unavailable
+
+    locked = OperationalError("UPDATE devices", {}, Exception("database is locked"))
+    assert database_unavailable(locked) and database_unavailable(PoolTimeout("pool"))
+    assert not database_unavailable(ProgrammingError("SELECT", {}, Exception("syntax")))
+    assert not database_unavailable(IntegrityError("INSERT", {}, Exception("unique")))
+    assert not database_unavailable(ValueError("x"))

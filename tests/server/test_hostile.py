@@ -412,6 +412,15 @@ def test_headers_over_the_limit_are_a_431_and_garbage_a_400_both_json(fleet: Fle
     assert status_of(bad) == 400 and "error" in body_of(bad)
 
 
+def test_pipelined_and_kept_alive_requests_still_work_under_the_guards(fleet: Fleet) -> None:
+    two = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer, _ = exchange(fleet.server.port, two)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
+    with httpx.Client(base_url=fleet.server.url) as c:  # one connection, several requests with bodies
+        for _ in range(5):
+            assert c.post("/api/v1/enroll", json={"token": "x", "csr": "y"}).status_code in (400, 401, 422)
+
+
 # ------------------------------------------------------------------ metrics and proxies
 
 
