@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edgefleet.agent.runtime import Model, load_model
+from edgefleet.agent.runtime import Model, detect_runtime, load_model
 from edgefleet.converters.calibration import SampleSet, load_data, load_labels, make_samples, ort_reader
 from edgefleet.converters.report import Report, is_quant_op, measure, onnx_float_nodes, onnx_nodes
 from edgefleet.durable import atomic_writer
@@ -280,6 +280,11 @@ def quantize_onnx(
     check_output(out_p, src_p)
     onnx = require("onnx", "convert")
     require("onnxruntime.quantization", "convert")
+    if src_p.is_file() and detect_runtime(src_p) == "tflite":
+        raise ModelError(
+            f"{src_p}: a TFLite model; model quantize takes ONNX models (TFLite models are quantized "
+            "when converted: model convert --quantize int8|dynamic|float16)"
+        )
     try:
         proto = onnx.load(str(src_p), load_external_data=False)
     except FileNotFoundError as e:

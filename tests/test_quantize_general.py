@@ -276,3 +276,11 @@ def test_compare_outputs_top1_per_row_and_errors_for_dense() -> None:
     }
     r = compare_outputs({"map": before["map"]}, {"map": -before["map"]}, None, {"map": (1, 4, None, None)})
     assert r["compared_output"] == "map" and r["cosine_similarity"] == -1.0 and "top1_agreement" not in r
+
+
+@pytest.mark.parametrize("fname", ["ocr_dynamic.tflite", "stream_state.tflite"])
+def test_a_tflite_model_is_pointed_to_model_convert(capsys: Any, tmp_path: Path, fname: str) -> None:
+    out = tmp_path / "q.onnx"
+    code, _, err = quantize(capsys, MODELS / fname, out, "--mode", "dynamic")
+    assert_one_line_error(code, err, fname, "a TFLite model", "model convert --quantize")
+    assert not out.exists()
