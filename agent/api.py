@@ -51,6 +51,7 @@ _JSON = [(b"content-type", b"application/json")]
 HEADER_LENGTH = b"inference-header-content-length"
 INLINE_SECONDS = 0.0005
 INLINE_BYTES = 64 * 1024
+DECODE_SLOTS = 2  # large request bodies decoded at once
 
 
 class _Disconnected(Exception):
@@ -78,6 +79,9 @@ class InferenceApp:
         self.in_flight = 0
         self.metrics.in_flight = lambda: self.in_flight
         self._latency: dict[str, float] = {}  # moving average of each model's inference, seconds
+        # Parsed JSON takes 10-25x its size (a Python float per number): at most this many large
+        # bodies are decoded at once, so many clients sending big JSON cannot multiply that.
+        self._decode_slots = asyncio.Semaphore(DECODE_SLOTS)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -211,9 +215,10 @@ class InferenceApp:
             raise RequestError(f"JSON of {len(head)} bytes is over the {self.max_json_bytes}-byte JSON limit", 413)
         if len(head) > INLINE_BYTES or len(binary) > INLINE_BYTES:
             # parsing megabytes of JSON (and making arrays of it) takes long enough to stall the loop
-            req, (feeds, outputs, binary_out) = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _decode, head, served, binary
-            )
+            async with self._decode_slots:
+                req, (feeds, outputs, binary_out) = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, _decode, head, served, binary
+                )
         else:
             req, (feeds, outputs, binary_out) = _decode(head, served, binary)
         model = served.model

@@ -328,7 +328,7 @@ def test_large_json_bodies_are_parsed_off_the_event_loop(agent: Agent) -> None:
         assert status == 400 and "missing input(s) ['scale']" in body["error"], body
 
     with Watch(agent) as w:
-        push(3, one)
+        push(8, one)
     w.check("large JSON bodies", JSON_LIMIT)
 
 
