@@ -49,7 +49,8 @@ def row(name: str, r: dict[str, Any]) -> str:
         f"{name:<34} {size['before']:>9,} {size['after']:>9,} {size['ratio']:>6.2f}x"
         f" {before['p50']:>8.1f} {after['p50']:>8.1f} {before['p99']:>8.1f} {after['p99']:>8.1f}"
         f" {acc['before'] * 100:>7.2f} {acc['after'] * 100:>7.2f} {acc['drop_points']:>6.2f}"
-        f" {r['top1_agreement'] * 100:>7.2f} {r['max_abs_error']:>8.4f} {len(r['float_nodes']):>5}"
+        f" {r['top1_agreement'] * 100:>7.2f} {r['max_abs_error']:>8.4f} {r['cosine_similarity']:>8.6f}"
+        f" {len(r['float_nodes']):>5}"
     )
 
 
@@ -124,7 +125,7 @@ def main() -> int:
     print()
     head = (
         f"{'model':<34} {'bytes':>9} {'int8':>9} {'ratio':>7} {'p50 f':>8} {'p50 q':>8} {'p99 f':>8} {'p99 q':>8}"
-        f" {'acc f':>7} {'acc q':>7} {'drop':>6} {'agree':>7} {'max|e|':>8} {'float':>5}"
+        f" {'acc f':>7} {'acc q':>7} {'drop':>6} {'agree':>7} {'max|e|':>8} {'cosine':>8} {'float':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -137,6 +138,9 @@ def main() -> int:
     print(
         f"TFLite ops left in float: {tfl_report['float_nodes'] or 'none'} ({tfl_report['quantized_nodes']} quantized)"
     )
+    for name, r in (("ONNX", onnx_report), ("TFLite", tfl_report)):
+        for w in r["warnings"]:
+            print(f"{name} warning: {w}")
     print(f"TFLite int8 model through edgefleet.agent.load_model (float in, int8 I/O): {agent_acc * 100:.2f}%")
     print(f"int8 ONNX >= 3.5x smaller: {'yes' if ok_size else 'NO'}; accuracy drop <= 1 point: "
           f"ONNX {'yes' if ok_onnx else 'NO'}, TFLite {'yes' if ok_tfl else 'NO'}")  # fmt: skip
