@@ -31,7 +31,7 @@ from edgefleet.server.errors import ApiError
 from edgefleet.server.models import Device, ModelVersion, utcnow
 from edgefleet.server.state import ServerState, audit
 
-__all__ = ["router"]
+__all__ = ["collect_orphans", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["registry"])
 
@@ -110,6 +110,20 @@ def _collect(state: ServerState, sha: str) -> None:
         trash.settle(False)
         raise
     trash.settle(True)
+
+
+def collect_orphans(state: ServerState) -> int:
+    """Remove every stored blob no committed row references (what a crash between placing a blob and
+    committing its row, or between a delete's commit and its purge, leaves); returns how many. Safe
+    while other replicas upload: each blob is checked under its content lock. Run after
+    :meth:`BlobStore.sweep` at start."""
+    with state.sessions() as s:
+        referenced = set(s.scalars(select(ModelVersion.sha256).distinct()))
+    removed = 0
+    for sha in sorted(state.blobs.stored() - referenced):
+        _collect(state, sha)
+        removed += not state.blobs.exists(sha)
+    return removed
 
 
 def _existing(state: ServerState, name: str, version: str) -> ModelVersion | None:

@@ -211,3 +211,16 @@ def test_a_delete_cut_off_before_its_commit_finds_its_blob_again_at_start(tmp_pa
     assert BlobStore(tmp_path).sweep() == 2
     assert store.path(sha).read_bytes() == data and list(store.tmp.iterdir()) == []
     assert store.stored() == {sha}
+
+
+def test_blobs_a_crash_left_without_a_row_are_collected_and_referenced_ones_kept(fleet, tmp_path: Path) -> None:
+    from edgefleet.server.api.registry import collect_orphans
+
+    kept = fleet.upload(make_bundle(tmp_path / "a", "kept", "1.0.0")).json()["sha256"]
+    orphan = make_bundle(tmp_path / "b", "orphan", "1.0.0").read_bytes()  # placed, then the process died
+    sha = hashlib.sha256(orphan).hexdigest()
+    fleet.state.blobs.path(sha).parent.mkdir(exist_ok=True)
+    fleet.state.blobs.path(sha).write_bytes(orphan)
+    assert collect_orphans(fleet.state) == 1
+    assert fleet.state.blobs.stored() == {kept}
+    assert collect_orphans(fleet.state) == 0
