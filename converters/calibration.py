@@ -7,9 +7,10 @@ The sample layout, shared with golden vectors (``model package``) and bench inpu
 bench``): each array holds its input's samples **stacked on a new leading axis**, ``(N, *input
 shape)``, a scalar input as ``(N,)``; sample ``i`` is ``a[i]``, fed exactly as it is. Inputs with
 dynamic dims get the concrete shape of the array (one shape per file). As a shorthand, an array of
-the input's own rank, for an input whose first dim is dynamic or 1, is read as ``N`` rows of that
-first axis taken as a batch axis (sample ``i`` is ``a[i:i+1]``, and several rows may be fed at
-once); use the stacked layout for a model whose first dim is not a batch.
+the input's own rank, for an input of rank 2 or more whose first dim is dynamic or 1, is read as
+``N`` rows of that first axis taken as a batch axis (sample ``i`` is ``a[i:i+1]``, and several
+rows may be fed at once); use the stacked layout for a model whose first dim is not a batch. A
+rank-1 input (a waveform ``[T]``, say) has no shorthand: ``(N, T)``.
 
 Every problem (no samples, a missing input, a wrong layout, shape or dtype, NaN) raises the error
 class the caller names (:class:`ModelError` by default) naming the file and the input, before
@@ -88,13 +89,15 @@ def stack_samples(
         rank = len(s.shape)
         if x.ndim == rank + 1:
             want = list(s.shape)
-        elif x.ndim == rank and rank > 0 and s.shape[0] in (None, 1):
+        elif x.ndim == rank and rank > 1 and s.shape[0] in (None, 1):
             want = [1, *s.shape[1:]]
             x = x[:, None]
             shorthand.add(s.name)
         else:
             also = (
-                f", or {_fmt(s.shape[1:], 'N')} (N rows of its batch axis)" if rank and s.shape[0] in (None, 1) else ""
+                f", or {_fmt(s.shape[1:], 'N')} (N rows of its batch axis)"
+                if rank > 1 and s.shape[0] in (None, 1)
+                else ""
             )
             raise error(
                 f"{where}: array {s.name!r} has shape {list(x.shape)}; expected {_fmt(s.shape, 'N')} ({LAYOUT}{also})"

@@ -99,6 +99,17 @@ def test_data_off_the_layout_is_one_line_naming_the_array(
     assert not out.exists()
 
 
+def test_a_rank_one_input_has_no_row_shorthand() -> None:
+    """A waveform ``[T]``: ``(N,)`` would be N one-value waveforms; the layout asks for ``(N, T)``."""
+    from edgefleet.agent.tensors import TensorSpec
+
+    wave = [TensorSpec("waveform", (None,), np.dtype(np.float32), None)]
+    arrays, shorthand = stack_samples({"waveform": np.zeros((3, 16000), np.float32)}, wave, "wav.npz")
+    assert shorthand == set() and next(iter_samples(arrays))["waveform"].shape == (16000,)
+    with pytest.raises(ModelError, match=r"wav\.npz: array 'waveform' has shape \[16000\]; expected \[N, \?\]"):
+        stack_samples({"waveform": np.zeros(16000, np.float32)}, wave, "wav.npz")
+
+
 def test_the_layout_check_raises_the_callers_error_class() -> None:
     specs = load_model(MODELS / "vad_if.onnx").inputs
     with pytest.raises(BundleError, match=r"golden\.npz: missing input 'sr'"):
