@@ -71,7 +71,7 @@ class ApiConfig(_Strict):
         default=64 << 20, ge=1024, le=1 << 31, description="a gzip/deflate body once decoded, bytes"
     )
     max_buffered_bytes: int = Field(
-        default=256 << 20,
+        default=96 << 20,
         ge=1024,
         le=1 << 33,
         description="request bodies buffered at once over all connections, bytes",

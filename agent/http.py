@@ -1,11 +1,10 @@
 """A small HTTP/1.1 server for the agent's ASGI app: asyncio for the sockets, h11 for the protocol.
 
 Why not uvicorn: the agent is a resident process on devices with 1 GB of memory, and uvicorn brings
-click, multiprocessing and its logging setup (~3 MB) for features a loopback API does not use. This
-server speaks what the local API needs: keep-alive, Content-Length and chunked bodies,
-``Expect: 100-continue``, gzip/deflate request bodies, TCP and Unix sockets, and a graceful stop that
-lets requests in flight finish. h11 does the parsing, so malformed requests are refused by a
-well-tested parser (400), never by this code.
+click, multiprocessing and its logging setup (~3 MB) for what a loopback API does not use. This
+serves keep-alive, Content-Length and chunked bodies, ``Expect: 100-continue``, gzip/deflate bodies,
+TCP and Unix sockets, and a graceful stop. h11 parses, so malformed requests are refused (400) by a
+well-tested parser, never by this code.
 
 It is also the agent's gatekeeper, because a device with 1 GB of RAM must survive any one client and
 a web page in a browser on the device must not reach the loopback API. Before a body is read:
@@ -61,7 +60,7 @@ class Limits:
     max_body_bytes: int = 64 << 20  # a binary (octet-stream / OIP binary) body, on the wire and decoded
     max_json_bytes: int = 4 << 20  # a JSON body, on the wire and decoded
     max_decompressed_bytes: int = 64 << 20  # a gzip/deflate body once decoded (and its kind's limit)
-    max_buffered_bytes: int = 256 << 20  # request bodies buffered at once, summed over all connections
+    max_buffered_bytes: int = 96 << 20  # request bodies buffered at once, summed over all connections
     max_connections: int = 64  # open connections; more evict the idle ones, or get a 503
     header_timeout: float = 10.0  # from a request's first byte (or the connection) to its last header
     request_timeout: float = 60.0  # from the headers to the body's end; also bounds writing a response
@@ -118,21 +117,29 @@ class _Budget:
         self.used -= n
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Decode a gzip/deflate body to at most ``limit`` bytes (run on a thread: it can take a while).
-
-    Raises :class:`HttpError` 413 past the limit, 400 for data that is not valid ``encoding``.
+def _decompress(body: bytes, encoding: str, limit: int) -> bytearray:
+    """Decode a gzip/deflate body to at most ``limit`` bytes (on a thread: it can take a while), a MiB
+    at a time into one growing buffer, so the peak is the output once, not twice. Raises
+    :class:`HttpError` 413 past the limit, 400 for data that is not one valid ``encoding`` stream.
     """
     d = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    out = bytearray()
+    tail = body
     try:
-        out = d.decompress(body, limit + 1)
+        while not d.eof and len(out) <= limit:
+            chunk = d.decompress(tail, 1 << 20)
+            tail = d.unconsumed_tail
+            if not chunk and not tail:
+                break  # the input ended before the stream did
+            out += chunk
     except zlib.error as e:
+        out.clear()  # (the traceback keeps this frame alive)
         raise HttpError(400, f"body is not valid {encoding} data: {e}") from e
-    size, complete = len(out), d.eof and not d.unused_data
-    if size > limit or d.unconsumed_tail or not complete:
-        del out  # not kept alive by the traceback's frame
-        if size > limit or d.unconsumed_tail:
-            raise HttpError(413, f"decompressed body is over the {limit}-byte limit")
+    if len(out) > limit:
+        out.clear()
+        raise HttpError(413, f"decompressed body is over the {limit}-byte limit")
+    if not d.eof or d.unused_data:
+        out.clear()
         raise HttpError(400, f"body is not one complete {encoding} stream")
     return out
 
@@ -166,9 +173,6 @@ class _Connection:
         sock = writer.get_extra_info("socket")
         self.unix = sock is not None and sock.family == socket.AF_UNIX
         self.served = 0  # requests answered on this connection
-
-    def close(self) -> None:
-        self.writer.close()
 
     async def _next_event(self, deadline: float) -> Any:
         """The next h11 event; raises TimeoutError at the loop time ``deadline``. (``asyncio.timeout``,
@@ -359,7 +363,7 @@ class _Connection:
         got = dict(headers)
         declared = int(got[b"content-length"]) if b"content-length" in got else None
         budget = self.server.budget
-        body = await self._read_body(limit, declared)
+        body: bytes | bytearray = await self._read_body(limit, declared)
         held = len(body)
         try:
             encoding = got.get(b"content-encoding", b"identity").strip().lower().decode()
@@ -368,7 +372,7 @@ class _Connection:
                 budget.take(out_limit)
                 try:
                     body = await asyncio.get_running_loop().run_in_executor(
-                        None, _decompress, body, encoding, out_limit
+                        None, _decompress, bytes(body), encoding, out_limit
                     )
                 finally:
                     budget.give(out_limit)
@@ -381,7 +385,9 @@ class _Connection:
             budget.give(held)
             del body
 
-    async def _call_app(self, request: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    async def _call_app(
+        self, request: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes | bytearray
+    ) -> None:
         target = request.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         path = unquote(raw_path)  # ASGI's path is percent-decoded
@@ -451,7 +457,7 @@ class HttpServer:
             return False
         victim = min(idle, key=lambda c: (c.served > 0, c.waiting_since))
         self._connections.discard(victim)
-        victim.close()
+        victim.writer.close()
         return True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

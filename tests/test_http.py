@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import socket
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +122,31 @@ def test_percent_encoded_paths_are_decoded(models_dir: Path, tmp_path: Path) -> 
     with running_api({"my model": spaced}) as (url, _):
         answer = raw(url, b"GET /v2/models/my%20model/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "payload", "status"),
+    [
+        ("gzip", gzip.compress(BODY), b"200"),
+        ("deflate", zlib.compress(BODY), b"200"),
+        ("gzip", gzip.compress(BODY)[:-9], b"400"),  # cut off: not one complete stream
+        ("gzip", gzip.compress(BODY) + b"junk", b"400"),  # trailing bytes after the stream
+        ("gzip", b"not gzip at all", b"400"),
+        ("deflate", zlib.compress(b" " * 200_000), b"413"),  # decodes past the 64 KiB limit
+    ],
+)
+def test_compressed_bodies_are_decoded_whole_or_refused_with_json(
+    api: str, encoding: str, payload: bytes, status: bytes
+) -> None:
+    extra = f"Content-Encoding: {encoding}\r\nContent-Type: application/json\r\n".encode()
+    answer = raw(api, request("/v2/models/multi/infer", payload, extra))
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    json.loads(answer.partition(b"\r\n\r\n")[2])
+
+
+def test_a_gzip_body_of_several_mib_is_decoded_whole(models_dir: Path) -> None:
+    payload = gzip.compress(b" " * 3_000_000 + BODY)  # decoded a MiB at a time
+    extra = b"Content-Encoding: gzip\r\nContent-Type: application/json\r\n"
+    with running_api({"multi": models_dir / "multi_io.onnx"}, max_body_bytes=4 << 20) as (url, _):
+        answer = raw(url, request("/v2/models/multi/infer", payload, extra))
+    assert answer.startswith(b"HTTP/1.1 200") and b'"weighted"' in answer, answer[:300]

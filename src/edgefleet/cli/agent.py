@@ -46,7 +46,7 @@ def serve(
     max_body_bytes: int | None = typer.Option(None, help="Binary request body limit, bytes [default: 64 MiB]."),
     max_json_bytes: int | None = typer.Option(None, help="JSON request body limit, bytes [default: 4 MiB]."),
     max_buffered_bytes: int | None = typer.Option(
-        None, help="Request bytes buffered over all connections, bytes [default: 256 MiB]."
+        None, help="Request bytes buffered over all connections, bytes [default: 96 MiB]."
     ),
     max_connections: int | None = typer.Option(None, help="Open connections at once [default: 64]."),
 ) -> None:
