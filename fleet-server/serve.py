@@ -23,10 +23,14 @@ uvicorn log line and an exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -220,6 +224,29 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class _Server(uvicorn.Server):  # type: ignore[misc]
+        """uvicorn's server, but a SIGTERM or SIGINT is a request to stop, not a death: after the graceful
+        shutdown uvicorn re-raises the signal it caught, so the process would end *by* SIGTERM (status 143)
+        instead of exiting 0 with ``STOPPING=1`` sent to systemd."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _Server
+
+
 async def serve(settings: Settings, log_level: str, access_log: bool) -> int:
     """Serve until stopped (SIGINT/SIGTERM); return the exit code: 0 after a clean stop, 1 if it never
     started. Raises :class:`ConfigError` when the port is in use or the server was never initialised."""
@@ -256,7 +283,7 @@ async def serve(settings: Settings, log_level: str, access_log: bool) -> int:
         timeout_keep_alive=settings.keep_alive_timeout,
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     notifier = Notifier()
     task = asyncio.create_task(server.serve(sockets=sockets))
     while not server.started and not task.done():

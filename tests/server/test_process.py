@@ -138,3 +138,15 @@ def test_server_run_on_a_busy_port_is_a_one_line_error(clean_db: str, tmp_path: 
     assert r.returncode == 1, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines == [f"error: port {port} on 127.0.0.1 is in use (set --port or port in server.toml)"], r.stderr
+
+
+def test_sigterm_stops_the_server_cleanly_with_exit_0(server: Server) -> None:
+    """systemd's stop: a graceful shutdown and exit status 0, not death by the re-raised signal (143)."""
+    from edgefleet.server.settings import Settings
+    from edgefleet.server.state import init_server
+
+    init_server(Settings(data_dir=server.data, db_url=server.db))
+    server.start()
+    assert server.proc is not None
+    server.proc.terminate()
+    assert server.proc.wait(20) == 0, server.stop()
