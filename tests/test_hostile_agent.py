@@ -99,7 +99,12 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         log.close()
         text = Path(log.name).read_text()
         assert "Traceback" not in text, text
-        print("\nRSS growth under each hostile client (MiB):", json.dumps(FIGURES, indent=1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_figures() -> Iterator[None]:
+    yield
+    print("\nRSS growth under each hostile client (MiB):", json.dumps(FIGURES, indent=1))
 
 
 class Watch:
@@ -440,3 +445,45 @@ def test_a_body_trickled_past_the_request_deadline_gets_a_408(agent: Agent) -> N
     assert head.startswith(b"HTTP/1.1 408"), answer[:200]
     assert f"not received within {REQUEST_TIMEOUT} s" in json.loads(body)["error"]
     w.check("trickled body", JSON_LIMIT)
+
+
+@pytest.fixture(scope="module")
+def default_agent() -> Iterator[Agent]:
+    """An agent with the shipped limits (64 MiB binary bodies, 4 MiB JSON, 96 MiB buffered)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [EDGEFLEET, "agent", "serve", str(MODELS / "multi_io.onnx"), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready:")
+        yield Agent(proc, port)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_the_issues_cases_at_the_shipped_limits(default_agent: Agent) -> None:
+    """Issue 8 as reported: a 61 KB gzip body took 875 MB; eight unfinished 60 MB bodies held 600 MB."""
+    agent = default_agent
+    bomb = gzip.compress(b" " * (60 * MIB), 9)
+    with Watch(agent) as w:
+        for ct in ("application/json", "application/octet-stream"):
+            status, body = exchange(agent, post(INFER, bomb, f"Content-Type: {ct}", "Content-Encoding: gzip"))
+            assert status == 413, body
+    w.check("61 KB gzip bomb, shipped limits", 64 * MIB)
+    with Watch(agent) as w:
+        socks = []
+        for _ in range(8):
+            s = agent.connect()
+            s.sendall(post(INFER, b"", "Content-Type: application/octet-stream", length=60 * MIB))
+            socks.append(s)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.sendall(b"\0" * (59 * MIB))
+        for s in socks:
+            s.close()
+    w.check("8 unfinished 60 MB bodies, shipped limits", 64 * MIB)
