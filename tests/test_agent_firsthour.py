@@ -211,6 +211,12 @@ def test_enroll_records_the_identity_where_agent_run_finds_it_and_it_wins(fleet:
     device = tmp_path / "device"
     device.mkdir()
     config = _config(device, f'server_url = "{fleet.url}"')
+    _one_line_error(
+        _cli("agent", "enroll", "--config", config, "--server", "https://other.example", "--token", token),
+        "--server",
+        "https://other.example",
+        fleet.url,
+    )
     old = os.umask(0)  # whatever the umask, the identity is private
     try:
         r = _cli("agent", "enroll", "--config", config, "--token", token, "--allow-http", "--json")

@@ -125,6 +125,11 @@ def enroll(
         from edgefleet.agent.config import load_config
 
         cfg = load_config(config, identity=False)  # enrolling (again) makes the identity
+    if cfg is not None and cfg.server_url and server and server.rstrip("/") != cfg.server_url.rstrip("/"):
+        raise ConfigError(
+            f"--server: {server} is not {config}'s server_url {cfg.server_url}; `agent run` would refuse the "
+            "identity: give one server"
+        )
     url = server or (cfg.server_url if cfg else None)
     folder = state_dir or (cfg.state_dir if cfg else None)
     if not url or folder is None:
