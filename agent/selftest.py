@@ -52,8 +52,21 @@ def load_golden(
 
 
 def run_golden(model: Model, data: bytes, ref: GoldenRef, where: str = "golden.npz") -> GoldenReport:
-    """Run every golden sample and compare with ``ref``'s tolerance; never raises for a mismatch."""
+    """Run every golden sample and compare with ``ref``'s tolerance; never raises for a mismatch.
+
+    A stateful model runs the samples in order from its initial state (as they were recorded) and is
+    reset afterwards, so that what it serves next does not start from the self-test's state."""
     ins, outs = load_golden(data, where)
+    model.reset()
+    try:
+        return _compare(model, ins, outs, ref)
+    finally:
+        model.reset()
+
+
+def _compare(
+    model: Model, ins: dict[str, np.ndarray[Any, Any]], outs: dict[str, np.ndarray[Any, Any]], ref: GoldenRef
+) -> GoldenReport:
     n = next(iter(ins.values())).shape[0]
     report = GoldenReport(passed=True, samples=n)
     for i in range(n):

@@ -72,7 +72,10 @@ def require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ModelError(f"{module} is not installed: pip install 'edgefleet[{extra}]'") from e
+        raise ModelError(
+            f"{module} is not installed: install the [{extra}] extra (pip install -e '.[{extra}]' from a "
+            f"checkout, or 'edgefleet-VERSION-py3-none-any.whl[{extra}]'; make test-full installs them all)"
+        ) from e
 
 
 def commit(tmp: Path, out: Path) -> None:

@@ -172,6 +172,9 @@ def open_state(settings: Settings, *, run_migrations: bool | None = None) -> Ser
         settings, engine, sessions, ca, blobs, _mac_key(sessions), Metrics(lambda: (0, 0)), LoopConnection(engine)
     )
     state.metrics = Metrics(state.count_online)
+    from edgefleet.server.api.registry import collect_orphans  # the registry imports this module
+
+    collect_orphans(state)  # blobs a crash left without a committed row
     return state
 
 

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgefleet.bundle.manifest import NAME_PATTERN, VERSION_PATTERN
+
 __all__ = [
     "DEVICE_ID",
     "MODEL_NAME",
@@ -33,8 +35,8 @@ __all__ = [
     "VersionOut",
 ]
 
-MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-VERSION = r"^[0-9A-Za-z][0-9A-Za-z.+-]{0,127}$"
+MODEL_NAME = NAME_PATTERN  # one definition for the manifest and the API's paths and bodies
+VERSION = VERSION_PATTERN
 DEVICE_ID = r"^[a-z0-9][a-z0-9-]{0,63}$"
 SHA256 = r"^[0-9a-f]{64}$"
 TAG = r"^[A-Za-z0-9][A-Za-z0-9._:=/-]{0,63}$"

@@ -108,7 +108,6 @@ def test_init_and_run_leave_no_secret_readable_by_others_whatever_the_umask(tmp_
     assert_private(data)
 
 
-@pytest.mark.xfail(strict=True, reason="blobs.py (owned elsewhere) makes blobs 0444 and its folders per the umask")
 def test_uploaded_bundles_and_their_folders_are_private_too(tmp_path: Path) -> None:
     from _fleet import make_bundle
 
