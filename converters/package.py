@@ -29,6 +29,7 @@ from edgefleet.bundle.manifest import (
     format_validation_error,
     parse_labels,
 )
+from edgefleet.converters.calibration import iter_samples, stack_samples
 from edgefleet.errors import BundleError, ModelError
 from edgefleet.stats import feature_stats
 
@@ -66,30 +67,11 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
 
 
 def samples_for(model: Model, data: dict[str, np.ndarray[Any, Any]], where: str) -> dict[str, np.ndarray[Any, Any]]:
-    """Stack ``data`` (keyed by input name) as one exact feed per sample along a new first axis.
-
-    An array of the input's rank is a batch (each sample keeps a batch of one); one of rank + 1 is
-    already a stack of samples.
-    """
-    missing = [s.name for s in model.inputs if s.name not in data]
-    if missing:
-        raise BundleError(f"{where}: missing input(s) {missing}; it has {sorted(data)}")
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    for s in model.inputs:
-        x = data[s.name]
-        rank = len(s.shape)
-        if x.ndim == rank:
-            x = x[:, None] if rank else x[None]
-        elif x.ndim != rank + 1:
-            raise BundleError(
-                f"{where}: input {s.name!r} has shape {list(x.shape)}; "
-                f"expected rank {rank} (a batch) or {rank + 1} (samples)"
-            )
-        out[s.name] = x
-    counts = {v.shape[0] for v in out.values()}
-    if len(counts) != 1 or 0 in counts:
-        raise BundleError(f"{where}: inputs have different or zero sample counts {sorted(counts)}")
-    return out
+    """Check and stack ``data`` (keyed by input name) in the one sample layout of golden vectors and
+    calibration sets, ``(N, *input shape)`` with scalars as ``(N,)`` (see
+    :func:`edgefleet.converters.calibration.stack_samples`). Raises :class:`BundleError` naming the array."""
+    arrays, _ = stack_samples(data, model.inputs, where, error=BundleError)
+    return arrays
 
 
 def _golden(
@@ -98,9 +80,9 @@ def _golden(
     samples = samples_for(model, data, where)
     n = min(MAX_GOLDEN, next(iter(samples.values())).shape[0])
     outs: dict[str, list[np.ndarray[Any, Any]]] = {s.name: [] for s in model.outputs}
-    for i in range(n):
+    for i, feed in enumerate(iter_samples(samples, 0, n)):
         try:
-            got = model.predict({k: v[i] for k, v in samples.items()})
+            got = model.predict(feed)
         except ModelError as e:
             raise BundleError(f"{where}: sample {i}: {e}") from e
         for k, v in got.items():
