@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class Runner(Protocol):
     """What a flow needs of a :class:`~edgefleet.agent.pipeline.Pipeline`."""
 
-    def run(self, data: Any) -> dict[str, Any]: ...
+    def run(self, data: Any, raw_outputs: bool | list[str] | None = None) -> dict[str, Any]: ...
 
 
 class FlowConfig(BaseModel):
@@ -57,6 +57,11 @@ class FlowConfig(BaseModel):
         description="when the queue is full and the source cannot wait: drop the oldest or the new item",
     )
     send_errors: bool = Field(default=False, description='also send {"error": ..., "meta": ...} for failed inputs')
+    raw_outputs: bool | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        description="add the model's raw outputs to each result: true for all, or the names wanted; default: the "
+        "bundle pipeline's raw_outputs (off), since a detector's raw outputs are hundreds of KB per result",
+    )
     drain_timeout: float = Field(default=10.0, ge=0, le=600, description="seconds stop() spends on queued items")
 
     @model_validator(mode="before")
@@ -255,7 +260,7 @@ class Flow:
     def _process(self, item: Item) -> None:
         t0 = time.monotonic()
         try:
-            result = self._get_pipeline().run(item.data)
+            result = self._get_pipeline().run(item.data, raw_outputs=self.config.raw_outputs)
         except Exception as e:
             msg = str(e) if isinstance(e, EdgefleetError) else f"{type(e).__name__}: {e}"
             self._counters.inc("errors")

@@ -48,7 +48,7 @@ class GatePipeline:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def run(self, data: Any) -> dict[str, Any]:
+    def run(self, data: Any, raw_outputs: Any = None) -> dict[str, Any]:
         self.entered.set()
         assert self.release.wait(10)
         return {"model": "gate", "value": int(data[0])}
@@ -94,7 +94,7 @@ def test_pipeline_is_fetched_per_item_and_a_failing_item_does_not_stop_the_flow(
         def __init__(self, name: str) -> None:
             self.name = name
 
-        def run(self, data: Any) -> dict[str, Any]:
+        def run(self, data: Any, raw_outputs: Any = None) -> dict[str, Any]:
             if int(data[0]) == 1:
                 raise ValueError("cannot take a one")
             return {"model": self.name, "value": int(data[0]) * 2}
@@ -125,3 +125,26 @@ def test_flow_config_errors_name_the_field() -> None:
         FlowConfig.model_validate({"model": "m", "source": {"type": "stdin"}, "sinks": []})
     cfg = FlowConfig.model_validate({"model": "m", "source": {"type": "stdin"}, "sinks": [{"type": "stdout"}]})
     assert (cfg.name, cfg.queue_size, cfg.drop) == ("stdin-m", 16, "oldest")
+
+
+@pytest.mark.parametrize(("raw", "has_outputs"), [(None, False), (True, True), (["output_0"], True)])
+def test_flow_results_carry_raw_outputs_only_when_asked(tmp_path: Any, raw: Any, has_outputs: bool) -> None:
+    """A detector's raw outputs are hundreds of KB per result: flows send them only when configured."""
+    from _support import digits_bundle
+
+    from edgefleet.agent.pipeline import Pipeline
+    from edgefleet.agent.runtime import load_model
+
+    pipeline = Pipeline(load_model(digits_bundle(tmp_path)))
+    flow, src, sink = push_flow(lambda: pipeline, raw_outputs=raw)
+    flow.start()
+    try:
+        assert src.emit is not None
+        src.emit(Item(np.full((8, 8), 8, np.uint8), {"source": "push", "i": 0}))
+        (result,) = sink.take(1)
+    finally:
+        flow.stop()
+    assert "top_k" in result, result
+    assert ("outputs" in result) is has_outputs
+    if has_outputs:
+        assert len(result["outputs"]["output_0"][0]) == 10

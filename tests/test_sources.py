@@ -133,7 +133,7 @@ def test_camera_slower_inference_drops_stale_frames_instead_of_queueing(digits_m
     class SlowPipeline:
         """Holds the first frame until the whole file has been read: inference far behind the camera."""
 
-        def run(self, data: Any) -> dict[str, Any]:
+        def run(self, data: Any, raw_outputs: Any = None) -> dict[str, Any]:
             assert isinstance(flow.source, CameraSource)
             flow.source.eof.wait(20)
             return pipe.run(data)
