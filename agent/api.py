@@ -27,16 +27,15 @@ from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.oip import (
     DATATYPES,
     RequestError,
-    api_datatype,
     datatype_of,
     decode_binary,
     decode_json,
     encode_binary,
     encode_json_data,
     parse_shape,
-    tensor_metadata,
 )
 from edgefleet.agent.registry import ModelRegistry, Served
+from edgefleet.agent.tensors import TensorSpec
 from edgefleet.errors import EdgefleetError
 
 __all__ = ["InferenceApp"]
@@ -307,10 +306,9 @@ def _parse_request(
         datatype = inp.get("datatype")
         if datatype not in DATATYPES:
             raise RequestError(f"{where}: datatype must be one of {list(DATATYPES)}, got {datatype!r}")
-        expected = api_datatype(spec)
         native = datatype_of(spec.dtype)
-        if datatype not in (expected, native):
-            raise RequestError(f"{where}: datatype {datatype} does not match the model's {expected}")
+        if datatype != native and not (spec.quantization is not None and datatype in FLOAT_DATATYPES):
+            raise RequestError(f"{where}: datatype {datatype} does not match the model's {native}; {accepts(spec)}")
         shape = parse_shape(inp.get("shape"), where)
         params = inp.get("parameters") or {}
         if not isinstance(params, dict):
@@ -354,6 +352,32 @@ def _parse_request(
         binary_out[o["name"]] = bool(p.get("binary_data", default_binary))
         names.append(o["name"])
     return feeds, names or None, binary_out
+
+
+FLOAT_DATATYPES = ("FP32", "FP16", "FP64")
+
+
+def accepts(spec: TensorSpec) -> str:
+    """The datatypes an input takes, in words: its own, and float for a quantized tensor."""
+    native = datatype_of(spec.dtype)
+    if spec.quantization is None:
+        return f"it accepts {native}"
+    return f"it accepts {native}, or {'/'.join(FLOAT_DATATYPES)} (quantized with the tensor's scale and zero point)"
+
+
+def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor's OIP metadata: the model's own datatype. A quantized tensor also states its scale and
+    zero point (``parameters``), which is how float data is quantized on the way in and outputs are
+    dequantized on the way out when the request gave float data."""
+    meta: dict[str, Any] = {
+        "name": spec.name,
+        "datatype": datatype_of(spec.dtype),
+        "shape": [-1 if d is None else d for d in spec.shape],
+    }
+    q = spec.quantization
+    if q is not None:
+        meta["parameters"] = {"quantization_scale": q.scale, "quantization_zero_point": q.zero_point}
+    return meta
 
 
 def _model_metadata(s: Served) -> dict[str, Any]:

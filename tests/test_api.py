@@ -23,6 +23,7 @@ SERVED = {
     "digits-tflite": "digits_cnn_int8.tflite",
     "multi-onnx": "multi_io.onnx",
     "multi-tflite": "multi_io.tflite",
+    "qio-onnx": "digits_qio.onnx",
 }
 
 
@@ -46,8 +47,21 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
     for name in SERVED:
         assert client.is_model_ready(name)
     m = client.get_model_metadata("digits-tflite")
-    # quantized tensors speak float on the API; the agent quantizes with the tensor's scale
-    assert m["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+    # metadata tells the truth: the model's own INT8, with the scale and zero point float data is
+    # quantized with (the agent also takes FP32/FP16/FP64 for it)
+    assert m["inputs"] == [
+        {
+            "name": "image",
+            "datatype": "INT8",
+            "shape": [-1, 8, 8, 1],
+            "parameters": {"quantization_scale": pytest.approx(1 / 255), "quantization_zero_point": -128},
+        }
+    ]
+    assert m["outputs"][0]["datatype"] == "INT8"
+    m = client.get_model_metadata("qio-onnx")
+    assert [(t["name"], t["datatype"]) for t in m["inputs"] + m["outputs"]] == [("pixels", "UINT8"), ("logits", "INT8")]
+    config = client.get_model_config("digits-tflite")
+    assert config["input"][0]["data_type"] == "TYPE_INT8"
     m = client.get_model_metadata("multi-onnx")
     assert {t["name"]: (t["datatype"], t["shape"]) for t in m["inputs"]} == {
         "features": ("FP32", [-1, -1]),
@@ -202,7 +216,7 @@ def _multi(**override: Any) -> dict[str, Any]:
             ).encode(),
             {},
             400,
-            "input 'features': datatype FP64 does not match the model's FP32",
+            "input 'features': datatype FP64 does not match the model's FP32; it accepts FP32",
         ),
         (
             "/v2/models/multi-onnx/infer",
@@ -369,3 +383,50 @@ def test_bytes_fp16_and_bool_tensors_through_tritonclient(tmp_path: Path, binary
                 got = np.array([v if isinstance(v, bytes) else str(v).encode() for v in got], dtype=object)
             np.testing.assert_array_equal(got, want)
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "inp", "layout", "native", "np_type"),
+    [("digits-tflite", "image", "nhwc", "INT8", np.int8), ("qio-onnx", "pixels", "nchw", "UINT8", np.uint8)],
+)
+def test_quantized_input_takes_its_own_integer_datatype_or_float(
+    client: triton.InferenceServerClient,
+    models_dir: Path,
+    holdout: Any,
+    name: str,
+    inp: str,
+    layout: str,
+    native: str,
+    np_type: Any,
+) -> None:
+    """The datatype the metadata names works as it says (integer in, integer out, equal to the raw
+    model); float is the convenience form (quantized with the tensor's scale, float out)."""
+    x, _ = holdout
+    model = load_model(models_dir / SERVED[name])
+    spec = model.inputs[0]
+    assert spec.quantization is not None
+    floats = digits_input(x[:1], layout)
+    ints = np.clip(np.round(floats / spec.quantization.scale) + spec.quantization.zero_point, -128, 255).astype(np_type)
+    out = model.outputs[0].name
+    for data, datatype in ((ints, native), (floats, "FP32"), (floats.astype(np.float16), "FP16")):
+        i = triton.InferInput(inp, list(data.shape), datatype)
+        i.set_data_from_numpy(data, binary_data=True)
+        res = client.infer(name, [i], outputs=[triton.InferRequestedOutput(out, binary_data=True)])
+        want = model.predict({inp: data})[out]
+        got = res.as_numpy(out)
+        assert got.dtype == want.dtype and (got.dtype.kind == "f") == (datatype != native)
+        np.testing.assert_array_equal(got, want)
+    assert res.get_response()["outputs"][0]["datatype"] == "FP32"
+
+
+def test_wrong_datatype_for_a_quantized_input_lists_every_accepted_datatype(api: str) -> None:
+    body = {"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "INT32", "data": [0] * 64}]}
+    r = httpx.post(f"http://{api}/v2/models/digits-tflite/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == (
+        "input 'image': datatype INT32 does not match the model's INT8; it accepts INT8, or FP32/FP16/FP64 "
+        "(quantized with the tensor's scale and zero point)"
+    )
+    body["inputs"][0]["datatype"] = "UINT8"  # another integer type is another scale: refused too
+    r = httpx.post(f"http://{api}/v2/models/digits-tflite/infer", json=body)
+    assert r.status_code == 400 and "it accepts INT8, or FP32/FP16/FP64" in r.json()["error"]
