@@ -2,23 +2,31 @@
 
 ::
 
-    source thread(s) --emit--> bounded queue --> worker thread --> pipeline.run --> sinks
+    source thread(s) --emit--> bounded queue --> worker thread --> pipeline.run --> sinks --> ack
 
 The worker asks ``get_pipeline()`` for the pipeline on every item, so a model swapped in the
-registry is used from the next item on. When the queue is full, a source that can wait (folder,
-stdin, camera) is made to wait: files stay in the folder, stdin is not read, and a camera keeps
-only its newest frame, counting the stale ones it drops. A source that cannot wait (MQTT) never
-blocks; the flow drops the ``oldest`` queued item or the ``newest`` one, per ``drop``, and counts
-it in ``dropped_queue_full``. An item that fails (bad input, a model error) is counted and logged;
-the flow goes on.
+registry is used from the next item on; it takes whatever is queued in one go (one wake-up per
+batch, not per item). When the queue is full, a source that can wait (folder, stdin, camera) is
+made to wait: files stay in the folder, stdin is not read, and a camera keeps only its newest
+frame, counting the stale ones it drops. A source that cannot wait (MQTT) never blocks:
+
+- an item it *holds upstream* (``Item.held``: an MQTT QoS 1/2 message acknowledged only once it
+  has been processed) is always queued and never dropped for a full queue: the broker keeps the
+  rest of a burst and sends at most the source's window (receive-maximum) unacknowledged;
+- any other item (QoS 0, or past the window) goes by the drop policy: the flow drops the
+  ``oldest`` queued item that is not held, or the ``newest`` one, per ``drop``, and counts it in
+  ``dropped_queue_full``. ``queue_size`` bounds these items.
+
+An item that fails (bad input, a model error) is counted, logged and acknowledged; the flow goes
+on. ``queued_max`` is the most items that were queued at once.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
@@ -101,11 +109,13 @@ class Flow:
         self.last_error: str | None = None
         self._given_sinks = list(sinks) if sinks is not None else None
         self._get_pipeline = get_pipeline
-        self._queue: queue.Queue[Item] = queue.Queue(maxsize=config.queue_size)
+        self._items: deque[Item] = deque()  # the queue, guarded by _cond
+        self._unheld = 0  # items in _items that are not held upstream: at most queue_size
+        self._queued_max = 0
+        self._cond = threading.Condition()
         self._counters = Counters(
             "received", "processed", "errors", "dropped_queue_full", "dropped_on_stop", "sink_errors"
         )
-        self._put_lock = threading.Lock()
         self._idle = threading.Condition()
         self._pending = 0  # items in the queue or being processed
         self._stopping = threading.Event()  # no more items are taken in
@@ -176,7 +186,8 @@ class Flow:
     def counters(self) -> dict[str, Any]:
         """The flow's counters, with ``queued`` (now), ``source`` and ``sinks`` (by name)."""
         c: dict[str, Any] = self._counters.snapshot()
-        c["queued"] = self._queue.qsize()
+        with self._cond:
+            c["queued"], c["queued_max"] = len(self._items), self._queued_max
         c["source"] = self.source.counters()
         c["sinks"] = {name: s.counters() for name, s in self.sinks.items()}
         return c
@@ -190,31 +201,30 @@ class Flow:
             return
         with self._idle:
             self._pending += 1
-        if self.source.can_wait:
-            while True:
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    return
-                except queue.Full:
+        dropped: Item | None = None
+        with self._cond:
+            if not item.held:
+                if self.source.can_wait:
+                    while self._unheld >= self.config.queue_size and not self._stopping.is_set():
+                        self._cond.wait(0.1)
                     if self._stopping.is_set():
-                        self._drop(item, "dropped_on_stop", pending=True)
-                        return
-        with self._put_lock:  # drop policy; one producer at a time so the put below cannot fail
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                pass
-            if self.config.drop == "newest":
-                self._drop(item, "dropped_queue_full", pending=True)
-                return
-            try:
-                old = self._queue.get_nowait()
-            except queue.Empty:
-                old = None
-            self._queue.put_nowait(item)
-        if old is not None:
-            self._drop(old, "dropped_queue_full", pending=True)
+                        dropped = item
+                elif self._unheld >= self.config.queue_size:
+                    if self.config.drop == "newest":
+                        dropped = item
+                    else:
+                        dropped = next(old for old in self._items if not old.held)
+                        self._items.remove(dropped)  # by identity (Item has no __eq__)
+                        self._unheld -= 1
+                if dropped is not item:
+                    self._unheld += 1
+            if dropped is not item:
+                self._items.append(item)
+                self._queued_max = max(self._queued_max, len(self._items))
+                self._cond.notify_all()
+        if dropped is not None:
+            stop = dropped is item and self.source.can_wait
+            self._drop(dropped, "dropped_on_stop" if stop else "dropped_queue_full", pending=True)
 
     def _drop(self, item: Item, counter: str, pending: bool = False) -> None:
         self._counters.inc(counter)
@@ -238,24 +248,32 @@ class Flow:
 
     # -- worker ----------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
+    def _take(self) -> list[Item] | None:
+        """Everything queued now (waiting for an item); None once closing and empty."""
+        with self._cond:
+            while not self._items:
                 if self._closing.is_set():
-                    return
-                continue
-            if self._abort.is_set():
-                self._drop(item, "dropped_on_stop", pending=True)
-                continue
-            try:
-                self._process(item)
-            except Exception:  # a bug here must not end the flow
-                self._counters.inc("errors")
-                log.exception("flow %s: unexpected error", self.name)
-            finally:
-                self._done_one()
+                    return None
+                self._cond.wait(0.1)
+            batch = list(self._items)
+            self._items.clear()
+            self._unheld = 0
+            self._cond.notify_all()  # a waiting source may go on
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            for item in batch:
+                if self._abort.is_set():
+                    self._drop(item, "dropped_on_stop", pending=True)
+                    continue
+                try:
+                    self._process(item)
+                except Exception:  # a bug here must not end the flow
+                    self._counters.inc("errors")
+                    log.exception("flow %s: unexpected error", self.name)
+                finally:
+                    self._done_one()
 
     def _process(self, item: Item) -> None:
         t0 = time.monotonic()

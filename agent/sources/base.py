@@ -55,20 +55,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Item:
     """One input on its way to the model.
 
     ``meta`` holds ``source`` (the source's name), ``received_at`` (Unix time, seconds) and what the
     source knows: ``frame``, ``path``, ``topic``, ``line``, ``id``. ``ack``, when set, is called once
-    by the flow with the outcome (the folder source moves the file then). ``received`` is the
-    monotonic clock at receipt, for latency.
+    by the flow with the outcome (the folder source moves the file then; the MQTT source sends the
+    QoS 1/2 acknowledgement). ``received`` is the monotonic clock at receipt, for latency.
+
+    ``held``: the source keeps this item upstream until it is acknowledged (an MQTT broker keeps an
+    unacknowledged QoS 1/2 message and redelivers it to a persistent session) and bounds how many
+    such items it has out at once (MQTT 5 receive-maximum). The flow never drops a held item for a
+    full queue; an ack of ``"dropped"`` (only at stop) leaves it upstream.
     """
 
     data: ItemData
     meta: dict[str, Any] = field(default_factory=dict)
     ack: Ack | None = None
     received: float = field(default_factory=time.monotonic)
+    held: bool = False
 
 
 Emit: TypeAlias = Callable[[Item], None]
@@ -80,7 +86,8 @@ class Source(Protocol):
     ``can_wait``: true when the source can hold its input while the flow is full (files stay in
     the folder, stdin is not read, a camera keeps only its newest frame): ``emit`` then blocks.
     False for live data that cannot wait (MQTT: blocking paho's network thread would miss
-    keep-alives): ``emit`` never blocks and the flow's drop policy applies.
+    keep-alives): ``emit`` never blocks; items marked ``held`` wait upstream (the broker), the
+    others go by the flow's drop policy.
     ``ended`` is set once the source will emit nothing more (end of a file or stream, or stopped).
     """
 
@@ -171,7 +178,7 @@ def parse_payload(obj: Any, where: str = "payload") -> tuple[ItemData, dict[str,
     return raw, meta
 
 
-def parse_payload_bytes(raw: bytes | str, where: str = "payload") -> tuple[ItemData, dict[str, Any]]:
+def parse_payload_bytes(raw: bytes | bytearray | str, where: str = "payload") -> tuple[ItemData, dict[str, Any]]:
     """JSON text to ``(data, meta)``; see :func:`parse_payload`."""
     try:
         obj = json.loads(raw)

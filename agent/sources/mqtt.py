@@ -2,9 +2,21 @@
 shares.
 
 Each message is one JSON payload (see :mod:`edgefleet.agent.sources.base`). A malformed one is
-counted as an error and logged with the field at fault; it never stops the source. paho's network
-thread reconnects with a growing delay and the source subscribes again on every connect. The
-password is a ``SecretStr``: it is never logged or printed.
+counted as an error, logged with the field at fault and acknowledged; it never stops the source.
+paho's network thread reconnects with a growing delay and the source subscribes again on every
+connect. The password is a ``SecretStr``: it is never logged or printed.
+
+Nothing is lost to a burst: a QoS 1/2 message is acknowledged (paho manual acks) only once the
+flow has processed it, so a burst waits in the broker, which sends at most ``receive_maximum``
+unacknowledged messages (MQTT 5 receive-maximum; with MQTT 3.1.1 the broker's own in-flight limit,
+e.g. Mosquitto's ``max_inflight_messages``). Those items are ``held``: the flow queues them however
+full it is. A message past the window (a 3.1.1 broker allowing more in flight than
+``receive_maximum``) and every QoS 0 message go by the flow's drop policy, counted; a dropped QoS
+1/2 message is acknowledged, so it is dropped on purpose, not stuck. With ``persistent_session``
+(a fixed ``client_id``) the broker keeps the subscription and every unacknowledged message while
+the agent is down, and redelivers them: a message whose processing was cut short by a crash is
+processed after the restart (at least once; a result sent just before the crash may be sent again).
+paho's callback does only the parsing and a queue append: it never waits for the model.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from edgefleet.agent.sources.base import Counters, Emit, Item, PayloadError, _Strict, parse_payload_bytes
+from edgefleet.agent.sources.base import Counters, Emit, Item, Outcome, PayloadError, _Strict, parse_payload_bytes
 from edgefleet.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,17 +81,39 @@ class MqttSourceConfig(MqttBrokerConfig):
     topics: list[str] = Field(min_length=1, description="topic filters to subscribe to (wildcards allowed)")
     qos: Literal[0, 1, 2] = Field(default=1, description="subscription QoS")
     max_payload_bytes: int = Field(default=16 << 20, ge=16, description="larger messages are errors, bytes")
+    receive_maximum: int = Field(
+        default=32,
+        ge=1,
+        le=65535,
+        description="most QoS 1/2 messages out unacknowledged (in the flow) at once: the MQTT 5 receive-maximum the "
+        "broker honours; memory is up to this many payloads",
+    )
+    persistent_session: bool = Field(
+        default=False,
+        description="keep the session at the broker across reconnects and restarts (subscriptions and "
+        "unacknowledged messages are kept and redelivered); needs a fixed client_id",
+    )
+    session_expiry: int = Field(
+        default=86400, ge=1, le=0xFFFFFFFF, description="MQTT 5: seconds the broker keeps a persistent session offline"
+    )
+    stop_timeout: float = Field(
+        default=10.0, ge=0, le=600, description="seconds stop() waits for the flow to acknowledge what it holds"
+    )
 
     @model_validator(mode="after")
     def _topics(self) -> MqttSourceConfig:
         for i, t in enumerate(self.topics):
             if not t or "\0" in t:
                 raise ValueError(f"topics.{i}: empty or invalid topic filter")
+        if self.persistent_session and not self.client_id:
+            raise ValueError("client_id: persistent_session needs a fixed client_id (the broker keys sessions by it)")
         return self
 
 
-def make_client(cfg: MqttBrokerConfig, role: str) -> mqtt.Client:
-    """A paho v2 client set up from ``cfg`` (not yet connected). Raises :class:`ConfigError`."""
+def make_client(cfg: MqttBrokerConfig, role: str, *, manual_ack: bool = False, persistent: bool = False) -> mqtt.Client:
+    """A paho v2 client set up from ``cfg`` (not yet connected); ``manual_ack``: QoS 1/2 messages
+    are acknowledged by ``client.ack``; ``persistent``: MQTT 3.1.1 asks for a kept session (MQTT 5
+    asks at connect, see :func:`connect`). Raises :class:`ConfigError`."""
     try:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -93,6 +127,8 @@ def make_client(cfg: MqttBrokerConfig, role: str) -> mqtt.Client:
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=cfg.client_id or f"edgefleet-{role}-{uuid.uuid4().hex[:10]}",
         protocol=protocol,
+        clean_session=None if cfg.protocol == "5" else not persistent,
+        manual_ack=manual_ack,
     )
     if cfg.username is not None:
         client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
@@ -113,14 +149,33 @@ def make_client(cfg: MqttBrokerConfig, role: str) -> mqtt.Client:
     return client
 
 
-def connect(client: mqtt.Client, cfg: MqttBrokerConfig) -> None:
-    """Connect in the background: paho's thread retries the first connection and every reconnect."""
-    client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
+def connect(
+    client: mqtt.Client, cfg: MqttBrokerConfig, *, receive_maximum: int | None = None, session_expiry: int = 0
+) -> None:
+    """Connect in the background: paho's thread retries the first connection and every reconnect.
+
+    MQTT 5 only: ``receive_maximum`` caps the QoS 1/2 messages the broker sends unacknowledged;
+    ``session_expiry`` > 0 keeps the session (clean start off) for that many seconds offline."""
+    if cfg.protocol != "5":
+        client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
+    else:
+        from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
+        if session_expiry:
+            props.SessionExpiryInterval = session_expiry
+        clean = False if session_expiry else MQTT_CLEAN_START_FIRST_ONLY
+        client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=clean, properties=props)
     client.loop_start()
 
 
 class MqttSource:
-    """Emits one item per well-formed message; never blocks paho's thread (the flow drops instead)."""
+    """Emits one item per well-formed message; never blocks paho's thread. QoS 1/2 messages are
+    acknowledged once processed (see the module's docstring)."""
 
     can_wait = False
 
@@ -130,32 +185,47 @@ class MqttSource:
         self.ended = threading.Event()
         self.subscribed = threading.Event()  # set on every (re)subscription, cleared on disconnect
         self.last_error: str | None = None
-        self._counters = Counters("received", "errors", "connects", "disconnects")
+        self._counters = Counters(
+            "received", "errors", "connects", "disconnects", "acked", "redelivered", "over_window", "held_max"
+        )
         self._client: mqtt.Client | None = None
         self._emit: Emit | None = None
         self._lock = threading.Lock()
+        self._held = threading.Condition()  # guards _out and _session
+        self._out = 0  # held items the flow has not acknowledged yet (this connection)
+        self._session = 0  # bumped on every connect: an ack from an earlier connection is void
 
     def counters(self) -> dict[str, int]:
-        return self._counters.snapshot()
+        c = self._counters.snapshot()
+        with self._held:
+            c["held"] = self._out
+        return c
 
     def start(self, emit: Emit) -> None:
         with self._lock:
             if self._client is not None or self.ended.is_set():
                 raise RuntimeError(f"source {self.name}: already started")
             self._emit = emit
-            client = make_client(self.config, f"source-{self.name}")
+            cfg = self.config
+            client = make_client(cfg, f"source-{self.name}", manual_ack=True, persistent=cfg.persistent_session)
             client.on_connect = self._on_connect
             client.on_disconnect = self._on_disconnect
             client.on_subscribe = self._on_subscribe
             client.on_message = self._on_message
             self._client = client
         log.info("source %s: connecting to %s:%s", self.name, self.config.host, self.config.port)
-        connect(client, self.config)
+        expiry = self.config.session_expiry if self.config.persistent_session else 0
+        connect(client, self.config, receive_maximum=self.config.receive_maximum, session_expiry=expiry)
 
     def stop(self) -> None:
+        """Stop taking messages (the flow drops, unacknowledged, what still arrives: a persistent
+        session gets it again), wait up to ``stop_timeout`` for the flow to acknowledge what it
+        holds, then disconnect."""
+        self.ended.set()
+        with self._held:
+            self._held.wait_for(lambda: self._out == 0, self.config.stop_timeout)
         with self._lock:
             client, self._client = self._client, None
-        self.ended.set()
         if client is not None:
             client.disconnect()
             client.loop_stop()
@@ -166,6 +236,10 @@ class MqttSource:
         if reason.is_failure:
             self._error(f"broker {self.config.host}:{self.config.port} refused the connection: {reason}")
             return
+        with self._held:
+            self._session += 1
+            self._out = 0  # what the flow still holds from before is void: the broker sends it again
+            self._held.notify_all()
         self._counters.inc("connects")
         topics: list[tuple[str, int]] = [(t, self.config.qos) for t in self.config.topics]
         client.subscribe(topics)
@@ -185,21 +259,56 @@ class MqttSource:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._counters.inc("received")
+        if msg.dup:
+            self._counters.inc("redelivered")
+        qos, mid = msg.qos, msg.mid
         try:
-            where, payload, limit = f"topic {msg.topic}", bytes(msg.payload), self.config.max_payload_bytes
+            where, payload, limit = f"topic {msg.topic}", msg.payload, self.config.max_payload_bytes
             if len(payload) > limit:
                 raise PayloadError(f"{where}: {len(payload)} bytes is over the limit of {limit}")
             data, meta = parse_payload_bytes(payload, where)
         except PayloadError as e:
             self._error(str(e))
+            self._ack_now(client, mid, qos)  # it will not get better: do not have it sent again
             return
         except Exception as e:  # e.g. a topic that is not UTF-8
             self._error(f"message dropped: {e!r}")
+            self._ack_now(client, mid, qos)
             return
         meta.update(source=self.name, received_at=time.time(), topic=msg.topic)
         emit = self._emit
-        if emit is not None:
+        if emit is None:
+            return
+        if qos == 0:
             emit(Item(data, meta))
+            return
+        with self._held:
+            session = self._session
+            held = self._out < self.config.receive_maximum
+            if held:
+                self._out += 1
+                if self._out > self._counters.get("held_max"):
+                    self._counters.inc("held_max")
+        if not held:
+            self._counters.inc("over_window")
+
+        def ack(outcome: Outcome) -> None:
+            with self._held:
+                if session != self._session:
+                    return  # sent on an earlier connection: the broker has it again
+                if held:
+                    self._out -= 1
+                    self._held.notify_all()
+            if held and outcome == "dropped":
+                return  # dropped at stop: left with the broker, which sends it again
+            self._ack_now(client, mid, qos)
+
+        emit(Item(data, meta, ack=ack, held=held))
+
+    def _ack_now(self, client: mqtt.Client, mid: int, qos: int) -> None:
+        if qos > 0:
+            client.ack(mid, qos)
+            self._counters.inc("acked")
 
     def _error(self, msg: str) -> None:
         self._counters.inc("errors")
