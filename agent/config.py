@@ -54,7 +54,7 @@ class _Strict(BaseModel):
 class ApiConfig(_Strict):
     """The local inference API (Open Inference Protocol over HTTP)."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="serve the local API; false: open no port at all (flows still run)")
     host: str = Field(default="127.0.0.1", description="address to listen on; keep it on loopback")
     port: int = Field(default=8500, ge=0, le=65535, description="TCP port; 0 picks a free one")
     uds: Path | None = Field(default=None, description="also listen on this Unix socket")

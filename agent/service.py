@@ -167,10 +167,16 @@ class AgentService:
         return get
 
     def on_listening(self) -> None:
-        where = [f"http://{self.config.api.host}:{self.port}"]
-        if self.config.api.uds:
-            where.append(f"unix:{self.config.api.uds}")
-        msg = f"ready: {len(self.registry.all())} model(s) on {', '.join(where)}"
+        if not self.config.api.enabled:
+            msg = (
+                f"ready: {len(self.registry.all())} model(s), {len(self.flows)} flow(s); "
+                "the local API is off (api.enabled = false)"
+            )
+        else:
+            where = [f"http://{self.config.api.host}:{self.port}"]
+            if self.config.api.uds:
+                where.append(f"unix:{self.config.api.uds}")
+            msg = f"ready: {len(self.registry.all())} model(s) on {', '.join(where)}"
         log.info(msg)
         print(msg, flush=True)
         self.notifier.ready()
@@ -183,8 +189,9 @@ class AgentService:
     async def serve(self) -> None:
         """Serve until SIGTERM/SIGINT; then stop taking requests, finish those in flight, stop flows."""
         api = self.config.api
-        self._sockets = bind_sockets(api.host, api.port, api.uds)
-        server = HttpServer(self.app, api.limits())
+        # [api] enabled = false: no listener at all (flows, the watchdog and the signals work as ever)
+        self._sockets = bind_sockets(api.host, api.port, api.uds) if api.enabled else []
+        server = HttpServer(self.app, api.limits()) if api.enabled else None
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -201,7 +208,8 @@ class AgentService:
             loop.add_signal_handler(sig, on_signal, sig)
         try:
             self.start_flows()
-            await server.start(self._sockets)
+            if server is not None:
+                await server.start(self._sockets)
             self.on_listening()
             # The watchdog is fed from the event loop that serves requests: a hung loop gets restarted.
             interval = self.watchdog_interval
@@ -210,7 +218,8 @@ class AgentService:
                     self.notifier.watchdog()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval / 2 if interval else None)
-            await server.stop(self.config.shutdown_timeout)
+            if server is not None:
+                await server.stop(self.config.shutdown_timeout)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -218,7 +227,7 @@ class AgentService:
             self.app.close()
             for s in self._sockets:
                 s.close()
-            if api.uds is not None:
+            if api.uds is not None and api.enabled:
                 with contextlib.suppress(FileNotFoundError):
                     api.uds.unlink()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from _support import digits_bundle, free_port
+from _support import digits_bundle, free_port, wait_until
 
 EDGEFLEET = shutil.which("edgefleet", path=str(Path(sys.executable).parent)) or "edgefleet"
 
@@ -216,6 +217,7 @@ sinks = [{{ type = "jsonl", path = "{out}" }}]
             lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
         by_file = {r["meta"]["file"]: r["top_k"][0]["index"] for r in lines}
         assert sum(by_file[f"digit{i}.npy"] == y[i] for i in range(10)) >= 8
+        assert _listening_tcp_ports(proc.pid) == {port}  # (what the api-disabled test checks is empty)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'edgefleet_flow_items{counter="processed",flow="inbox",stage="flow"} 10.0' in metrics
         proc.send_signal(signal.SIGTERM)
@@ -272,3 +274,69 @@ def test_allow_lists_in_agent_toml_reach_the_server_and_the_unix_socket_skips_th
         proc.wait(30)
         if proc.stdout:
             proc.stdout.close()
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on: its socket inodes matched in /proc/net/tcp{,6} (state 0A)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_api_disabled_runs_a_folder_flow_without_opening_any_port(
+    models_dir: Path, holdout: Any, tmp_path: Path
+) -> None:
+    """[api] enabled = false: a real `agent run` processes files from its folder flow, and the process
+    listens on no TCP port (the configured one refuses connections) and makes no Unix socket."""
+    x, _ = holdout
+    bundle = digits_bundle(tmp_path, top_k=1)
+    inbox, out = tmp_path / "inbox", tmp_path / "predictions.jsonl"
+    inbox.mkdir()
+    port, uds = free_port(), tmp_path / "agent.sock"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"""
+state_dir = "state"
+[api]
+enabled = false
+port = {port}
+uds = "{uds}"
+[[models]]
+path = "{bundle}"
+[[flows]]
+name = "inbox"
+model = "digits"
+source = {{ type = "folder", path = "{inbox}", poll_interval = 0.05 }}
+sinks = [{{ type = "jsonl", path = "{out}" }}]
+""")
+    proc = subprocess.Popen(
+        [EDGEFLEET, "agent", "run", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready: 1 model(s), 1 flow(s)") and "api.enabled = false" in line, line
+        np.save(inbox / "digit0.npy", x[0].astype(np.float32))
+        assert wait_until(lambda: out.exists() and out.read_text().count("\n") >= 1, timeout=60)
+        result = json.loads(out.read_text().splitlines()[0])
+        assert result["meta"]["file"] == "digit0.npy" and result["top_k"][0]["label"] is not None
+        assert _listening_tcp_ports(proc.pid) == set()
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert not uds.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
