@@ -1,7 +1,15 @@
-"""The golden self-test: a bundle's stored inputs must give its stored outputs within tolerance.
+"""The golden self-test: a bundle's stored inputs must give its stored outputs within tolerance; and
+the pipeline check: the bundle's pre- and post-processing must fit its model.
 
 ``golden.npz`` holds ``input.NAME`` and ``output.NAME`` arrays whose first axis is the sample; each
 sample is exactly what ``predict`` is fed (so a model with a fixed batch of one is fed one at a time).
+
+:func:`check_pipeline` runs the pipeline on a synthetic input made from what it declares: an image
+(HWC, uint8, BGR or gray as the colour step's source) of the resize step's size, else of the crop's,
+else of the model input's height and width; zeros of the model's input shape when no step takes an
+image. Other inputs of a multi-input model get the golden sample's values, else zeros. A pipeline
+whose prepared input does not fit the model (layout, shape, dtype), that the model refuses, or whose
+post-processing names a missing output or an axis out of range is refused with one line.
 """
 
 from __future__ import annotations
@@ -13,10 +21,18 @@ import numpy as np
 
 from edgefleet.agent.runtime import Model
 from edgefleet.bundle.archive import read_npz
-from edgefleet.bundle.manifest import GoldenRef, shown
+from edgefleet.bundle.manifest import (
+    CenterCropStep,
+    ColorStep,
+    GoldenRef,
+    LayoutStep,
+    PipelineSpec,
+    ResizeStep,
+    shown,
+)
 from edgefleet.errors import BundleError, EdgefleetError
 
-__all__ = ["GoldenReport", "load_golden", "run_golden", "verify_bundle"]
+__all__ = ["GoldenReport", "check_pipeline", "load_golden", "run_golden", "synthetic_input", "verify_bundle"]
 
 
 @dataclass
@@ -124,4 +140,141 @@ def verify_bundle(path: str, threads: int | None = None) -> dict[str, Any]:
         g = run_golden(model, golden, manifest.golden, f"{path}: {manifest.golden.path}")
         report["golden"] = g.to_dict()
         report["ok"] = g.passed
+    try:
+        report["pipeline"] = {"checked": check_pipeline(model, manifest.pipeline, where=f"{path}: pipeline")}
+    except BundleError as e:
+        report["pipeline"] = {"checked": None, "error": str(e)}
+        report["ok"] = False
     return report
+
+
+_IMAGE_STEPS = (ResizeStep, CenterCropStep, ColorStep, LayoutStep)
+_FALLBACK_SIDE = 64  # pixels: the synthetic image's side when nothing declares one
+
+
+def _dims(shape: tuple[int | None, ...], example: np.ndarray[Any, Any] | None) -> tuple[int, ...] | None:
+    """A concrete shape: the example's, else the fixed dims with a leading dynamic batch of one;
+    None when another dim is dynamic."""
+    if example is not None:
+        return tuple(int(d) for d in example.shape)
+    out = []
+    for i, d in enumerate(shape):
+        if d is None:
+            if i != 0 or len(shape) < 2:
+                return None
+            d = 1
+        out.append(d)
+    return tuple(out)
+
+
+def synthetic_input(model: Model, spec: PipelineSpec) -> tuple[Any, str] | None:
+    """Raw data for the pipeline's input made from what the pipeline declares (see the module
+    docstring), and a description of it; None when nothing says what shape would be valid."""
+    name = spec.input or model.inputs[0].name
+    tensor = next((s for s in model.inputs if s.name == name), None)
+    if tensor is None:
+        return None  # Pipeline() names the missing input
+    example = (model.example_inputs or {}).get(name)
+    if not any(isinstance(s, _IMAGE_STEPS) for s in spec.preprocess):
+        dims = _dims(tensor.shape, example)
+        if dims is None:
+            return None
+        dtype = tensor.dtype if tensor.quantization is None or spec.preprocess else np.dtype(np.float32)
+        return np.zeros(dims, dtype=dtype), f"zeros {list(dims)} {dtype}"
+    color = next((s for s in spec.preprocess if isinstance(s, ColorStep)), None)
+    layout = next((s for s in spec.preprocess if isinstance(s, LayoutStep)), None)
+    resize = next((s for s in spec.preprocess if isinstance(s, ResizeStep)), None)
+    crop = next((s for s in spec.preprocess if isinstance(s, CenterCropStep)), None)
+    shape = list(tensor.shape[-3:]) if len(tensor.shape) >= 3 else [None, None, None]
+    hw_c = (shape[1], shape[2], shape[0]) if layout is not None and layout.target == "nchw" else tuple(shape)
+    h: int | None
+    w: int | None
+    if resize is not None:
+        h, w = resize.height or resize.width, resize.width or (2 * resize.height if resize.height else None)
+    elif crop is not None:
+        h, w = crop.height, crop.width
+    else:
+        h, w = hw_c[0], hw_c[1]
+    h, w = h or _FALLBACK_SIDE, w or _FALLBACK_SIDE
+    channels = hw_c[2] or 3  # the model's own channels, unless a colour step says what it takes
+    if color is not None:
+        channels = 1 if color.source == "gray" else 3
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return image, f"{w}x{h} image, {channels} channel(s), uint8"
+
+
+def _prepared_shapes(feeds: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {list(np.shape(v))} {np.asarray(v).dtype}" for k, v in feeds.items())
+
+
+def check_pipeline(
+    model: Model, spec: PipelineSpec, labels: list[str] | None = None, where: str = "pipeline"
+) -> str | None:
+    """Run ``spec`` with ``model`` on a synthetic input; returns what was fed (None when the
+    pipeline has no steps, or no valid shape is known: dynamic dims and no golden sample).
+
+    Raises :class:`BundleError` naming ``where`` and the cause when the pipeline does not fit the
+    model (an input or output it names that the model lacks, a prepared input of the wrong layout,
+    shape or dtype, a model error on it, a post-processing axis out of range). A stateful model is
+    reset afterwards."""
+    import json
+
+    from edgefleet.agent.pipeline import Pipeline
+
+    if spec == PipelineSpec():
+        return None
+    try:
+        pipeline = Pipeline(model, spec, labels=labels)
+    except EdgefleetError as e:
+        raise BundleError(f"{where}: {e}") from e
+    made = synthetic_input(model, spec)
+    if made is None:
+        return None
+    data, desc = made
+    try:
+        prepared = pipeline.prepare(data)
+    except EdgefleetError as e:
+        raise BundleError(f"{where}: on a synthetic {desc}: preprocess fails: {e}") from e
+    feeds: dict[str, Any] = {}
+    for s in model.inputs:
+        if s.name in prepared:
+            feeds[s.name] = prepared[s.name]
+            continue
+        example = (model.example_inputs or {}).get(s.name)
+        dims = _dims(s.shape, example)
+        if dims is None:
+            return None
+        feeds[s.name] = example if example is not None else np.zeros(dims, dtype=s.dtype)
+    try:
+        model.prepare(feeds)
+    except EdgefleetError as e:
+        hint = _layout_hint(model, pipeline.input, prepared.get(pipeline.input))
+        raise BundleError(
+            f"{where}: on a synthetic {desc}, the preprocess gives {_prepared_shapes(prepared)}, which does "
+            f"not fit the model: {e}{hint}"
+        ) from e
+    try:
+        others = {k: v for k, v in feeds.items() if k != pipeline.input}
+        result = pipeline.run({**others, pipeline.input: data} if others else data)
+        json.dumps(result)
+    except EdgefleetError as e:
+        raise BundleError(f"{where}: on a synthetic {desc}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: on a synthetic {desc}: the result is not JSON: {e}") from e
+    finally:
+        model.reset()
+    return desc
+
+
+def _layout_hint(model: Model, name: str, x: Any) -> str:
+    """A hint when a rank-4 image input has its channels on the other side from the model's."""
+    spec = next((s for s in model.inputs if s.name == name), None)
+    if spec is None or x is None or np.ndim(x) != 4 or len(spec.shape) != 4:
+        return ""
+    got, want = list(np.shape(x)), list(spec.shape)
+    if want[1] is not None and got[3] == want[1] and got[1] != want[1]:
+        return " (channels last, the model takes them first: a layout step with target 'nchw'?)"
+    if want[3] is not None and got[1] == want[3] and got[3] != want[3]:
+        return " (channels first, the model takes them last: a layout step with target 'nhwc'?)"
+    return ""

@@ -1,8 +1,10 @@
 """``edgefleet model package``: a model file and its extras into a reproducible ``.efb`` bundle.
 
 The golden outputs are computed here, by the same runtime the device uses, and the drift baseline
-from the data given. The creation time is, in order: ``created_at``, ``$SOURCE_DATE_EPOCH``, the
-model file's modification time; so packaging the same files again gives the same bytes.
+from the data given. The pipeline is run on a synthetic input before anything is written
+(:func:`edgefleet.agent.selftest.check_pipeline`): one that does not fit the model is refused.
+The creation time is, in order: ``created_at``, ``$SOURCE_DATE_EPOCH``, the model file's
+modification time; so packaging the same files again gives the same bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from edgefleet.agent.runtime import Model, load_model
-from edgefleet.bundle.archive import file_ref, write_bundle
+from edgefleet.agent.selftest import check_pipeline
+from edgefleet.bundle.archive import file_ref, read_npz, write_bundle
 from edgefleet.bundle.manifest import (
     GoldenRef,
     Manifest,
@@ -173,6 +176,13 @@ def package_model(
         members["baseline.json"] = blob
         extra["baseline"] = file_ref("baseline.json", blob)
     spec = pipeline if isinstance(pipeline, PipelineSpec) else (load_pipeline(pipeline) if pipeline else PipelineSpec())
+    if golden is not None:  # the first golden sample is a request known to be valid: for dynamic dims
+        model.example_inputs = {
+            k[6:]: v[0] for k, v in read_npz(members["golden.npz"], "golden.npz").items() if k.startswith("input.")
+        }
+    where = f"{pipeline}" if pipeline is not None and not isinstance(pipeline, PipelineSpec) else "pipeline"
+    label_list = parse_labels(members["labels.txt"], "labels.txt") if "labels.txt" in members else None
+    check_pipeline(model, spec, labels=label_list, where=where)
 
     def info(s: Any) -> TensorInfo:
         q = s.quantization

@@ -56,15 +56,61 @@ def _not_a_model(path: Path) -> str | None:
     return f"{path}: not a model: give a .onnx or .tflite model file or a .efb bundle"
 
 
+_SHOWN_METADATA_CHARS = 200  # a metadata value longer than this is cut in the text view (--json has it whole)
+
+
+def _model_lines(info: dict[str, Any]) -> list[str]:
+    """``metadata:``, ``signatures:`` and ``stateful:`` lines for a loaded model's ``info()``."""
+    lines = []
+    for key, value in sorted(info.get("metadata", {}).items()):
+        v = value if len(value) <= _SHOWN_METADATA_CHARS else f"{value[:_SHOWN_METADATA_CHARS]}… ({len(value)} chars)"
+        lines.append(f"metadata: {key}={v}")
+    sigs = info.get("signatures") or []
+    if sigs:
+        using = f" (using {info['signature']})" if info.get("signature") else ""
+        lines.append(f"signatures: {', '.join(sigs)}{using}")
+    if info.get("stateful"):
+        lines.append(
+            "stateful: yes — Model.reset() puts its variables back to their initial values; "
+            "calls in one session see the state earlier calls left"
+        )
+    else:
+        lines.append("stateful: no")
+    return lines
+
+
+def _load(path: Path, signature: str | None, **kwargs: Any) -> Any:
+    """``load_model`` with the CLI's one-line errors: not a model, a signature for a model without any."""
+    from edgefleet.agent.runtime import detect_runtime, load_model
+    from edgefleet.errors import ModelError
+
+    options: dict[str, Any] = dict(kwargs)
+    if signature is not None:
+        if path.is_file() and detect_runtime(path) != "tflite":
+            raise ModelError(f"--signature: {path} is an ONNX model, which has no signatures (only TFLite has)")
+        options["signature"] = signature
+    try:
+        return load_model(path, **options)
+    except ModelError as e:
+        raise ModelError(_not_a_model(path) or str(e)) from e
+
+
+_SIGNATURE_HELP = "TFLite signature to run (default: serving_default, or the only one)."
+
+
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .onnx or .tflite model, or a .efb bundle."),
+    signature: str | None = typer.Option(None, "--signature", help=_SIGNATURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a model's tensors and runtime, or a bundle's manifest."""
+    """Show a model's tensors, metadata, signatures and whether it keeps state; or a bundle's manifest.
+
+    The JSON of a model file carries ``metadata`` (ONNX metadata_props), ``signatures``, the
+    ``signature`` in use (TFLite) and ``stateful``; a bundle's is its manifest."""
     from edgefleet.bundle.archive import BundleReader
 
-    if path.suffix == ".efb":
+    if path.suffix == ".efb" and signature is None:
         with BundleReader(path) as b:
             m = b.manifest
         data = m.model_dump(mode="json")
@@ -79,20 +125,59 @@ def inspect(
         if m.pipeline.preprocess or m.pipeline.postprocess:
             steps = [s.op for s in m.pipeline.preprocess] + ["model"] + [s.op for s in m.pipeline.postprocess]
             console.print("pipeline: " + " → ".join(steps))
+        for line in _model_lines(_load(path, None, warmup=False).info()):
+            typer.echo(line)
         return
-    from edgefleet.agent.runtime import load_model
-    from edgefleet.errors import ModelError
-
-    try:
-        model = load_model(path, warmup=False)
-    except ModelError as e:
-        raise ModelError(_not_a_model(path) or str(e)) from e
-    info = model.info()
+    info = _load(path, signature, warmup=False).info()
     if as_json:
         emit_json(info)
         return
     console.print(f"[bold]{path}[/]  {info['runtime']} {info['version']}")
     console.print(_tensor_table(info["inputs"], info["outputs"]))
+    for line in _model_lines(info):
+        typer.echo(line)
+
+
+def _need_shapes(path: Path, specs: list[Any]) -> None:
+    """Raise a one-line :class:`ModelError` naming the flags when an input has a dynamic dim other
+    than a leading batch dim and nothing says what shape to feed."""
+    from edgefleet.errors import ModelError
+
+    for s in specs:
+        if any(d is None for i, d in enumerate(s.shape) if i > 0 or len(s.shape) < 2):
+            letters = iter("HWTLKM")
+            dims = "x".join(
+                str(d) if d is not None else ("1" if i == 0 and len(s.shape) > 1 else next(letters, "N"))
+                for i, d in enumerate(s.shape)
+            )
+            shown = "[" + ", ".join("?" if d is None else str(d) for d in s.shape) + "]"
+            raise ModelError(
+                f"{path}: input {s.name!r} has dynamic dims {shown}: give --shape {s.name}={dims} "
+                "(with numbers) or --inputs FILE.npz (samples (N, *input shape))"
+            )
+
+
+def parse_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
+    """``--shape NAME=1x3x640x640`` values to ``{name: dims}`` (``NAME=`` or ``NAME=scalar`` for a
+    scalar). Raises :class:`~edgefleet.errors.ConfigError` naming the value at fault."""
+    from edgefleet.errors import ConfigError
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, eq, dims = value.rpartition("=")
+        if not eq or not name:
+            raise ConfigError(f"--shape: expected NAME=DIMxDIM... (e.g. image=1x3x640x640), got {value!r}")
+        if name in shapes:
+            raise ConfigError(f"--shape: input {name!r} given twice")
+        text = dims.strip().lower()
+        try:
+            parsed = () if text in ("", "scalar") else tuple(int(d) for d in text.split("x"))
+        except ValueError:
+            raise ConfigError(f"--shape: {value!r}: dims must be whole numbers joined by 'x', got {dims!r}") from None
+        if any(d < 0 for d in parsed):
+            raise ConfigError(f"--shape: {value!r}: dims must not be negative")
+        shapes[name] = parsed
+    return shapes
 
 
 @app.command()
@@ -100,18 +185,42 @@ def bench(
     path: Path = typer.Argument(..., help="A .onnx or .tflite model, or a .efb bundle."),
     runs: int = typer.Option(300, min=10, help="Timed calls on each side."),
     threads: int | None = typer.Option(None, min=1, help="Runtime threads (default: the runtime's)."),
+    inputs: Path | None = typer.Option(
+        None,
+        "--inputs",
+        help=".npz of inputs in the sample layout: (N, *input shape) per input name, scalars (N,); sample 0 is used.",
+    ),
+    shape: list[str] = typer.Option(
+        [], "--shape", help="NAME=1x3x640x640: the shape of an input with dynamic dims (repeatable); random data."
+    ),
+    signature: str | None = typer.Option(None, "--signature", help=_SIGNATURE_HELP),
     float_input: bool = typer.Option(
-        False, "--float-input", help="Feed float data to quantized inputs (the bare side quantizes by hand)."
+        False, "--float-input", help="Feed float data to quantized inputs (the runtime quantizes it on every call)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Latency p50/p95/p99 and throughput through edgefleet and through the bare runtime, side by side."""
-    from edgefleet.agent.benchmark import bench_model, random_inputs
-    from edgefleet.agent.runtime import load_model
+    """Latency p50/p95/p99 and throughput through edgefleet and through the bare runtime, side by side.
 
-    model = load_model(path, threads=threads)
-    feeds = random_inputs(model.inputs, float_for_quantized=float_input)
+    Inputs, first that applies: --inputs; random data at the --shape given; a bundle's first golden
+    sample; random data with a dynamic batch dim of one. A model with other dynamic dims and none of
+    these is an error saying which flag to give."""
+    from edgefleet.agent.benchmark import bench_inputs, bench_model
+    from edgefleet.agent.runtime import dequantize
+    from edgefleet.errors import ConfigError
+
+    if inputs is not None and shape:
+        raise ConfigError("--inputs and --shape exclude each other (the .npz gives the shapes)")
+    shapes = parse_shapes(shape)
+    model = _load(path, signature, threads=threads)
+    if inputs is None and not shapes and model.example_inputs is None:
+        _need_shapes(path, model.inputs)
+    feeds = bench_inputs(model, inputs=inputs, shapes=shapes)
+    if float_input:
+        for s in model.inputs:
+            if s.quantization is not None and feeds[s.name].dtype.kind in "iu":
+                feeds[s.name] = dequantize(feeds[s.name], s.quantization)
     result = bench_model(model, feeds, runs=runs)
+    result["inputs"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
     if as_json:
         emit_json(result)
         return
@@ -121,7 +230,10 @@ def bench(
         table.add_row(
             side, f"{r['p50_us']:.1f}", f"{r['p95_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['throughput_per_s']:.0f}"
         )
+    shown = ", ".join(f"{k}={'x'.join(map(str, v['shape'])) or 'scalar'}" for k, v in result["inputs"].items())
     console.print(f"[bold]{path}[/]  {result['runtime']['runtime']}  threads={threads or 'default'}  runs={runs}")
+    sig = result["runtime"].get("signature")
+    typer.echo(f"inputs: {shown or '(none)'}" + (f"  signature: {sig}" if sig else ""))
     console.print(table)
     console.print(f"ratio p50 agent/bare = {result['ratio_p50']:.3f}  (+{result['overhead_p50_us']:.1f} µs)")
 
@@ -170,19 +282,28 @@ def verify(
     bundle: Path = typer.Argument(..., help="A .efb bundle."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Check hashes and manifest, load the model and run its golden self-test."""
+    """Check hashes and manifest, load the model, run its golden self-test, and run its pipeline on a
+    synthetic input (refused when the pipeline does not fit the model)."""
     from edgefleet.agent.selftest import verify_bundle
+    from edgefleet.errors import BundleError
 
     report = verify_bundle(str(bundle))
+    pipe = report.get("pipeline") or {}
     if as_json:
         emit_json(report)
     else:
         g = report["golden"]
         golden = "none" if g is None else ("passed" if g["passed"] else "FAILED") + f" ({g['samples']} samples)"
-        console.print(f"{bundle}: {report['name']} {report['version']}  hashes ok  model loads  golden {golden}")
+        checked = pipe.get("checked")
+        shown = (
+            "" if "error" in pipe else f"  pipeline {'fits (on a synthetic ' + checked + ')' if checked else 'not run'}"
+        )
+        typer.echo(f"{bundle}: {report['name']} {report['version']}  hashes ok  model loads  golden {golden}{shown}")
         if g and g["failures"]:
             for f in g["failures"][:10]:
-                console.print(f"  {f}")
+                typer.echo(f"  {f}")
+    if "error" in pipe:
+        raise BundleError(pipe["error"])
     if not report["ok"]:
         raise EdgefleetError(f"{bundle}: golden self-test failed")
 
