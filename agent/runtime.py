@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ __all__ = ["Model", "dequantize", "detect_runtime", "load_model", "quantize"]
 
 log = logging.getLogger(__name__)
 
+_COST_RUNS = 5  # timed warm-up runs after the first, to measure a model's cost
+_COST_BUDGET_S = 0.05  # stop timing warm-up runs once this many seconds were spent
 _BACKENDS = {"onnx": "onnx", "onnxruntime": "onnx", "tflite": "tflite", "litert": "tflite"}
 
 
@@ -102,8 +105,8 @@ class Model:
         self._quantized_in = any(s.quantization is not None for s in self.inputs)
         self._quantized_out = [s for s in self.outputs if s.quantization is not None]
         self._lock = None if backend.thread_safe else threading.Lock()
-        if warmup:
-            self._warm_up()
+        cost = self._warm_up() if warmup else None
+        backend.adapt(cost)  # e.g. ONNX Runtime picks its threads from the cost (see its backend)
 
     @property
     def name(self) -> str:
@@ -114,20 +117,33 @@ class Model:
         ins = "; ".join(s.describe() for s in self.inputs)
         return f"<Model {self.name} on {self.backend.name}: {ins}>"
 
-    def _warm_up(self) -> None:
+    def _warm_up(self) -> float | None:
+        """Run the warm-up; returns the seconds of one run after the first (the best of a few, at
+        most ~50 ms spent measuring), or None when there was no warm-up."""
         if self.stateful:
             log.debug("%s: stateful model, not warmed up (undoing it would take a second load)", self.source)
-            return
+            return None
         feeds = self.example_inputs if self.example_inputs is not None else _known_good_inputs(self.inputs)
         if feeds is None:
             log.debug("%s: no input shape known to be valid (dynamic dims, no golden sample): no warm-up", self.source)
-            return
+            return None
+        cost: float | None = None
         try:
             prepared, _ = self.prepare(feeds)
-            self._run(prepared)
+            self._run(prepared)  # the first run pays one-time costs (allocation, weight packing)
+            spent = 0.0
+            for _ in range(_COST_RUNS):
+                t0 = time.perf_counter()
+                self._run(prepared)
+                took = time.perf_counter() - t0
+                cost = took if cost is None else min(cost, took)
+                spent += took
+                if spent > _COST_BUDGET_S:
+                    break
         except ModelError as e:  # a model may reject zeros and still work on real data
             log.debug("%s: warm-up run failed (%s); the first request will be slower", self.source, e)
         self.reset()
+        return cost
 
     def reset(self) -> None:
         """Put the model back in its initial state: a stateful model's variables start again from
@@ -326,17 +342,23 @@ def load_model(
     backend: str | None = None,
     delegates: Sequence[Any] = (),
     warmup: bool = True,
+    max_threads: int | None = None,
     **options: Any,
 ) -> Model:
     """Load an ``.onnx``, ``.tflite`` or ``.efb`` bundle and warm it up.
 
-    ``threads`` sets the runtime's intra-op threads (default: the runtime's own choice).
+    ``threads`` sets the runtime's intra-op threads exactly (explicit config). Without it, ONNX
+    Runtime chooses from the model's cost measured at warm-up, up to ``max_threads`` (the hardware
+    profile's threads; default the cores available; see :mod:`edgefleet.agent.backends.onnx`),
+    and LiteRT uses ``max_threads`` (default: the runtime's own choice).
     ``backend`` forces ``onnx`` or ``tflite`` (default: by file suffix, then by content).
     ``delegates`` are LiteRT delegate libraries (``"libedgetpu.so.1"`` or ``(lib, options)``), or, for
     ONNX, execution providers tried before the CPU. Other ``options`` go to the backend
-    (ONNX: ``providers``, ``graph_optimization_level``, ``inter_op_threads``; TFLite:
-    ``signature`` picks one of a model's signatures, default ``serving_default`` or the only one,
-    and ``preserve_all_tensors``). ``warmup`` runs one request at load (see the module docstring).
+    (ONNX: ``providers``, ``graph_optimization_level``, ``inter_op_threads``, ``allow_spinning``;
+    TFLite: ``signature`` picks one of a model's signatures, default ``serving_default`` or the only
+    one, ``preserve_all_tensors``, and ``pool_size``, the interpreters that may run concurrent
+    calls, default the cores available up to 4, always 1 for a stateful model). ``warmup`` runs
+    one request at load, and a few more to measure the model's cost (see the module docstring).
 
     Raises :class:`ModelError` for a missing, corrupt or unknown model, an unknown option or
     signature (naming the path) and :class:`~edgefleet.errors.BundleError` for a bad bundle.
@@ -344,8 +366,9 @@ def load_model(
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"{p}: no such model file")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ModelError(f"threads: expected a positive integer, got {threads!r}")
+    for key, value in (("threads", threads), ("max_threads", max_threads)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelError(f"{key}: expected a positive integer, got {value!r}")
     kind = _detect(p)
     manifest: Manifest | None = None
     labels: list[str] | None = None
@@ -369,6 +392,11 @@ def load_model(
         if manifest is not None and _BACKENDS[backend] != manifest.runtime:
             raise ModelError(f"{p}: the bundle holds a {manifest.runtime} model; backend {backend!r} cannot run it")
         kind = _BACKENDS[backend]
+    if kind == "onnx":
+        if max_threads is not None:
+            options = {**options, "max_threads": max_threads}
+    elif threads is None:
+        threads = max_threads
     be = _make_backend(kind, model, str(p), threads, delegates, options)
     example: dict[str, np.ndarray[Any, Any]] | None = None
     if manifest is not None:

@@ -20,9 +20,11 @@ class Backend(Protocol):
 
     ``run`` receives arrays already checked against ``inputs`` (name, dtype, shape) and returns
     every output by name, in the tensor's own dtype. It need not be thread-safe; the caller locks
-    when ``thread_safe`` is false. Every failure of the runtime itself (a shape it refuses, an
-    error inside a kernel) is raised as :class:`~edgefleet.errors.ModelError` naming the model and
-    the input shapes, never as the runtime's own exception type.
+    when ``thread_safe`` is false (a backend that is thread-safe runs concurrent calls in parallel:
+    one ONNX Runtime session, or a pool of LiteRT interpreters). Every failure of the runtime
+    itself (a shape it refuses, an error inside a kernel) is raised as
+    :class:`~edgefleet.errors.ModelError` naming the model and the input shapes, never as the
+    runtime's own exception type.
     """
 
     name: str
@@ -35,6 +37,11 @@ class Backend(Protocol):
     signatures: list[str]  # named entry points (TFLite signatures); empty when the format has none
 
     def run(self, feeds: Feeds) -> Outputs: ...
+
+    def adapt(self, seconds: float | None) -> None:
+        """Called once after warm-up with the measured seconds of one run (``None``: not measured):
+        a backend may choose its threads from it (ONNX Runtime does). Raises ModelError."""
+        ...
 
     def reset(self) -> None:
         """Put a stateful model back in its initial state (a no-op for a stateless one)."""

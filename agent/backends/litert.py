@@ -13,11 +13,22 @@ State: a model with resource variables (a streaming model's state, say) keeps th
 ``Interpreter.reset_all_variables()`` resets only variable *tensors*, not resource variables, so
 ``reset`` builds a fresh interpreter for such a model: its variables start again from the values the
 model initializes them with.
+
+Concurrency: one interpreter runs one ``invoke`` at a time, so a stateless model is served by a
+small pool of interpreters, one per concurrent call, up to ``pool_size`` (default: the cores this
+process may run on, at most 4; ``threads`` per interpreter are the profile's). The pool grows on
+demand: a second interpreter is built only when two calls overlap, so a device with one client
+pays for one. Each extra interpreter costs its tensor arena and the delegate's packed weights
+(about the model's size for XNNPACK); the file itself is memory-mapped once, or the bundle's bytes
+shared. A stateful model keeps ONE interpreter (its state lives inside it) and calls on it are
+serialised.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,11 +38,13 @@ from edgefleet.agent.backends.base import Feeds, Outputs
 from edgefleet.agent.tensors import Quantization, TensorSpec
 from edgefleet.errors import ModelError
 
-__all__ = ["LiteRTBackend", "import_litert"]
+__all__ = ["LiteRTBackend", "default_pool_size", "import_litert"]
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("preserve_all_tensors", "signature")
+OPTIONS = ("pool_size", "preserve_all_tensors", "signature")
+MAX_POOL = 8  # interpreters per model at most (pool_size is bounded by it)
+DEFAULT_POOL = 4  # the default pool is the cores available, at most this
 Delegate = str | tuple[str, dict[str, Any]]
 _RUNTIME_ERRORS = (ValueError, RuntimeError, TypeError)  # what the interpreter's calls raise
 
@@ -84,11 +97,85 @@ def _has_resource_tensors(it: Any) -> bool:
     return any(np.dtype(d["dtype"]) == obj for d in details)
 
 
+def default_pool_size() -> int:
+    """The cores this process may run on (its CPU affinity), at most :data:`DEFAULT_POOL`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(DEFAULT_POOL, cores))
+
+
+class _Instance:
+    """One interpreter and what it needs to run: its signature runner or tensor indexes, and the
+    input shapes it is allocated at. Not thread-safe: the pool hands it to one caller at a time."""
+
+    def __init__(self, backend: LiteRTBackend, it: Any) -> None:
+        self.b = backend
+        self.it = it
+        self.runner: Any = None
+        self.shapes: dict[int, tuple[int, ...] | None] = {}
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Allocate a model with fixed input shapes now; one with dynamic dims at its first run."""
+        b = self.b
+        if b._runner_key is not None:
+            self.runner = self.it.get_signature_runner(b._runner_key)
+            return
+        if b._dynamic:
+            self.shapes = dict.fromkeys(b._in_index.values())
+            return
+        try:
+            self.it.allocate_tensors()
+        except _RUNTIME_ERRORS as e:
+            raise ModelError(f"{b._where}: not a loadable TFLite model: {_first_line(e)}") from e
+        self.shapes = {
+            idx: tuple(d for d in s.shape if d is not None)
+            for s, idx in zip(b.inputs, b._in_index.values(), strict=True)
+        }
+
+    def run(self, feeds: Feeds) -> Outputs:
+        b = self.b
+        if self.runner is not None:
+            try:
+                result: Outputs = self.runner(**feeds)
+            except _RUNTIME_ERRORS as e:
+                raise b._failed("inference", feeds, e) from e
+            return {name: np.asarray(result[name]) for name, _ in b._out_index}
+        it = self.it
+        shapes = self.shapes
+        resized = False
+        try:
+            for name, arr in feeds.items():
+                idx = b._in_index[name]
+                if arr.shape != shapes[idx]:
+                    it.resize_tensor_input(idx, arr.shape, strict=False)
+                    shapes[idx] = arr.shape
+                    resized = True
+            if resized:
+                it.allocate_tensors()
+        except _RUNTIME_ERRORS as e:
+            # The interpreter is left unallocated: the next call resizes and allocates again.
+            self.shapes = dict.fromkeys(shapes)
+            raise b._failed("resizing", feeds, e) from e
+        try:
+            for name, arr in feeds.items():
+                it.set_tensor(b._in_index[name], arr)
+            it.invoke()
+            out = {name: it.get_tensor(idx) for name, idx in b._out_index}
+        except _RUNTIME_ERRORS as e:
+            raise b._failed("inference", feeds, e) from e
+        for name in b._scalar_out:
+            out[name] = np.asarray(out[name])
+        return out
+
+
 class LiteRTBackend:
-    """A model on the LiteRT interpreter. The interpreter is not thread-safe: the caller locks."""
+    """A model on LiteRT interpreters: a pool of them for a stateless model (``thread_safe``), one
+    for a stateful model (the caller locks)."""
 
     name = "litert"
-    thread_safe = False
 
     def __init__(
         self,
@@ -98,7 +185,10 @@ class LiteRTBackend:
         delegates: Sequence[Delegate] = (),
         preserve_all_tensors: bool = False,
         signature: str | None = None,
+        pool_size: int | None = None,
     ) -> None:
+        if pool_size is not None and (type(pool_size) is not int or not 1 <= pool_size <= MAX_POOL):
+            raise ModelError(f"option pool_size: expected an integer from 1 to {MAX_POOL}, got {pool_size!r}")
         interpreter_cls, load_delegate, package = import_litert()
         self._where = where
         self._delegate_specs = list(delegates)
@@ -151,10 +241,14 @@ class LiteRTBackend:
         self.stateful = _has_resource_tensors(it)
         self.metadata: dict[str, str] = {}
         self._dynamic = any(d is None for s in self.inputs for d in s.shape)
-        self._it = it
-        self._runner: Any = None
-        self._shapes: dict[int, tuple[int, ...] | None] = {}
-        self._prepare()
+        # A stateful model's state lives in its interpreter: exactly one, whatever was asked.
+        self.pool_size = 1 if self.stateful else (pool_size or default_pool_size())
+        self.thread_safe = self.pool_size > 1
+        first = _Instance(self, it)
+        self._first = first
+        self._idle: list[_Instance] = [first]
+        self._made = 1
+        self._cond = threading.Condition(threading.Lock())
         self._threads = threads
         self._package = package
         self._delegates = [d if isinstance(d, str) else d[0] for d in delegates]
@@ -172,79 +266,74 @@ class LiteRTBackend:
         except _RUNTIME_ERRORS as e:
             raise ModelError(f"{self._where}: not a loadable TFLite model: {_first_line(e)}") from e
 
-    def _prepare(self) -> None:
-        """Allocate a model with fixed input shapes now; one with dynamic dims at its first run."""
-        if self._runner_key is not None:
-            self._runner = self._it.get_signature_runner(self._runner_key)
-            return
-        if self._dynamic:
-            self._shapes = dict.fromkeys(self._in_index.values())
-            return
-        try:
-            self._it.allocate_tensors()
-        except _RUNTIME_ERRORS as e:
-            raise ModelError(f"{self._where}: not a loadable TFLite model: {_first_line(e)}") from e
-        self._shapes = {
-            idx: tuple(d for d in s.shape if d is not None)
-            for s, idx in zip(self.inputs, self._in_index.values(), strict=True)
-        }
-
     def _failed(self, what: str, feeds: Feeds, e: BaseException) -> ModelError:
         shapes = {n: list(a.shape) for n, a in feeds.items()}
         return ModelError(f"{self._where}: {what} failed for input shapes {shapes}: {_first_line(e)}")
 
+    def _acquire(self) -> _Instance:
+        """An idle interpreter; a new one while the pool is below its size; else wait for one."""
+        with self._cond:
+            while True:
+                if self._idle:
+                    return self._idle.pop()
+                if self._made < self.pool_size:
+                    self._made += 1
+                    break
+                self._cond.wait()
+        try:
+            return _Instance(self, self._new_interpreter())  # built outside the lock: other calls go on
+        except BaseException:
+            with self._cond:
+                self._made -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, inst: _Instance) -> None:
+        with self._cond:
+            self._idle.append(inst)
+            self._cond.notify()
+
+    @property
+    def instances(self) -> int:
+        """Interpreters built so far (at most ``pool_size``)."""
+        return self._made
+
     def run(self, feeds: Feeds) -> Outputs:
-        """Resize if a shape changed, then invoke. Raises :class:`ModelError` naming the model and
-        the input shapes when the runtime refuses them or fails."""
-        if self._runner is not None:
-            try:
-                result: Outputs = self._runner(**feeds)
-            except _RUNTIME_ERRORS as e:
-                raise self._failed("inference", feeds, e) from e
-            return {name: np.asarray(result[name]) for name, _ in self._out_index}
-        it = self._it
-        resized = False
+        """Resize if a shape changed, then invoke, on an interpreter of the pool. Raises
+        :class:`ModelError` naming the model and the input shapes when the runtime refuses them or
+        fails."""
+        inst = self._acquire()
         try:
-            for name, arr in feeds.items():
-                idx = self._in_index[name]
-                if arr.shape != self._shapes[idx]:
-                    it.resize_tensor_input(idx, arr.shape, strict=False)
-                    self._shapes[idx] = arr.shape
-                    resized = True
-            if resized:
-                it.allocate_tensors()
-        except _RUNTIME_ERRORS as e:
-            # The interpreter is left unallocated: the next call resizes and allocates again.
-            self._shapes = dict.fromkeys(self._shapes)
-            raise self._failed("resizing", feeds, e) from e
-        try:
-            for name, arr in feeds.items():
-                it.set_tensor(self._in_index[name], arr)
-            it.invoke()
-            out = {name: it.get_tensor(idx) for name, idx in self._out_index}
-        except _RUNTIME_ERRORS as e:
-            raise self._failed("inference", feeds, e) from e
-        for name in self._scalar_out:
-            out[name] = np.asarray(out[name])
-        return out
+            return inst.run(feeds)
+        finally:
+            self._release(inst)
+
+    def adapt(self, seconds: float | None) -> None:
+        """Nothing: threads come from the profile (``threads``), concurrency from the pool."""
 
     def reset(self) -> None:
         """Back to the model's initial state: variable tensors are zeroed; a model with resource
-        variables gets a fresh interpreter. Raises :class:`ModelError` if the model cannot be
-        reloaded (a delegate gone, say)."""
-        if not self.stateful:
-            self._it.reset_all_variables()
-            return
-        self._runner = None
-        self._it = None
-        self._it = self._new_interpreter()
-        self._prepare()
+        variables gets a fresh interpreter. Waits for the pool's running calls. Raises
+        :class:`ModelError` if the model cannot be reloaded (a delegate gone, say)."""
+        with self._cond:
+            while len(self._idle) < self._made:
+                self._cond.wait()
+            if not self.stateful:
+                for inst in self._idle:
+                    inst.it.reset_all_variables()
+                return
+            inst = self._idle[0]  # a stateful model has one interpreter
+            inst.runner = None
+            inst.it = None
+            inst.it = self._new_interpreter()
+            inst.prepare()
 
     def bare_callable(self) -> Callable[[Feeds], object]:
-        if self._runner is not None:
-            runner = self._runner
+        inst = self._first
+        if inst.runner is not None:
+            runner = inst.runner
             return lambda feeds: runner(**feeds)
-        it = self._it
+        it = inst.it
         set_tensor, invoke, get_tensor = it.set_tensor, it.invoke, it.get_tensor
         ins = list(self._in_index.items())
         outs = [idx for _, idx in self._out_index]
@@ -264,6 +353,8 @@ class LiteRTBackend:
             "threads": self._threads,
             "delegates": self._delegates,
             "signature": self.signature,
+            "pool_size": self.pool_size,
+            "interpreters": self._made,
         }
 
 
