@@ -7,12 +7,29 @@ package is not part of the device install (it pulls in its own protobuf classes 
 imports), so :func:`quantized_io` reads the few fields it needs straight from the ModelProto wire
 format: node op types, inputs and outputs, and the names and values of small initializers. Large
 initializers are skipped by length without being copied, and a model file is memory-mapped, not read.
+
+Threads (intra-op) and spinning. ONNX Runtime's default, a thread per physical core that spins
+while it waits for work, takes a core from the event loop and the API's clients on a 2-core
+device, and a small model runs fastest on one thread anyway (its ops are too short to split). So,
+unless ``threads`` is given (explicit config wins, and then ``allow_spinning`` is ORT's default
+unless given too), the session starts at ``max_threads`` (the hardware profile's threads; default
+the cores this process may use) with spinning off, and after warm-up :meth:`OnnxBackend.adapt`
+applies the rule to the measured cost of one run at that setting:
+
+- under :data:`SINGLE_THREAD_BELOW` (1 ms): one intra-op thread (the session is rebuilt once);
+  concurrent calls still run in parallel, each on its caller's thread;
+- otherwise ``max_threads`` threads, spinning only if the process has a core more than that (one
+  left for the event loop and the clients), else not.
+
+A model that cannot be warmed up (dynamic dims, no golden sample) keeps ``max_threads`` without
+spinning. ``InferenceSession.run`` is thread-safe: one session serves concurrent calls.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -23,7 +40,7 @@ from edgefleet.agent.backends.base import Feeds, Outputs
 from edgefleet.agent.tensors import Quantization, TensorSpec
 from edgefleet.errors import ModelError
 
-__all__ = ["OnnxBackend", "quantized_io"]
+__all__ = ["OnnxBackend", "available_cores", "choose_threads", "quantized_io"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +61,8 @@ _ORT_TYPES: dict[str, Any] = {
 }
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
-OPTIONS = ("providers", "graph_optimization_level", "inter_op_threads")
+OPTIONS = ("providers", "graph_optimization_level", "inter_op_threads", "allow_spinning", "max_threads")
+SINGLE_THREAD_BELOW = 0.001  # seconds per run (at max_threads, no spinning) under which one thread is used
 _QUANTIZABLE = ("int8", "uint8", "int16", "uint16")  # what DequantizeLinear/QuantizeLinear take per tensor
 
 
@@ -64,6 +82,21 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def choose_threads(seconds: float, max_threads: int, cores: int) -> tuple[int, bool]:
+    """The thread rule (module docstring): ``(intra-op threads, spinning)`` for a model that took
+    ``seconds`` per run at ``max_threads`` threads without spinning, on ``cores`` cores."""
+    threads = 1 if seconds < SINGLE_THREAD_BELOW or max_threads <= 1 else max_threads
+    return threads, cores > threads and seconds >= SINGLE_THREAD_BELOW
+
+
 class OnnxBackend:
     """A model on ONNX Runtime. ``InferenceSession.run`` is thread-safe, so no lock is needed."""
 
@@ -80,6 +113,8 @@ class OnnxBackend:
         providers: Sequence[str] | None = None,
         graph_optimization_level: str = "all",
         inter_op_threads: int | None = None,
+        allow_spinning: bool | None = None,
+        max_threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -88,18 +123,22 @@ class OnnxBackend:
                 f"option graph_optimization_level: expected one of {list(_OPT_LEVELS)}, "
                 f"got {graph_optimization_level!r}"
             )
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[graph_optimization_level]
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-        if inter_op_threads is not None:
-            opts.inter_op_num_threads = int(inter_op_threads)
-        opts.log_severity_level = 3
+        if allow_spinning is not None and not isinstance(allow_spinning, bool):
+            raise ModelError(f"option allow_spinning: expected true or false, got {allow_spinning!r}")
+        if max_threads is not None and (type(max_threads) is not int or max_threads < 1):
+            raise ModelError(f"option max_threads: expected a positive integer, got {max_threads!r}")
+        self._ort = ort
+        self._where = where
+        self._opt_level = graph_optimization_level
+        self._inter_op_threads = inter_op_threads
+        self._cores = available_cores()
+        self._explicit = threads is not None
+        self._max_threads = max(1, min(max_threads or self._cores, self._cores))
+        self._spinning: bool | None = allow_spinning
+        self._explicit_spinning = allow_spinning
+        self._threads = int(threads) if threads is not None else self._max_threads
+        if not self._explicit and allow_spinning is None:
+            self._spinning = False  # until adapt() has measured the model
         available = ort.get_available_providers()
         # Delegates, for ONNX, are execution providers tried before the CPU.
         wanted = list(providers) if providers is not None else [*delegates, "CPUExecutionProvider"]
@@ -108,15 +147,13 @@ class OnnxBackend:
             raise ModelError(
                 f"{where}: execution provider(s) {missing} not available; this onnxruntime has {available}"
             )
-        try:
-            self._session = ort.InferenceSession(model, sess_options=opts, providers=wanted)
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"{where}: not a loadable ONNX model: {_first_line(e)}") from e
+        self._providers = wanted
+        self._model: bytes | str | None = model  # kept until adapt() may rebuild the session
+        self._session = self._new_session(model)
         # A failed run is reported to the caller as a ModelError; the runtime's own log line would
         # only repeat it on stderr.
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
-        self._where = where
         inputs = [_spec(n, where) for n in self._session.get_inputs()]
         outputs = [_spec(n, where, output=True) for n in self._session.get_outputs()]
         if any(s.dtype_name in _QUANTIZABLE for s in (*inputs, *outputs)):
@@ -132,8 +169,45 @@ class OnnxBackend:
         self._wrap = [o.name for o in self.outputs if o.dtype.kind == "O"]
         self._text_inputs = [i.name for i in self.inputs if i.dtype.kind == "O"]
         self._output_names = [o.name for o in self.outputs]
-        self._threads = threads
         self._version = ort.__version__
+        self.measured_cost: float | None = None  # seconds per run seen by adapt(), if any
+
+    def _new_session(self, model: bytes | str) -> Any:
+        ort = self._ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self._opt_level]
+        opts.intra_op_num_threads = self._threads
+        if self._inter_op_threads is not None:
+            opts.inter_op_num_threads = int(self._inter_op_threads)
+        if self._spinning is not None:
+            flag = "1" if self._spinning else "0"
+            opts.add_session_config_entry("session.intra_op.allow_spinning", flag)
+            opts.add_session_config_entry("session.inter_op.allow_spinning", flag)
+        opts.log_severity_level = 3
+        try:
+            return ort.InferenceSession(model, sess_options=opts, providers=self._providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{self._where}: not a loadable ONNX model: {_first_line(e)}") from e
+
+    def adapt(self, seconds: float | None) -> None:
+        """Apply :func:`choose_threads` to the measured cost of one run; ``None``: not measured
+        (keep the current setting). Rebuilds the session at most once, and never when ``threads``
+        was given. Raises :class:`ModelError` if the rebuild fails."""
+        model, self._model = self._model, None
+        self.measured_cost = seconds
+        if seconds is None or model is None or self._explicit:
+            return
+        threads, spinning = choose_threads(seconds, self._max_threads, self._cores)
+        if self._explicit_spinning is not None:
+            spinning = self._explicit_spinning
+        if (threads, spinning) != (self._threads, self._spinning):
+            self._threads, self._spinning = threads, spinning
+            self._session = self._new_session(model)
 
     def run(self, feeds: Feeds) -> Outputs:
         """Run the session. Raises :class:`ModelError` naming the model and the input shapes."""
@@ -172,6 +246,7 @@ class OnnxBackend:
             "runtime": "onnxruntime",
             "version": self._version,
             "threads": self._threads,
+            "spinning": self._spinning,
             "providers": self._session.get_providers(),
         }
 
