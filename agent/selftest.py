@@ -180,13 +180,12 @@ def synthetic_input(model: Model, spec: PipelineSpec) -> tuple[Any, str] | None:
         if dims is None:
             return None
         dtype = tensor.dtype if tensor.quantization is None or spec.preprocess else np.dtype(np.float32)
-        return np.zeros(dims, dtype=dtype), f"zeros {list(dims)} {dtype}"
+        return np.zeros(dims, dtype=dtype), f"{dtype} zeros of shape {list(dims)}"
     color = next((s for s in spec.preprocess if isinstance(s, ColorStep)), None)
     layout = next((s for s in spec.preprocess if isinstance(s, LayoutStep)), None)
     resize = next((s for s in spec.preprocess if isinstance(s, ResizeStep)), None)
     crop = next((s for s in spec.preprocess if isinstance(s, CenterCropStep)), None)
-    shape = list(tensor.shape[-3:]) if len(tensor.shape) >= 3 else [None, None, None]
-    hw_c = (shape[1], shape[2], shape[0]) if layout is not None and layout.target == "nchw" else tuple(shape)
+    hw_c = _image_dims(tensor.shape, layout)
     h: int | None
     w: int | None
     if resize is not None:
@@ -202,6 +201,18 @@ def synthetic_input(model: Model, spec: PipelineSpec) -> tuple[Any, str] | None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
     return image, f"{w}x{h} image, {channels} channel(s), uint8"
+
+
+def _image_dims(shape: tuple[int | None, ...], layout: LayoutStep | None) -> tuple[int | None, ...]:
+    """(height, width, channels) of an image input, from the model's shape alone: channels are the
+    side (first or last of the last three dims) of 1, 3 or 4 values; the layout step decides only
+    when both sides could be (the synthetic image must not take the pipeline's word for it)."""
+    if len(shape) < 3:
+        return (None, None, None)
+    a, b, c = shape[-3:]
+    first, last = a in (1, 3, 4), c in (1, 3, 4)
+    channels_first = first and not last if first != last else (layout is not None and layout.target == "nchw")
+    return (b, c, a) if channels_first else (a, b, c)
 
 
 def _prepared_shapes(feeds: dict[str, Any]) -> str:
