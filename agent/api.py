@@ -7,15 +7,27 @@ a 4xx with ``{"error": ...}``; nothing a client sends can take the agent down.
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready``, ``.../config``, ``POST .../infer`` (JSON, or the binary tensor extension with
 ``Inference-Header-Content-Length``), and ``GET /metrics`` (Prometheus).
+
+Extension (not part of the OIP; its endpoints are unchanged): ``POST /v2/models/{name}/predict`` runs
+the bundle's pipeline on a raw body, an image (``image/jpeg``, ``image/png``, or
+``application/octet-stream`` holding either: accepted on this route only) or JSON (``{"data": [...]}``,
+a list, or an object of the model's inputs), and answers its result with an ``id`` for feedback. An
+image's size is read from its header and refused past ``max_image_pixels`` before anything is decoded.
+
+With a token (``[api] token``, required beyond loopback) every request but ``GET /v2/health/live``
+(for probes; it says only that the process runs) needs ``Authorization: Bearer <token>``, else a 401.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
+import struct
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,7 +46,8 @@ from edgefleet.agent.oip import (
     encode_json_data,
     parse_shape,
 )
-from edgefleet.agent.registry import ModelRegistry, Served
+from edgefleet.agent.pipeline import decode_image
+from edgefleet.agent.registry import ModelRegistry, RecentPredictions, Served
 from edgefleet.agent.tensors import TensorSpec
 from edgefleet.errors import EdgefleetError
 
@@ -47,6 +60,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = [(b"content-type", b"application/json")]
+_UNAUTHORIZED = [*_JSON, (b"www-authenticate", b'Bearer realm="edgefleet-agent"')]
+OPEN_PATH = "/v2/health/live"  # the one path a token does not guard (liveness probes carry none)
 HEADER_LENGTH = b"inference-header-content-length"
 INLINE_SECONDS = 0.0005
 INLINE_BYTES = 64 * 1024
@@ -67,8 +82,14 @@ class InferenceApp:
         max_body_bytes: int = 64 << 20,
         workers: int | None = None,
         max_json_bytes: int = 4 << 20,
+        token: bytes | None = None,
+        max_image_pixels: int = 16 << 20,
+        recent_predictions: int = 1024,
     ) -> None:
         self.registry = registry
+        self._token = token
+        self.max_image_pixels = max_image_pixels
+        self.predictions = RecentPredictions(recent_predictions)
         self.metrics = metrics or AgentMetrics()
         self.max_body_bytes = max_body_bytes
         self.max_json_bytes = max_json_bytes
@@ -98,9 +119,11 @@ class InferenceApp:
             return
         self.in_flight += 1
         try:
+            if self._token is not None and scope["path"].rstrip("/") != OPEN_PATH:
+                self._authorize(scope["headers"])
             status, headers, body = await self._route(scope, receive)
         except RequestError as e:
-            status, headers, body = e.status, _JSON, _error(str(e))
+            status, headers, body = e.status, (_UNAUTHORIZED if e.status == 401 else _JSON), _error(str(e))
         except _Disconnected:
             return
         except Exception:  # a bug, not the client's fault: log it, answer, keep serving
@@ -116,6 +139,22 @@ class InferenceApp:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def _authorize(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Raises RequestError 401 unless the request carries ``Authorization: Bearer <token>``
+        (compared in constant time; the token itself is never logged or echoed)."""
+        assert self._token is not None
+        given = b""
+        for k, v in headers:
+            if k == b"authorization":
+                scheme, _, value = v.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = value.strip()
+                break
+        if not given:
+            raise RequestError("this agent's API needs a token: send Authorization: Bearer <api.token>", 401)
+        if not hmac.compare_digest(given, self._token):
+            raise RequestError("wrong API token (Authorization: Bearer ...)", 401)
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         path: str = scope["path"].rstrip("/") or "/"
@@ -167,6 +206,9 @@ class InferenceApp:
         if rest == ["infer"]:
             _only(method, "POST")
             return await self._infer(served, scope, receive)
+        if rest == ["predict"]:
+            _only(method, "POST")
+            return await self._predict(served, scope, receive)
         raise RequestError(f"no such endpoint: {path}", 404)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
@@ -194,10 +236,64 @@ class InferenceApp:
             raise RequestError(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}", 415)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def _predict(
+        self, served: Served, scope: Scope, receive: Receive
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The ``predict`` extension: the bundle's pipeline on an image or JSON body. Raises RequestError."""
+        if not _has_pipeline(served):
+            why = "it is a bare model file" if served.model.manifest is None else "its bundle declares no steps"
+            raise RequestError(
+                f"model {served.name!r} has no pipeline ({why}); send tensors to /v2/models/{served.name}/infer", 404
+            )
+        headers = dict(scope["headers"])
+        media = headers.get(b"content-type", b"application/json").split(b";", 1)[0].strip().lower().decode("latin-1")
+        if media not in PREDICT_TYPES:
+            raise RequestError(
+                f"Content-Type {media[:60]!r} is not accepted here; send {', '.join(PREDICT_TYPES)}", 415
+            )
+        body = await self._read_body(headers, receive)
+        if media != "application/json":
+            kind, width, height = image_size(body, media)
+            if width * height > self.max_image_pixels:
+                raise RequestError(
+                    f"image of {width}x{height} = {width * height} pixels is over the {self.max_image_pixels}-pixel "
+                    "limit (api.max_image_pixels)",
+                    413,
+                )
+            decode: Callable[[], tuple[Any, Any]] = lambda: (decode_image(body, f"body ({kind})"), None)  # noqa: E731
+        else:
+            if len(body) > self.max_json_bytes:
+                raise RequestError(f"JSON of {len(body)} bytes is over the {self.max_json_bytes}-byte JSON limit", 413)
+            decode = lambda: _predict_json(body, served)  # noqa: E731
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            # decoding an image (or big JSON) and the pipeline's steps are CPU work on arrays of up to
+            # max_image_pixels: on the pool, and only DECODE_SLOTS at once
+            async with self._decode_slots:
+                data, raw = await loop.run_in_executor(self._pool, decode)
+                result = await loop.run_in_executor(self._pool, served.pipeline.run, data, raw)
+        except RequestError:
+            self.metrics.error(served.name, "bad_input")
+            raise
+        except EdgefleetError as e:
+            self.metrics.error(served.name, "bad_input")
+            raise RequestError(str(e)) from e
+        except Exception as e:  # numpy/OpenCV refusing the data in their own words
+            self.metrics.error(served.name, "runtime")
+            raise RequestError(f"model {served.name!r}'s pipeline failed on this input: {_first_line(e)}") from e
+        self.metrics.inference(served.name, time.perf_counter() - started)
+        result.pop("model", None)
+        pid = uuid.uuid4().hex
+        self.predictions.add(pid, served.name, served.version, result)
+        return _ok({"id": pid, "model_name": served.name, "model_version": served.version, **result})
+
     async def _infer(
         self, served: Served, scope: Scope, receive: Receive
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").lower().startswith(b"image/"):
+            raise RequestError(f"infer takes OIP tensors; post images to /v2/models/{served.name}/predict", 415)
         body = await self._read_body(headers, receive)
         header_len = headers.get(HEADER_LENGTH)
         if header_len is not None:
@@ -237,7 +333,7 @@ class InferenceApp:
             raise RequestError(str(e)) from e
         except Exception as e:  # the runtime refused the input in its own words (e.g. ORT's shape errors)
             self.metrics.error(served.name, "runtime")
-            raise RequestError(f"model {served.name!r} failed on this input: {str(e).strip().splitlines()[0]}") from e
+            raise RequestError(f"model {served.name!r} failed on this input: {_first_line(e)}") from e
         elapsed = time.perf_counter() - started
         previous = self._latency.get(served.name)
         self._latency[served.name] = elapsed if previous is None else 0.9 * previous + 0.1 * elapsed
@@ -260,6 +356,96 @@ class InferenceApp:
             return 200, _JSON, head_out
         out_headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head_out)).encode())]
         return 200, out_headers, head_out + b"".join(blobs)
+
+
+PREDICT_TYPES = ("application/json", "image/jpeg", "image/png", "application/octet-stream")
+_PNG = b"\x89PNG\r\n\x1a\n"
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG frame headers (not DHT, JPG, DAC)
+
+
+def image_size(data: bytes, media: str = "application/octet-stream") -> tuple[str, int, int]:
+    """(``"png"`` or ``"jpeg"``, width, height) read from the header alone: PNG's IHDR chunk, or JPEG's
+    first frame header (SOFn), found by walking the marker segments before the first scan.
+
+    Raises RequestError (400) for a body that is not a PNG or JPEG, or is not the one its ``media``
+    type names, or whose header is cut short or gives no size."""
+    kind = "png" if data[:8] == _PNG else "jpeg" if data[:3] == b"\xff\xd8\xff" else None
+    if kind is None or (media != "application/octet-stream" and media != f"image/{kind}"):
+        said = "a PNG or JPEG image" if media == "application/octet-stream" else f"a {media} image"
+        raise RequestError(f"body is not {said} ({len(data)} bytes starting {data[:8]!r})")
+    if kind == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise RequestError("body is not a valid PNG: no IHDR chunk")
+        width, height = struct.unpack(">II", data[16:24])
+    else:
+        width = height = 0
+        i, n = 2, len(data)
+        while i + 4 <= n:
+            if data[i] != 0xFF:
+                raise RequestError(f"body is not a valid JPEG: no marker at byte {i}")
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                i += 2
+                continue
+            if marker in (0xDA, 0xD9):  # a scan (or the end) before any frame header
+                break
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if length < 2:
+                raise RequestError(f"body is not a valid JPEG: segment length {length} at byte {i}")
+            if marker in _SOF:
+                if i + 9 <= n:
+                    height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+                break
+            i += 2 + length
+        if not height:  # height 0 means "given by a DNL marker after the scan": refused too
+            raise RequestError("body is not a valid JPEG: no frame header (SOF) with a size before the image data")
+    if not width or not height:
+        raise RequestError(f"image has no pixels ({width}x{height})")
+    return kind, width, height
+
+
+def _has_pipeline(served: Served) -> bool:
+    m = served.model.manifest
+    if m is None:
+        return False
+    p = m.pipeline
+    return bool(p.preprocess or p.postprocess or p.raw_outputs)
+
+
+def _predict_json(body: bytes, served: Served) -> tuple[Any, Any]:
+    """A /predict JSON body as the pipeline's data and its raw_outputs choice: ``{"data": [...]}``
+    (optionally with ``"raw_outputs"``), an object of the model's inputs, or a bare list.
+    Raises RequestError (400)."""
+    req = _parse_json(body)
+    names = [s.name for s in served.model.inputs]
+    if isinstance(req, list):
+        return req, None
+    if isinstance(req, dict) and "data" in req:
+        extra = sorted(set(req) - {"data", "raw_outputs"})
+        if extra:
+            raise RequestError(f"unknown field(s) {extra}; a predict body has 'data' and optionally 'raw_outputs'")
+        raw = req.get("raw_outputs")
+        if raw is not None and not isinstance(raw, bool) and not _strings(raw):
+            raise RequestError("raw_outputs must be true, false or a list of output names")
+        return req["data"], raw
+    if isinstance(req, dict) and req and set(req) <= set(names):
+        return req, None
+    raise RequestError(
+        f'body must be {{"data": [...]}}, a list, or an object of the model\'s inputs {names}; got '
+        + (f"an object with {sorted(req)[:8]}" if isinstance(req, dict) else type(req).__name__)
+    )
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _parse_json(head: bytes) -> Any:

@@ -1,4 +1,5 @@
-"""The models an agent serves, by name, swappable without dropping a request.
+"""The models an agent serves, by name, swappable without dropping a request; and the predictions
+made recently, by id (so that feedback can refer to them).
 
 The table is copy-on-write: readers take the current mapping without a lock, and a swap replaces
 the whole mapping, so a request that already holds a model finishes on it while new requests get the
@@ -9,17 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.runtime import Model
 
 if TYPE_CHECKING:
     from edgefleet.agent.pipeline import Pipeline
 
-__all__ = ["ModelRegistry", "Served"]
+__all__ = ["ModelRegistry", "Prediction", "RecentPredictions", "Served"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,41 @@ class ModelRegistry:
     def ready(self) -> bool:
         models = self._models
         return bool(models) and self.expected <= set(models)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What is kept of one prediction: who made it, when, and the result's top-level scalars (``class``,
+    ``label``, ``score`` of a classifier); never the whole result, which can be a map of megabytes."""
+
+    id: str
+    model: str
+    version: str
+    at: float
+    summary: dict[str, Any]
+
+
+class RecentPredictions:
+    """The last ``capacity`` predictions by id, in memory (a ring: the oldest is forgotten first)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._items: OrderedDict[str, Prediction] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, id: str, model: str, version: str, result: Mapping[str, Any]) -> Prediction:
+        summary = {k: v for k, v in result.items() if isinstance(v, str | int | float | bool) or v is None}
+        p = Prediction(id=id, model=model, version=version, at=time.time(), summary=summary)
+        with self._lock:
+            self._items[id] = p
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return p
+
+    def get(self, id: str) -> Prediction | None:
+        return self._items.get(id)
+
+    def __len__(self) -> int:
+        return len(self._items)

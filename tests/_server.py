@@ -18,16 +18,27 @@ from edgefleet.agent.runtime import load_model
 
 @contextmanager
 def running_api(
-    models: dict[str, Path], max_body_bytes: int = 1 << 20, **limits: Any
+    models: dict[str, Path],
+    max_body_bytes: int = 1 << 20,
+    token: bytes | None = None,
+    max_image_pixels: int = 16 << 20,
+    recent_predictions: int = 1024,
+    **limits: Any,
 ) -> Iterator[tuple[str, InferenceApp]]:
-    """Yield ("127.0.0.1:PORT", app) with ``models`` served under their keys; ``limits`` are other
-    :class:`Limits` fields (the JSON limit defaults to the body limit here)."""
+    """Yield ("127.0.0.1:PORT", app) with ``models`` served under their keys; ``token``,
+    ``max_image_pixels`` and ``recent_predictions`` are the app's, ``limits`` other :class:`Limits`
+    fields (the JSON limit defaults to the body limit here)."""
     registry = ModelRegistry()
     for name, path in models.items():
         registry.put(name, load_model(path))
     registry.expected = set(models)
     app = InferenceApp(
-        registry, max_body_bytes=max_body_bytes, max_json_bytes=limits.get("max_json_bytes", max_body_bytes)
+        registry,
+        max_body_bytes=max_body_bytes,
+        max_json_bytes=limits.get("max_json_bytes", max_body_bytes),
+        token=token,
+        max_image_pixels=max_image_pixels,
+        recent_predictions=recent_predictions,
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
