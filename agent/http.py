@@ -49,6 +49,7 @@ App = Callable[
 ]
 MAX_HEADER_BYTES = 64 * 1024
 READ_CHUNK = 256 * 1024
+COALESCE_BYTES = 256 * 1024  # a response's head and body up to this size go out in one write
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 HEADER_LENGTH = b"inference-header-content-length"
 
@@ -202,15 +203,25 @@ class _Connection:
             self.conn.receive_data(data)
         return await self._next_event(loop.time() + self.limits.header_timeout)
 
-    async def _send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
-            self.writer.write(data)
-            if self.writer.transport.get_write_buffer_size() > READ_CHUNK:  # a client not reading
-                async with asyncio.timeout(self.limits.request_timeout):
-                    await self.writer.drain()
-            else:
+    async def _send(self, *events: Any) -> None:
+        """Send h11 events in one socket write (a response's head, body and end in one ``send``
+        syscall, where each would cost one, with a wake-up of the reader on loopback; a body over
+        :data:`COALESCE_BYTES` is written apart rather than copied behind its head)."""
+        chunks = [c for c in (self.conn.send(e) for e in events) if c]
+        if not chunks:
+            return
+        if len(chunks) == 1:
+            self.writer.write(chunks[0])
+        elif sum(len(c) for c in chunks) <= COALESCE_BYTES:
+            self.writer.write(b"".join(chunks))
+        else:
+            for c in chunks:
+                self.writer.write(c)
+        if self.writer.transport.get_write_buffer_size() > READ_CHUNK:  # a client not reading
+            async with asyncio.timeout(self.limits.request_timeout):
                 await self.writer.drain()
+        else:
+            await self.writer.drain()
 
     async def _error(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         body = error_body(message)
@@ -225,10 +236,10 @@ class _Connection:
                             (b"connection", b"close"),
                             *(headers or []),
                         ],
-                    )
+                    ),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
                 )
-                await self._send(h11.Data(data=body))
-                await self._send(h11.EndOfMessage())
 
     async def serve(self) -> None:
         try:
@@ -413,17 +424,21 @@ class _Connection:
             return {"type": "http.request", "body": body, "more_body": False}
 
         started = False
+        head: h11.Response | None = None  # sent with the first body message, in the same write
 
         async def send(message: dict[str, Any]) -> None:
-            nonlocal started
+            nonlocal started, head
             if message["type"] == "http.response.start":
                 started = True
-                await self._send(h11.Response(status_code=message["status"], headers=message.get("headers", [])))
+                head = h11.Response(status_code=message["status"], headers=message.get("headers", []))
             elif message["type"] == "http.response.body":
+                events: list[Any] = [head] if head is not None else []
+                head = None
                 if message.get("body"):
-                    await self._send(h11.Data(data=message["body"]))
+                    events.append(h11.Data(data=message["body"]))
                 if not message.get("more_body"):
-                    await self._send(h11.EndOfMessage())
+                    events.append(h11.EndOfMessage())
+                await self._send(*events)
 
         try:
             await self.server.app(scope, receive, send)
@@ -432,8 +447,11 @@ class _Connection:
         except Exception as e:
             log.exception("unhandled error in %s %s", scope["method"], path)
             _forget(e)
-            if not started:
+            if head is not None or not started:  # nothing of the response went out yet
                 await self._error(500, "internal error; see the agent's log")
+            return
+        if head is not None:  # a start with no body message: an empty response
+            await self._send(head, h11.EndOfMessage())
 
 
 class HttpServer:

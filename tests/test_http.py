@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import json
 import shutil
 import socket
 import subprocess
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _server import running_api
+
+from edgefleet.agent.http import HttpServer, Limits
 
 BODY = json.dumps(
     {
@@ -150,3 +156,71 @@ def test_a_gzip_body_of_several_mib_is_decoded_whole(models_dir: Path) -> None:
     with running_api({"multi": models_dir / "multi_io.onnx"}, max_body_bytes=4 << 20) as (url, _):
         answer = raw(url, request("/v2/models/multi/infer", payload, extra))
     assert answer.startswith(b"HTTP/1.1 200") and b'"weighted"' in answer, answer[:300]
+
+
+# --- the ASGI bridge: a response's head is held until its body (one write), so a failure in between
+# still gets a clean JSON 500 ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """``app`` on the agent's HTTP server, on a free loopback port, in a thread."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = HttpServer(app, Limits())
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start([sock]))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(5), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        sock.close()
+
+
+def _app(fail_after_start: bool = False, body: bool = True) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        if fail_after_start:
+            raise RuntimeError("a bug between the head and the body")
+        if body:
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+def test_response_head_and_body_arrive_together_on_keep_alive() -> None:
+    with serving(_app()) as url:
+        get = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        answer = raw(url, get * 3 + b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200") == 4 and answer.count(b"\r\n\r\nok") == 4
+
+
+def test_app_failing_after_its_response_start_gets_a_json_500() -> None:
+    with serving(_app(fail_after_start=True)) as url:
+        answer = raw(url, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500") and "error" in json.loads(body)
+
+
+def test_app_sending_a_start_and_no_body_message_ends_the_response() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+
+    with serving(app) as url:
+        answer = raw(url, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 204")
