@@ -10,6 +10,7 @@ secrets are ``SecretStr`` and never printed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -18,13 +19,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from edgefleet.agent.http import LOOPBACK_HOSTS, Limits
 from edgefleet.errors import ConfigError
 from edgefleet.tomlconf import problems
 
 __all__ = [
+    "MIN_TOKEN_LENGTH",
     "AgentConfig",
     "ApiConfig",
     "HardwareConfig",
@@ -89,6 +100,43 @@ class ApiConfig(_Strict):
         description="Origin header values accepted, e.g. 'http://localhost:3000' (empty: none; '*': any)",
     )
     workers: int | None = Field(default=None, ge=1, le=64, description="inference threads (default: cores + 2)")
+    max_image_pixels: int = Field(
+        default=16 << 20,
+        ge=1,
+        le=1 << 28,
+        description="an image posted to /predict: width x height at most, read from its header before decoding",
+    )
+    recent_predictions: int = Field(
+        default=1024, ge=1, le=1 << 20, description="/predict ids remembered for feedback (a ring, in memory)"
+    )
+    token_file: Path | None = Field(
+        default=None, description="file holding the API token (its first line); instead of `token`"
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        validate_default=True,
+        description="API token clients send as `Authorization: Bearer ...`; required unless `host` is loopback",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _token_beyond_loopback(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        host, token_file = info.data.get("host"), info.data.get("token_file")
+        if v is not None:
+            if token_file is not None:
+                raise ValueError("give token or token_file, not both")
+            if len(v.get_secret_value()) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 32`)")
+        elif token_file is None and isinstance(host, str) and not is_loopback(host):
+            raise ValueError(
+                f"listening on {host!r}, beyond loopback, requires an API token: set [api] token or token_file "
+                "(EDGEFLEET_AGENT__API__TOKEN_FILE), which clients send as `Authorization: Bearer ...`"
+            )
+        return v
+
+    @property
+    def has_token(self) -> bool:
+        return self.token is not None or self.token_file is not None
 
     def limits(self) -> Limits:
         """The HTTP server's limits and allow-lists for this config."""
@@ -103,9 +151,27 @@ class ApiConfig(_Strict):
             header_timeout=self.header_timeout,
             request_timeout=self.request_timeout,
             keepalive_timeout=self.keepalive_timeout,
-            allowed_hosts=frozenset({*LOOPBACK_HOSTS, listen, *(h.lower() for h in self.allowed_hosts)}),
+            # With a token, a browser tricked by DNS rebinding gets only 401s (it cannot send the token),
+            # so any Host is fine unless allowed_hosts says otherwise.
+            allowed_hosts=frozenset({"*"})
+            if self.has_token and not self.allowed_hosts
+            else frozenset({*LOOPBACK_HOSTS, listen, *(h.lower() for h in self.allowed_hosts)}),
             allowed_origins=frozenset(o.lower().rstrip("/") for o in self.allowed_origins),
         )
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is only reachable from this machine."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a name (or "", every address): it may resolve to anything
 
 
 class ModelConfig(_Strict):

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgefleet.agent import hardware
 from edgefleet.agent.api import InferenceApp
-from edgefleet.agent.config import AgentConfig, ModelConfig
+from edgefleet.agent.config import MIN_TOKEN_LENGTH, AgentConfig, ApiConfig, ModelConfig
 from edgefleet.agent.hardware import HardwareProfile
 from edgefleet.agent.http import HttpServer
 from edgefleet.agent.metrics import AgentMetrics
@@ -30,7 +30,7 @@ from edgefleet.agent.runtime import Model, detect_runtime, load_model
 from edgefleet.agent.sdnotify import Notifier
 from edgefleet.errors import ConfigError, EdgefleetError, ModelError
 
-__all__ = ["AgentService", "bind_sockets"]
+__all__ = ["AgentService", "bind_sockets", "read_token"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,32 @@ def bind_sockets(host: str, port: int, uds: Path | None) -> list[socket.socket]:
     return socks
 
 
+def read_token(api: ApiConfig) -> bytes | None:
+    """The API token, from ``api.token`` or the first line of ``api.token_file``; None when neither is set.
+
+    Raises ConfigError naming ``api.token_file`` when the file cannot be read, or its token is empty or
+    shorter than MIN_TOKEN_LENGTH. The token never appears in a message or a log line."""
+    if api.token is not None:
+        return api.token.get_secret_value().encode()
+    path = api.token_file
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise ConfigError(f"api.token_file: {path}: cannot read it: {e.strerror or e}") from e
+    lines = raw.splitlines()
+    token = lines[0].strip() if lines else b""
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"api.token_file: {path} holds no token of at least {MIN_TOKEN_LENGTH} characters on its first line"
+        )
+    if mode & 0o077:
+        log.warning("api.token_file: %s is readable by other users (mode %o); chmod 600 it", path, mode & 0o777)
+    return token
+
+
 class AgentService:
     """The agent process. ``run()`` blocks until SIGTERM/SIGINT and returns the exit code."""
 
@@ -84,7 +110,14 @@ class AgentService:
         self.metrics = AgentMetrics()
         self.registry = ModelRegistry()
         self.app = InferenceApp(
-            self.registry, self.metrics, config.api.max_body_bytes, config.api.workers, config.api.max_json_bytes
+            self.registry,
+            self.metrics,
+            config.api.max_body_bytes,
+            config.api.workers,
+            config.api.max_json_bytes,
+            token=read_token(config.api),
+            max_image_pixels=config.api.max_image_pixels,
+            recent_predictions=config.api.recent_predictions,
         )
         self.flows: list[Any] = []  # edgefleet.agent.flow.Flow, imported only when flows are configured
         self._sockets: list[socket.socket] = []
