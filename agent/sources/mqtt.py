@@ -7,21 +7,29 @@ paho's network thread reconnects with a growing delay and the source subscribes 
 connect. The password is a ``SecretStr``: it is never logged or printed.
 
 Nothing is lost to a burst: a QoS 1/2 message is acknowledged (paho manual acks) only once the
-flow has processed it, so a burst waits in the broker, which sends at most ``receive_maximum``
-unacknowledged messages (MQTT 5 receive-maximum; with MQTT 3.1.1 the broker's own in-flight limit,
-e.g. Mosquitto's ``max_inflight_messages``). Those items are ``held``: the flow queues them however
-full it is. A message past the window (a 3.1.1 broker allowing more in flight than
-``receive_maximum``) and every QoS 0 message go by the flow's drop policy, counted; a dropped QoS
-1/2 message is acknowledged, so it is dropped on purpose, not stuck. With ``persistent_session``
-(a fixed ``client_id``) the broker keeps the subscription and every unacknowledged message while
-the agent is down, and redelivers them: a message whose processing was cut short by a crash is
-processed after the restart (at least once; a result sent just before the crash may be sent again).
-paho's callback does only the parsing and a queue append: it never waits for the model.
+flow has processed it, so a burst waits in the broker. Flow control is on both sides: the source
+asks the broker for at most ``receive_maximum`` unacknowledged messages (MQTT 5 receive-maximum;
+with MQTT 3.1.1 the broker's own in-flight limit, e.g. Mosquitto's ``max_inflight_messages``), and
+since brokers do not all keep to it (Mosquitto 2.0.11 sent hundreds past a receive-maximum of 16
+while acknowledgements were flowing), the source's own network loop stops reading the socket while
+``receive_maximum`` messages are out unacknowledged: TCP then holds the rest in the broker. The loop
+never stops writing (acknowledgements, pings), and while paused it still reads one packet every
+half keep-alive, so a model that hangs does not cost the connection. Those items are ``held``: the
+flow queues them however full it is. Past ``max_held`` held items (only a pause of many keep-alives
+gets there), and for every QoS 0 message, the flow's drop policy applies, counted (``over_limit``
+here, ``dropped_queue_full`` in the flow). A dropped QoS 1/2 message is
+acknowledged: dropped on purpose, never stuck. With ``persistent_session`` (a fixed
+``client_id``) the broker keeps the subscription and every unacknowledged message while the agent
+is down, and redelivers them: a message whose processing was cut short by a crash is processed
+after the restart (at least once; a result sent just before the crash may be sent again). paho's
+callback does only the parsing and a queue append: it never waits for the model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
 import uuid
@@ -88,6 +96,13 @@ class MqttSourceConfig(MqttBrokerConfig):
         description="most QoS 1/2 messages out unacknowledged (in the flow) at once: the MQTT 5 receive-maximum the "
         "broker honours; memory is up to this many payloads",
     )
+    max_held: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="most QoS 1/2 messages held unacknowledged in the flow, for brokers that send past "
+        "receive_maximum; past it the flow's drop policy applies; memory is up to this many parsed payloads",
+    )
     persistent_session: bool = Field(
         default=False,
         description="keep the session at the broker across reconnects and restarts (subscriptions and "
@@ -150,9 +165,15 @@ def make_client(cfg: MqttBrokerConfig, role: str, *, manual_ack: bool = False, p
 
 
 def connect(
-    client: mqtt.Client, cfg: MqttBrokerConfig, *, receive_maximum: int | None = None, session_expiry: int = 0
+    client: mqtt.Client,
+    cfg: MqttBrokerConfig,
+    *,
+    receive_maximum: int | None = None,
+    session_expiry: int = 0,
+    loop: bool = True,
 ) -> None:
-    """Connect in the background: paho's thread retries the first connection and every reconnect.
+    """Connect in the background: paho's thread retries the first connection and every reconnect
+    (``loop=False``: only set up; the caller runs the network loop).
 
     MQTT 5 only: ``receive_maximum`` caps the QoS 1/2 messages the broker sends unacknowledged;
     ``session_expiry`` > 0 keeps the session (clean start off) for that many seconds offline."""
@@ -170,7 +191,8 @@ def connect(
             props.SessionExpiryInterval = session_expiry
         clean = False if session_expiry else MQTT_CLEAN_START_FIRST_ONLY
         client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=clean, properties=props)
-    client.loop_start()
+    if loop:
+        client.loop_start()
 
 
 class MqttSource:
@@ -186,7 +208,7 @@ class MqttSource:
         self.subscribed = threading.Event()  # set on every (re)subscription, cleared on disconnect
         self.last_error: str | None = None
         self._counters = Counters(
-            "received", "errors", "connects", "disconnects", "acked", "redelivered", "over_window", "held_max"
+            "received", "errors", "connects", "disconnects", "acked", "redelivered", "over_limit", "held_max"
         )
         self._client: mqtt.Client | None = None
         self._emit: Emit | None = None
@@ -194,6 +216,11 @@ class MqttSource:
         self._held = threading.Condition()  # guards _out and _session
         self._out = 0  # held items the flow has not acknowledged yet (this connection)
         self._session = 0  # bumped on every connect: an ack from an earlier connection is void
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # wakes the network loop's select()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def counters(self) -> dict[str, int]:
         c = self._counters.snapshot()
@@ -212,10 +239,13 @@ class MqttSource:
             client.on_disconnect = self._on_disconnect
             client.on_subscribe = self._on_subscribe
             client.on_message = self._on_message
+            client.on_socket_register_write = lambda *_: self._wake()  # an ack from the flow's thread
             self._client = client
+            expiry = self.config.session_expiry if self.config.persistent_session else 0
+            connect(client, cfg, receive_maximum=cfg.receive_maximum, session_expiry=expiry, loop=False)
+            self._thread = threading.Thread(target=self._loop, args=(client,), name=f"mqtt-{self.name}", daemon=True)
         log.info("source %s: connecting to %s:%s", self.name, self.config.host, self.config.port)
-        expiry = self.config.session_expiry if self.config.persistent_session else 0
-        connect(client, self.config, receive_maximum=self.config.receive_maximum, session_expiry=expiry)
+        self._thread.start()
 
     def stop(self) -> None:
         """Stop taking messages (the flow drops, unacknowledged, what still arrives: a persistent
@@ -226,9 +256,77 @@ class MqttSource:
             self._held.wait_for(lambda: self._out == 0, self.config.stop_timeout)
         with self._lock:
             client, self._client = self._client, None
+            thread = self._thread
+        self._closing.set()
         if client is not None:
-            client.disconnect()
-            client.loop_stop()
+            client.disconnect()  # written by the loop, which then ends
+        self._wake()
+        if thread is not None:
+            thread.join(10.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # -- the network loop (its own thread) -------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def _loop(self, client: mqtt.Client) -> None:
+        """paho's loop, but the socket is read only while fewer than ``receive_maximum`` messages
+        are out unacknowledged (and once every half keep-alive), so the broker keeps the rest."""
+        import paho.mqtt.client as mqtt
+
+        cfg = self.config
+        delay = float(cfg.reconnect_min_delay)
+        last_read = time.monotonic()
+        while not self._closing.is_set() or client.want_write():
+            sock = client.socket()
+            if sock is None:
+                if self._closing.is_set():
+                    return
+                try:
+                    client.reconnect()
+                    delay = float(cfg.reconnect_min_delay)
+                    last_read = time.monotonic()
+                except (OSError, ValueError) as e:
+                    self.last_error = f"cannot connect to {cfg.host}:{cfg.port} ({e}); retrying in {delay:g} s"
+                    log.warning("source %s: %s", self.name, self.last_error)
+                    self._closing.wait(delay)
+                    delay = min(delay * 2, float(cfg.reconnect_max_delay))
+                continue
+            with self._held:
+                room = self._out < cfg.receive_maximum
+            now = time.monotonic()
+            read = room or now - last_read >= cfg.keepalive / 2
+            pending = sock.pending() if read and hasattr(sock, "pending") else 0  # TLS: bytes already decrypted
+            rlist: list[Any] = [sock, self._wake_r] if read else [self._wake_r]
+            wlist: list[Any] = [sock] if client.want_write() else []
+            try:
+                readable, _, _ = select.select(rlist, wlist, [], 0 if pending else min(1.0, cfg.keepalive / 4))
+            except (OSError, ValueError):  # the socket closed under us
+                readable = []
+            if self._wake_r in readable:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            rc = mqtt.MQTT_ERR_SUCCESS
+            if read and (sock in readable or pending):
+                last_read = time.monotonic()
+                rc = client.loop_read()
+            if rc == mqtt.MQTT_ERR_SUCCESS and client.want_write():
+                rc = client.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                rc = client.loop_misc()
+            if rc != mqtt.MQTT_ERR_SUCCESS and client.socket() is not None and not self._closing.is_set():
+                log.debug("source %s: network loop: %s", self.name, mqtt.error_string(rc))
 
     # -- paho callbacks (paho's network thread) --------------------------------------------------
 
@@ -284,21 +382,24 @@ class MqttSource:
             return
         with self._held:
             session = self._session
-            held = self._out < self.config.receive_maximum
+            held = self._out < self.config.max_held
             if held:
                 self._out += 1
                 if self._out > self._counters.get("held_max"):
                     self._counters.inc("held_max")
         if not held:
-            self._counters.inc("over_window")
+            self._counters.inc("over_limit")
 
         def ack(outcome: Outcome) -> None:
             with self._held:
                 if session != self._session:
                     return  # sent on an earlier connection: the broker has it again
                 if held:
+                    full = self._out >= self.config.receive_maximum
                     self._out -= 1
                     self._held.notify_all()
+                    if full:
+                        self._wake()  # the network loop may read again
             if held and outcome == "dropped":
                 return  # dropped at stop: left with the broker, which sends it again
             self._ack_now(client, mid, qos)
