@@ -148,3 +148,27 @@ def test_flow_results_carry_raw_outputs_only_when_asked(tmp_path: Any, raw: Any,
     assert ("outputs" in result) is has_outputs
     if has_outputs:
         assert len(result["outputs"]["output_0"][0]) == 10
+
+
+def test_held_items_are_queued_past_the_queue_size_and_never_dropped_by_the_policy() -> None:
+    """Items the source holds upstream (MQTT QoS 1 before its ack) wait in the flow whatever its
+    size; only the others go by the drop policy."""
+    gate = GatePipeline()
+    flow, src, sink = push_flow(lambda: gate, queue_size=2, drop="oldest")
+    acks: dict[int, str] = {}
+    flow.start()
+    try:
+        assert src.emit is not None
+        src.emit(Item(np.array([0]), {"i": 0}, held=True))
+        assert gate.entered.wait(10)
+        for i in range(1, 13):  # even: held; odd: not held
+            src.emit(Item(np.array([i]), {"i": i}, ack=lambda o, i=i: acks.__setitem__(i, o), held=i % 2 == 0))
+        assert flow.counters()["queued"] == 6 + 2 and flow.counters()["dropped_queue_full"] == 4
+        gate.release.set()
+        src.ended.set()
+        assert flow.join(timeout=10)
+    finally:
+        flow.stop()
+    assert [r["value"] for r in sink.take(9)] == [0, 2, 4, 6, 8, 9, 10, 11, 12]
+    assert sorted(i for i, o in acks.items() if o == "dropped") == [1, 3, 5, 7]
+    assert flow.counters()["queued_max"] == 8
