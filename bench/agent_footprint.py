@@ -4,6 +4,11 @@ CPU, measured in the same run.
 
 Goal (issue 3): RSS within 25 MB of the bare process; idle CPU near zero.
 
+Then what the TFLite interpreter pool costs (issue 9): ``edgefleet agent serve`` with a TFLite model,
+RSS (VmRSS) after serial requests (one interpreter) and after concurrent clients have grown the pool to
+its size (the cores available, at most 4), for the digits CNN and the ~1 ms dense model of
+``bench/_models.py`` (4 MiB of weights).
+
     .venv/bin/python bench/agent_footprint.py [--idle 10]
 """
 
@@ -51,6 +56,53 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pool_cost(model: Path, clients: int = 4, requests: int = 200) -> str:
+    """RSS of ``agent serve MODEL`` after serial requests and after ``clients`` concurrent ones."""
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import numpy as np
+    from api_roundtrip import bodies, timed, wait_http
+
+    from edgefleet.agent import load_model
+
+    spec = load_model(model, warmup=False).inputs[0]
+    x = np.random.default_rng(0).random([d or 1 for d in spec.shape], dtype=np.float32)
+    payload, headers = bodies({spec.name: x}, [])["binary"]
+    port = free_port()
+    agent = subprocess.Popen(
+        [str(BIN / "edgefleet"), "agent", "serve", str(model), "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"/v2/models/{model.stem}/infer"
+    try:
+        wait_http(port, "/v2/health/ready")
+        c = http.client.HTTPConnection("127.0.0.1", port)
+        for _ in range(requests):
+            timed(c, url, payload, headers)
+        serial = rss_mb(agent.pid)
+
+        def client() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port)
+            for _ in range(requests):
+                timed(conn, url, payload, headers)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        pooled = rss_mb(agent.pid)
+        return (
+            f"{model.name}: RSS {serial:.1f} MB after serial requests, {pooled:.1f} MB after {clients} "
+            f"concurrent clients (pool of up to {min(4, len(os.sched_getaffinity(0)))}): {pooled - serial:+.1f} MB"
+        )
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle to measure CPU over")
@@ -91,11 +143,16 @@ def main() -> int:
         print(f"agent idle CPU over {t1 - t0:.1f} s: {idle_cpu:.2f}% of one core")
         ok = agent_rss - bare_rss <= 25 and idle_cpu < 1.0
         print(f"within 25 MB and idle CPU < 1%: {'yes' if ok else 'NO'}")
-        return 0 if ok else 1
     finally:
         for p in (agent, bare):
             p.terminate()
             p.wait(10)
+    import _models
+
+    print("\nTFLite interpreter pool:")
+    print(pool_cost(ROOT / "tests" / "fixtures" / "models" / "digits_cnn_float.tflite"))
+    print(pool_cost(_models.dense_tflite(tmp / "dense_tflite.tflite")))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
