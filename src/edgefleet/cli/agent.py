@@ -73,6 +73,66 @@ def serve(
     raise typer.Exit(AgentService(cfg).run())
 
 
+@app.command()
+def batch(
+    model: Path = typer.Argument(
+        ..., help="A .efb bundle (runs its pipeline) or a .onnx/.tflite model (runs it directly)."
+    ),
+    inputs: list[Path] = typer.Argument(..., help="Files and folders: images, .npz, .jsonl/.ndjson, .csv."),
+    out: Path = typer.Option(..., "-o", "--out", help="OUT.jsonl: one JSON object a line, appended; a rerun resumes."),
+    direct: bool = typer.Option(
+        False, "--direct", help="Run a bundle's model directly (raw outputs), not its pipeline."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Samples per call [default: 32 if the batch dim is dynamic, else 1]."
+    ),
+    sync_every: int = typer.Option(
+        1000, "--sync-every", min=1, help="fsync OUT every this many lines (and every second, and at the end)."
+    ),
+    threads: int | None = typer.Option(None, min=1, help="Runtime threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run a model over files of inputs into OUT.jsonl, resumable after a crash.
+
+    Each line: {"input": {"path", "index", "size", "mtime_ns"}, "model", "version", "result" or
+    "error"}. Images go through the bundle's pipeline; samples in .npz (the sample layout: one array
+    per input, (N, *input shape), scalars (N,)), JSON lines ({input: list} or, for one input, a list)
+    and CSV (a row of numbers per sample) are the model's inputs, and get its postprocess.
+
+    A done input is identified by (path, index within the file, size, mtime_ns): a rerun reads OUT's
+    complete lines (a torn last line is cut off), skips every sample they record and appends the
+    rest, so nothing is written twice; a file changed since (size or mtime) is run again. OUT of
+    another model or version is refused."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgefleet.agent.batch import run_batch
+    from edgefleet.agent.runtime import load_model
+
+    m = load_model(model, threads=threads)
+    columns = (TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("batch", total=None)
+        summary = run_batch(
+            m,
+            inputs,
+            out,
+            direct=direct,
+            batch_size=batch_size,
+            sync_every=sync_every,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    s = summary.to_dict()
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), **s}, indent=2))
+        return
+    typer.echo(
+        f"{out}: {summary.written} written ({summary.errors} errors), {summary.skipped} done before; "
+        f"{summary.samples} samples in {summary.files} files; {summary.written} in {summary.seconds:.2f} s: "
+        f"{s['throughput_per_s']:.0f} samples/s"
+    )
+
+
 @app.command("check-config")
 def check_config(
     config: Path = typer.Argument(..., help="agent.toml"),

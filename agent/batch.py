@@ -1,0 +1,543 @@
+"""Batch inference on the device: ``edgefleet agent batch MODEL INPUT... -o OUT.jsonl``, resumable.
+
+Inputs are files and folders (walked in sorted order, recursively; hidden files, files of other
+types and OUT itself are skipped). What each file holds:
+
+* an image (``.png``, ``.jpg``, ...): one sample, run through the bundle's pipeline (decode, the
+  preprocess steps, the model, the postprocess steps);
+* ``.npz``: samples in the sample layout of golden vectors and calibration sets, one array per model
+  input keyed ``NAME`` or ``input.NAME``, each ``(N, *input shape)``, a scalar input ``(N,)``
+  (``output.*`` arrays are ignored, so a bundle's ``golden.npz`` is a valid input);
+* ``.jsonl`` / ``.ndjson``: one sample a line, a JSON object ``{input name: nested list or number}``,
+  or, for a model with one input, the bare nested list; the batch axis may be left out;
+* ``.csv``: one sample a row of numbers, reshaped to the (single) input's shape, for an input whose
+  dims are fixed but a leading batch dim; a first row that is not numbers is a header.
+
+Samples in files are the model's inputs (as in golden vectors), so the preprocess, which is made for
+raw images, is not applied to them; the postprocess is. With a bare model file (or ``direct``) the
+model runs directly and the result is its raw outputs.
+
+OUT gets one JSON object a line, appended::
+
+    {"input": {"path": "/abs/file.npz", "index": 3, "size": 1234, "mtime_ns": 1764...},
+     "model": "digits", "version": "1.0.0", "result": {...}}        (or "error": "...")
+
+``index`` is the sample's position within its file (null for an image). **A done input is identified
+by (path, index, size, mtime_ns)**: the absolute path, the index within the file, and the file's size
+in bytes and modification time in nanoseconds when it was read. On start, OUT's complete lines say
+what is done and those samples are skipped: nothing is written twice. A torn last line (the process
+killed mid-write) is cut off first. A file changed since (another size or mtime) is run again, its
+new lines appended beside the old ones. A sample whose line is an error is done too (delete the
+line to run it again). Lines are fsync'd every ``sync_every`` lines, at least every second, and at
+the end.
+An OUT written by another model or version is refused.
+
+Batching: where every input has a dynamic leading batch dim, samples are run ``batch_size`` at a
+time; the batches are aligned within each file (and over consecutive images), so a resumed run
+computes exactly the batches a clean run would, and gets the same results. A stateful model runs
+one sample at a time from its initial state at the start of each file; resuming inside a file
+replays that file's done samples (without writing them) to rebuild the state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.agent.pipeline import Pipeline, postprocess
+from edgefleet.agent.runtime import Model
+from edgefleet.errors import ConfigError, EdgefleetError
+
+__all__ = ["BatchSummary", "Source", "default_batch_size", "find_inputs", "read_done", "run_batch"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
+SAMPLE_SUFFIXES = (".npz", ".jsonl", ".ndjson", ".csv")
+Array = np.ndarray[Any, Any]
+SYNC_SECONDS = 1.0  # fsync OUT at least this often (seconds) while lines are written, whatever sync_every says
+Key = tuple[str, int | None, int, int]  # (path, index, size, mtime_ns): what identifies a done input
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file as it was when listed."""
+
+    path: Path
+    kind: str  # "image", "npz", "jsonl" or "csv"
+    size: int  # bytes
+    mtime_ns: int
+
+    def key(self, index: int | None) -> Key:
+        return (str(self.path), index, self.size, self.mtime_ns)
+
+
+@dataclass
+class BatchSummary:
+    samples: int = 0  # every sample of the inputs
+    skipped: int = 0  # done before this run (found in OUT)
+    written: int = 0  # lines this run appended
+    errors: int = 0  # of which errors
+    seconds: float = 0.0
+    torn_bytes: int = 0  # cut from OUT's torn last line
+    ignored_lines: int = 0  # complete lines of OUT that are not results (not JSON, say)
+    files: int = 0
+    skipped_files: list[str] = field(default_factory=list)  # in folders: not an image or file of samples
+
+    def to_dict(self) -> dict[str, Any]:
+        per_s = self.written / self.seconds if self.seconds > 0 else 0.0
+        return {**self.__dict__, "throughput_per_s": per_s}
+
+
+def _kind(p: Path) -> str | None:
+    s = p.suffix.lower()
+    if s in IMAGE_SUFFIXES:
+        return "image"
+    if s in (".jsonl", ".ndjson"):
+        return "jsonl"
+    return s[1:] if s in SAMPLE_SUFFIXES else None
+
+
+def find_inputs(paths: Sequence[str | os.PathLike[str]], out: Path | None = None) -> tuple[list[Source], list[str]]:
+    """The input files in order (see the module docstring), and the files of other types skipped in
+    folders. Raises :class:`ConfigError` for a missing input or a file given by name of a type that
+    cannot be read."""
+    found: list[Source] = []
+    skipped: list[str] = []
+    out_abs = out.resolve() if out is not None else None
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            if _kind(p) is None:
+                raise ConfigError(f"{p}: not an image or a file of samples ({', '.join(SAMPLE_SUFFIXES)}, or an image)")
+            files = [p]
+        else:
+            raise ConfigError(f"{p}: no such file or folder")
+        for f in files:
+            a = f.resolve()
+            if a == out_abs:
+                continue
+            kind = _kind(f)
+            if kind is None:
+                skipped.append(str(f))
+                continue
+            st = a.stat()
+            found.append(Source(a, kind, st.st_size, st.st_mtime_ns))
+    return found, skipped
+
+
+def read_done(out: Path, model: str, version: str | None) -> tuple[set[Key], int, int]:
+    """The keys OUT's complete lines record, the bytes cut from a torn last line, and the number of
+    complete lines that are not results. Raises :class:`ConfigError` when OUT holds another model's
+    or version's results, or cannot be read."""
+    done: set[Key] = set()
+    if not out.exists():
+        return done, 0, 0
+    ignored = 0
+    try:
+        with out.open("r+b") as f:
+            good_end = 0
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # torn: cut below
+                good_end += len(line)
+                try:
+                    obj = json.loads(line)
+                    inp = obj["input"]
+                    key: Key = (str(inp["path"]), inp["index"], int(inp["size"]), int(inp["mtime_ns"]))
+                except (ValueError, KeyError, TypeError):
+                    ignored += line.strip() != b""
+                    continue
+                if obj.get("model") != model or obj.get("version") != version:
+                    raise ConfigError(
+                        f"{out}: holds results of {obj.get('model')} {obj.get('version')}; this run is {model} "
+                        f"{version}: give another -o (results of two models are not mixed)"
+                    )
+                done.add(key)
+            torn = f.seek(0, os.SEEK_END) - good_end
+            if torn:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot read the results so far: {e.strerror or e}") from e
+    return done, torn, ignored
+
+
+def default_batch_size(model: Model) -> int:
+    """32 where every input has a dynamic leading batch dim (and the model keeps no state), else 1."""
+    return 32 if _batchable(model) else 1
+
+
+def _batchable(model: Model) -> bool:
+    return not model.stateful and all(len(s.shape) >= 2 and s.shape[0] is None for s in model.inputs)
+
+
+# --- reading samples -------------------------------------------------------------------------------
+
+
+def _with_batch_axis(model: Model, feeds: dict[str, Any], where: str) -> dict[str, Array]:
+    """Arrays for each input; one missing a leading batch axis of a dynamic-or-1 dim gets it."""
+    out: dict[str, Array] = {}
+    by_name = {k[6:] if k.startswith("input.") else k: v for k, v in feeds.items()}
+    for s in model.inputs:
+        if s.name not in by_name:
+            raise EdgefleetError(f"{where}: no value for input {s.name!r}; the model's inputs are {_names(model)}")
+        a = np.asarray(by_name[s.name])
+        if a.ndim == len(s.shape) - 1 and len(s.shape) >= 2 and s.shape[0] in (None, 1):
+            a = a[None]
+        out[s.name] = a
+    return out
+
+
+def _names(model: Model) -> list[str]:
+    return [s.name for s in model.inputs]
+
+
+def _npz_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, Array]]]:
+    where = str(src.path)
+    try:
+        with np.load(src.path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if not k.startswith("output.")}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise EdgefleetError(f"{where}: not a readable .npz file: {e}") from e
+    by_name = {k[6:] if k.startswith("input.") else k: v for k, v in arrays.items()}
+    counts = set()
+    for s in model.inputs:
+        a = by_name.get(s.name)
+        if a is None:
+            raise EdgefleetError(f"{where}: no array for input {s.name!r}; it has {sorted(arrays)}")
+        if a.ndim != len(s.shape) + 1:
+            raise EdgefleetError(
+                f"{where}: array {s.name!r} has shape {list(a.shape)}; expected samples stacked on a new leading "
+                f"axis, (N, *{_fmt(s.shape)})"
+            )
+        counts.add(a.shape[0])
+    if len(counts) != 1:
+        raise EdgefleetError(f"{where}: inputs have different sample counts (the first axis counts samples)")
+    for i in range(counts.pop()):
+        yield lambda i=i: {s.name: np.array(by_name[s.name][i], order="C", copy=None) for s in model.inputs}  # type: ignore[misc]
+
+
+def _fmt(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _jsonl_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, Array]]]:
+    lines = [ln for ln in src.path.read_bytes().splitlines() if ln.strip()]
+    for i, raw in enumerate(lines):
+
+        def load(raw: bytes = raw, i: int = i) -> dict[str, Array]:
+            where = f"{src.path}: line {i + 1}"
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                raise EdgefleetError(f"{where}: not JSON: {e}") from e
+            if not isinstance(obj, dict):
+                if len(model.inputs) != 1:
+                    raise EdgefleetError(f"{where}: give an object keyed by input name {_names(model)}")
+                obj = {model.inputs[0].name: obj}
+            try:
+                return _with_batch_axis(model, obj, where)
+            except (ValueError, TypeError) as e:
+                raise EdgefleetError(f"{where}: not an array: {e}") from e
+
+        yield load
+
+
+def _csv_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, Array]]]:
+    if len(model.inputs) != 1:
+        raise EdgefleetError(f"{src.path}: CSV rows feed a model with one input; this one has {_names(model)}")
+    spec = model.inputs[0]
+    dims = [1 if (d is None and i == 0 and len(spec.shape) >= 2) else d for i, d in enumerate(spec.shape)]
+    if any(d is None for d in dims):
+        raise EdgefleetError(
+            f"{src.path}: CSV rows need an input whose dims are fixed but the batch; {spec.name!r} is "
+            f"{_fmt(spec.shape)}: use .npz or JSON lines"
+        )
+    shape = tuple(int(d) for d in dims if d is not None)
+    rows = [r for r in csv.reader(io.StringIO(src.path.read_text())) if any(c.strip() for c in r)]
+    if rows:
+        try:
+            [float(c) for c in rows[0]]
+        except ValueError:
+            rows = rows[1:]  # a header
+    for i, row in enumerate(rows):
+
+        def load(row: list[str] = row, i: int = i) -> dict[str, Array]:
+            where = f"{src.path}: row {i + 1}"
+            try:
+                values = np.array([float(c) for c in row], dtype=np.float64)
+            except ValueError as e:
+                raise EdgefleetError(f"{where}: not a row of numbers: {e}") from e
+            if values.size != math.prod(shape):
+                raise EdgefleetError(
+                    f"{where}: {values.size} numbers; input {spec.name!r} {list(shape)} takes {math.prod(shape)}"
+                )
+            if spec.dtype.kind in "iu" and spec.quantization is None:
+                if not np.all(values == np.rint(values)):
+                    raise EdgefleetError(f"{where}: input {spec.name!r} takes whole numbers ({spec.dtype_name})")
+                values = values.astype(spec.dtype)
+            return {spec.name: values.reshape(shape)}
+
+        yield load
+
+
+def _count(model: Model, src: Source) -> int:
+    """How many samples a file holds (its header or its lines; nothing is decoded)."""
+    if src.kind == "image":
+        return 1
+    try:
+        if src.kind == "npz":
+            with zipfile.ZipFile(src.path) as zf:
+                for name in zf.namelist():
+                    if name.endswith(".npy") and not name.startswith("output."):
+                        with zf.open(name) as f:
+                            major, _ = np.lib.format.read_magic(f)
+                            read = (
+                                np.lib.format.read_array_header_1_0
+                                if major == 1
+                                else np.lib.format.read_array_header_2_0
+                            )
+                            shape = read(f)[0]
+                            return int(shape[0]) if shape else 1
+            return 1
+        data = src.path.read_bytes()
+        return max(1, sum(1 for ln in data.splitlines() if ln.strip()))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return 1  # the run writes the file's error
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    src: Source
+    index: int | None
+    load: Callable[[], dict[str, Array]]
+    feeds: dict[str, Array] | None = None
+    error: str | None = None
+
+
+class _Runner:
+    def __init__(self, model: Model, pipeline: Pipeline | None, fd: int, sync_every: int, summary: BatchSummary):
+        self.model, self.pipeline, self.fd, self.sync_every, self.summary = model, pipeline, fd, sync_every, summary
+        self.version = model.manifest.version if model.manifest else None
+        self.unsynced = 0
+        self.synced_at = time.monotonic()
+
+    def result(self, outputs: dict[str, Array]) -> dict[str, Any]:
+        p = self.pipeline
+        if p is None:
+            return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+        res: dict[str, Any] = {}
+        raw = p.raw_outputs or (() if p.spec.postprocess else tuple(outputs))
+        if raw:
+            res["outputs"] = {k: outputs[k].tolist() for k in raw}
+        out = outputs[p.output]
+        if out.ndim >= 1 and out.shape[0] == 1:
+            out = out[0]
+        res.update(postprocess(out, p.spec.postprocess, p.labels))
+        return res
+
+    def prepare(self, item: _Item) -> None:
+        """Load the item's feeds and check them against the model (so that an error lands on its sample);
+        the feeds stay as given (float for a quantized input), for ``predict`` to convert."""
+        if item.error is not None:
+            return
+        try:
+            if item.src.kind == "image":
+                feeds = self.pipeline.prepare(item.src.path) if self.pipeline else {}
+                if self.pipeline is None:
+                    from edgefleet.agent.pipeline import decode_image
+
+                    img = decode_image(item.src.path.read_bytes(), str(item.src.path))
+                    feeds = {self.model.inputs[0].name: img}
+                item.feeds = _with_batch_axis(self.model, feeds, str(item.src.path))
+            else:
+                item.feeds = item.load()
+            self.model.prepare(item.feeds)
+        except (EdgefleetError, OSError) as e:
+            item.feeds, item.error = None, str(e)
+
+    def run_chunk(self, chunk: list[_Item], write: set[int]) -> None:
+        """Run every item of ``chunk`` (one call when they batch), write those whose position is in ``write``."""
+        for it in chunk:
+            self.prepare(it)
+        ok = [it for it in chunk if it.feeds is not None]
+        results: dict[int, dict[str, Any]] = {}
+        if len(ok) > 1 and all(_same_shapes(ok[0].feeds, it.feeds) for it in ok):
+            feeds = [it.feeds for it in ok if it.feeds is not None]
+            stacked = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+            try:
+                out = self.model.predict(stacked)
+                if all(v.ndim >= 1 and v.shape[0] == len(ok) for v in out.values()):
+                    for j, it in enumerate(ok):
+                        results[id(it)] = self.result({k: v[j : j + 1] for k, v in out.items()})
+            except EdgefleetError:
+                results = {}  # one at a time below, so each error lands on its sample
+        for it in ok:
+            if id(it) in results:
+                continue
+            try:
+                results[id(it)] = self.result(self.model.predict(it.feeds))  # type: ignore[arg-type]
+            except EdgefleetError as e:
+                it.error = str(e)
+        lines = []
+        for pos, it in enumerate(chunk):
+            if pos not in write:
+                continue
+            lines.append(self.line(it, results.get(id(it))))
+        self.emit(lines)
+
+    def line(self, it: _Item, result: dict[str, Any] | None) -> bytes:
+        src = it.src
+        obj: dict[str, Any] = {
+            "input": {"path": str(src.path), "index": it.index, "size": src.size, "mtime_ns": src.mtime_ns},
+            "model": self.model.name,
+            "version": self.version,
+        }
+        if result is not None and it.error is None:
+            try:
+                return json.dumps({**obj, "result": result}, allow_nan=False).encode() + b"\n"
+            except ValueError:
+                it.error = "the result holds NaN or inf (not JSON)"
+        obj["error"] = it.error or "no result"
+        self.summary.errors += 1
+        return json.dumps(obj).encode() + b"\n"
+
+    def emit(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        data = b"".join(lines)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.summary.written += len(lines)
+        self.unsynced += len(lines)
+        if self.unsynced >= self.sync_every or time.monotonic() - self.synced_at >= SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.unsynced:
+            os.fsync(self.fd)
+            self.unsynced = 0
+        self.synced_at = time.monotonic()
+
+
+def _same_shapes(a: dict[str, Array] | None, b: dict[str, Array] | None) -> bool:
+    return a is not None and b is not None and all(a[k].shape == b[k].shape for k in a)
+
+
+def _groups(sources: list[Source]) -> Iterator[list[Source]]:
+    """Each file of samples alone; consecutive images together (they batch across files)."""
+    images: list[Source] = []
+    for s in sources:
+        if s.kind == "image":
+            images.append(s)
+            continue
+        if images:
+            yield images
+            images = []
+        yield [s]
+    if images:
+        yield images
+
+
+def run_batch(
+    model: Model,
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    direct: bool = False,
+    batch_size: int | None = None,
+    sync_every: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+) -> BatchSummary:
+    """Run ``model`` (through its pipeline unless ``direct`` or a bare model) over ``inputs`` into
+    ``out``, skipping what ``out`` records as done (see the module docstring). ``progress(done,
+    total)`` is called after every batch. Per-sample failures are lines with ``error``; raises
+    :class:`ConfigError` for a missing input, a batch size the model cannot take, or an ``out``
+    of another model."""
+    out_path = Path(out)
+    size = default_batch_size(model) if batch_size is None else batch_size
+    if size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number, got {size}")
+    if size > 1 and not _batchable(model):
+        why = "keeps state between calls" if model.stateful else f"has no dynamic batch dim ({_shapes(model)})"
+        raise ConfigError(f"--batch-size {size}: the model {why}; it runs one sample at a time (--batch-size 1)")
+    if sync_every < 1:
+        raise ConfigError(f"--sync-every: expected a positive number, got {sync_every}")
+    pipeline = None if direct or model.manifest is None else Pipeline(model)
+    sources, skipped_files = find_inputs(inputs, out_path)
+    summary = BatchSummary(files=len(sources), skipped_files=skipped_files)
+    version = model.manifest.version if model.manifest else None
+    done, summary.torn_bytes, summary.ignored_lines = read_done(out_path, model.name, version)
+    counts = {s: _count(model, s) for s in sources}
+    total = sum(counts.values())
+    summary.samples = total
+    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    runner = _Runner(model, pipeline, fd, sync_every, summary)
+    seen = 0
+    t0 = time.perf_counter()
+    try:
+        for group in _groups(sources):
+            items = list(_items(model, group))
+            if model.stateful:
+                model.reset()
+            todo = [it.src.key(it.index) not in done for it in items]
+            if model.stateful and not any(todo):
+                summary.skipped += len(items)
+                seen += len(items)
+                if progress:
+                    progress(min(seen, total), total)
+                continue
+            step = 1 if model.stateful else size
+            for start in range(0, len(items), step):
+                chunk = items[start : start + step]
+                write = {j for j, t in enumerate(todo[start : start + step]) if t}
+                summary.skipped += len(chunk) - len(write)
+                if write or model.stateful:
+                    runner.run_chunk(chunk, write)
+                seen += len(chunk)
+                if progress:
+                    progress(min(seen, total), total)
+        if progress:
+            progress(total, total)
+    finally:
+        runner.sync()
+        os.close(fd)
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _shapes(model: Model) -> str:
+    return ", ".join(f"{s.name} {_fmt(s.shape)}" for s in model.inputs)
+
+
+def _items(model: Model, group: list[Source]) -> Iterator[_Item]:
+    """The samples of a group; a file that cannot be read at all is one item carrying its error."""
+    for src in group:
+        if src.kind == "image":
+            yield _Item(src, None, lambda: {})
+            continue
+        reader = {"npz": _npz_samples, "jsonl": _jsonl_samples, "csv": _csv_samples}[src.kind]
+        try:
+            loaders = list(reader(model, src))
+        except (EdgefleetError, OSError, UnicodeDecodeError) as e:
+            yield _Item(src, None, lambda: {}, error=str(e))
+            continue
+        for i, load in enumerate(loaders):
+            yield _Item(src, i, load)
