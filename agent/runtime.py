@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _COST_RUNS = 5  # timed warm-up runs after the first, to measure a model's cost
 _COST_BUDGET_S = 0.05  # stop timing warm-up runs once this many seconds were spent
+_COST_WEIGHT = 0.1  # weight of the latest call in Model.cost's moving average
 _BACKENDS = {"onnx": "onnx", "onnxruntime": "onnx", "tflite": "tflite", "litert": "tflite"}
 
 
@@ -107,6 +108,10 @@ class Model:
         self._lock = None if backend.thread_safe else threading.Lock()
         cost = self._warm_up() if warmup else None
         backend.adapt(cost)  # e.g. ONNX Runtime picks its threads from the cost (see its backend)
+        self.cost: float | None = cost
+        """Seconds one runtime call takes: measured at warm-up, then a moving average over every
+        ``predict`` (the runtime call alone: no checks, no waiting for a lock or a thread). None
+        until measured. What a server needs to decide whether a call may run on its event loop."""
 
     @property
     def name(self) -> str:
@@ -210,10 +215,16 @@ class Model:
         """
         feeds, raw = self.prepare(inputs)
         if self._lock is None:
+            t0 = time.perf_counter()
             result = self.backend.run(feeds)
+            took = time.perf_counter() - t0
         else:
             with self._lock:
+                t0 = time.perf_counter()
                 result = self.backend.run(feeds)
+                took = time.perf_counter() - t0
+        cost = self.cost  # a race between threads loses one sample at worst
+        self.cost = took if cost is None else cost + _COST_WEIGHT * (took - cost)
         if outputs is not None:
             unknown = [n for n in outputs if n not in self._out]
             if unknown:

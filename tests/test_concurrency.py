@@ -263,3 +263,14 @@ def test_thread_rule(seconds, max_threads, cores, want):
 def test_bad_thread_options_are_refused_naming_the_option(option, value):
     with pytest.raises(ModelError, match=option):
         load_model(MODELS / "digits_cnn_float.onnx", **{option: value})
+
+
+def test_model_cost_is_measured_at_warm_up_and_follows_predicts_without_lock_waits(holdout):
+    model = load_model(MODELS / "digits_cnn_float.tflite", pool_size=1)
+    assert model.cost is not None and model.cost > 0
+    x = digits_samples(holdout, 1)[0]
+    before = model.cost
+    model.predict({"image": x})
+    assert model.cost != before  # every call feeds the moving average
+    assert load_model(MODELS / "digits_cnn_float.tflite", warmup=False).cost is None
+    assert load_model(MODELS / "stream_state.tflite").cost is None  # not warmed up: not measured yet
