@@ -5,6 +5,8 @@
 #                    converter frameworks (PyTorch, TensorFlow), whose tests fail instead of skipping.
 #   make test-full   the same with PyTorch and TensorFlow on any machine (about 2 GB more in .venv).
 #   make wheel       dist/edgefleet-VERSION-py3-none-any.whl, what a device installs (docs/install-pi.md).
+#   make test-container  docs/install-pi.md's container blocks in a booted Debian 12 with systemd (root;
+#                    the root is cached in /var/cache/edgefleet-test). Also part of make test.
 #   make demo        the end-to-end demo (README).
 #
 # PYTEST_ARGS narrows a run: `make test PYTEST_ARGS=tests/test_docs.py`.
@@ -29,7 +31,7 @@ else
 PYTEST_NEEDS := $(STAMP)
 endif
 
-.PHONY: demo test test-full lint pytest pytest-full wheel bench fixtures clean
+.PHONY: demo test test-full test-container lint pytest pytest-full wheel bench fixtures clean
 
 $(BIN)/python:
 	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -69,6 +71,10 @@ pytest: $(PYTEST_NEEDS)
 
 pytest-full: $(FULL_STAMP)
 	$(run_pytest)
+
+# Needs root, debootstrap and systemd-nspawn (.ci/run installs them); without them it skips, saying why.
+test-container: $(STAMP)
+	$(BIN)/pytest tests/test_docs_container.py $(PYTEST_ARGS)
 
 # The wheel a device installs: `deploy/install-agent.sh dist/edgefleet-VERSION-py3-none-any.whl`.
 # Built from a copy of the tree, so that a stale build/ folder (setuptools ships whatever is left in

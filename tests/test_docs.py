@@ -7,8 +7,10 @@ exactly one marker line saying how it is treated:
   written, in one bash session per file (``export``, ``cd`` and ``&`` background servers carry over),
   under ``set -e -o pipefail``, with a fresh temporary HOME and TMPDIR and the repo's .venv/bin first
   on PATH. A ``run`` python block is fed to ``python -`` in that session.
-* ``<!-- doctest: container -->``: needs a real systemd/root install; checked for bash syntax here,
-  run by a container test (skipped, saying so, until one exists).
+* ``<!-- doctest: container -->``: needs a real systemd/root install; checked for bash syntax here, and
+  run in order, as root, in a booted Debian 12 systemd container by tests/test_docs_container.py.
+  ``<!-- doctest: container fresh -->`` starts a new container there: the block is an alternative to
+  the ones before it (installing by hand instead of with the script), not a step after them.
 * ``<!-- doctest: skip REASON -->``: never run; REASON says why.
 
 A block without a marker, a marker without a block, and a fenced block without a language fail.
@@ -324,14 +326,7 @@ CONTAINER = [b for d in DOCS for b in parse(d)[0] if b.mode == "container" and b
 
 @pytest.mark.parametrize("block", CONTAINER, ids=[b.where for b in CONTAINER])
 def test_container_blocks_are_valid_bash(block: Block) -> None:
-    """Cheap and real: they parse. Running them needs systemd as PID 1 and root (see the next test)."""
+    """Cheap and real: they parse. Running them needs systemd as PID 1 and root: tests/test_docs_container.py."""
     text = console_commands(block.text) if block.lang == "console" else block.text
     r = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"{block.where}: {r.stderr}"
-
-
-def test_container_blocks_run_in_a_systemd_container() -> None:
-    pytest.skip(
-        f"{len(CONTAINER)} 'doctest: container' blocks need a booted systemd container "
-        "(systemd-nspawn --boot of a Debian 12 root); no container test exists yet"
-    )
