@@ -83,7 +83,7 @@ class InferenceApp:
         workers: int | None = None,
         max_json_bytes: int = 4 << 20,
         token: bytes | None = None,
-        max_image_pixels: int = 16 << 20,
+        max_image_pixels: int = 8 << 20,
         recent_predictions: int = 1024,
     ) -> None:
         self.registry = registry

@@ -101,10 +101,11 @@ class ApiConfig(_Strict):
     )
     workers: int | None = Field(default=None, ge=1, le=64, description="inference threads (default: cores + 2)")
     max_image_pixels: int = Field(
-        default=16 << 20,
+        default=8 << 20,
         ge=1,
         le=1 << 28,
-        description="an image posted to /predict: width x height at most, read from its header before decoding",
+        description="an image posted to /predict: width x height at most, read from its header before decoding "
+        "(4K UHD fits; decoding and a pipeline's steps can take ~20 bytes a pixel, two images at a time)",
     )
     recent_predictions: int = Field(
         default=1024, ge=1, le=1 << 20, description="/predict ids remembered for feedback (a ring, in memory)"

@@ -21,7 +21,7 @@ def running_api(
     models: dict[str, Path],
     max_body_bytes: int = 1 << 20,
     token: bytes | None = None,
-    max_image_pixels: int = 16 << 20,
+    max_image_pixels: int = 8 << 20,
     recent_predictions: int = 1024,
     **limits: Any,
 ) -> Iterator[tuple[str, InferenceApp]]:

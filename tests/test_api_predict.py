@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,48 @@ def test_image_bombs_are_refused_by_their_header_and_the_agent_stays_flat(tmp_pa
         proc.terminate()
         assert wait_until(lambda: proc.poll() is not None, timeout=30)
         proc.communicate()
+
+
+def test_clients_posting_images_at_the_limit_at_once_are_bounded_by_the_decode_slots(tmp_path: Path) -> None:
+    """Four clients post 4-megapixel JPEGs (the limit here) flat out for a few seconds: at most two are
+    decoded at once, so the agent's peak RSS grows by about two images' work, not four; all answer 200."""
+    bundle = image_bundle(tmp_path)
+    port = free_port()
+    env = {**os.environ, "EDGEFLEET_AGENT__API__MAX_IMAGE_PIXELS": str(4 << 20)}
+    exe = Path(sys.executable).parent / "edgefleet"
+    proc = subprocess.Popen(
+        [str(exe), "agent", "serve", str(bundle), "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready:")
+        grad = np.add.outer(np.arange(2048), np.arange(2048)) % 256
+        ok, jpeg = cv2.imencode(".jpg", np.dstack([grad, grad.T, grad]).astype(np.uint8))
+        assert ok
+        url = f"http://127.0.0.1:{port}/v2/models/digits-image/predict"
+        octet = {"content-type": "application/octet-stream"}
+        idle = _vm(proc.pid, "VmHWM")
+        assert httpx.post(url, content=jpeg.tobytes(), headers=octet, timeout=60).status_code == 200
+        one = _vm(proc.pid, "VmHWM")
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=60) as c:
+                while not stop.is_set():
+                    statuses.append(c.post(url, content=jpeg.tobytes(), headers=octet).status_code)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        stop.wait(3)
+        stop.set()
+        for t in threads:
+            t.join()
+        single, growth = (one - idle) / 1024, (_vm(proc.pid, "VmHWM") - one) / 1024
+        print(f"one 4-Mpx JPEG: peak RSS +{single:.0f} MiB; then 4 clients, {len(statuses)} more: +{growth:.0f} MiB")
+        assert statuses and set(statuses) == {200}
+        # four at once would add about three images' work; two slots add one (plus allocator slack)
+        assert growth < 2 * single, f"peak RSS grew by {growth:.0f} MiB after one request's {single:.0f} MiB"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

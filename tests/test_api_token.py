@@ -145,16 +145,19 @@ def _outward_address() -> str | None:
 
 def test_agent_serve_on_all_addresses_with_a_token_file_from_the_environment(tmp_path: Path) -> None:
     """A real `agent serve --host 0.0.0.0` with EDGEFLEET_AGENT__API__TOKEN_FILE: 401 without the
-    token on loopback and on the machine's outward address, 200 with it, and the token in no log line."""
+    token on loopback, on the machine's outward address and on the Unix socket, 200 with it, and the
+    token in no log line."""
     f = tmp_path / "token"
     f.write_text(TOKEN + "\n")
     f.chmod(0o600)
-    port = free_port()
+    port, uds = free_port(), tmp_path / "agent.sock"
     proc = _serve(
         "--host",
         "0.0.0.0",
         "--port",
         str(port),
+        "--uds",
+        str(uds),
         "--log-level",
         "debug",
         env={"EDGEFLEET_AGENT__API__TOKEN_FILE": str(f)},
@@ -171,6 +174,9 @@ def test_agent_serve_on_all_addresses_with_a_token_file_from_the_environment(tmp
             assert r.status_code == 401 and r.json()["error"].startswith("this agent's API needs a token")
             r = httpx.get(f"{base}/v2/models/multi_io", headers={"authorization": f"Bearer {TOKEN}"})
             assert r.status_code == 200, r.text
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(uds))) as c:  # every listener, the socket too
+            assert c.get("http://agent/v2/models/multi_io").status_code == 401
+            assert c.get("http://agent/v2/models/multi_io", headers={"authorization": f"Bearer {TOKEN}"}).is_success
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
