@@ -224,3 +224,43 @@ def test_app_sending_a_start_and_no_body_message_ends_the_response() -> None:
     with serving(app) as url:
         answer = raw(url, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 204")
+
+
+# --- the API's JSON codec (edgefleet.agent.oip): orjson when installed, else the standard library ---
+
+
+@pytest.fixture(params=["orjson", "stdlib"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from edgefleet.agent import oip
+
+    if request.param == "stdlib":
+        monkeypatch.setattr(oip, "_orjson", None)
+    elif oip._orjson is None:
+        pytest.skip("orjson is not installed")
+    return str(request.param)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"inputs": [', "not valid JSON"),
+        (b'{"x": NaN}', "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 5000 + b"]" * 5000, "JSON"),
+    ],
+)
+def test_bad_json_bodies_are_one_request_error_with_either_codec(codec: str, body: bytes, says: str) -> None:
+    from edgefleet.agent.oip import RequestError, parse_json
+
+    with pytest.raises(RequestError, match=says) as e:
+        parse_json(body)
+    assert e.value.status == 400
+
+
+def test_json_codecs_agree_on_an_inference_request_and_answer(codec: str) -> None:
+    from edgefleet.agent.oip import dump_json, parse_json
+
+    req = json.loads(BODY)
+    assert parse_json(BODY) == req
+    answer = {"model_name": "m", "outputs": [{"name": "y", "data": [0.1, -2.5e-07, 3, True, None, "é"]}]}
+    assert json.loads(dump_json(answer)) == answer
