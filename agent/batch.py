@@ -42,13 +42,15 @@ replays that file's done samples (without writing them) to rebuild the state.
 from __future__ import annotations
 
 import csv
-import io
+import functools
+import itertools
 import json
 import math
 import os
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ SAMPLE_SUFFIXES = (".npz", ".jsonl", ".ndjson", ".csv")
 Array = np.ndarray[Any, Any]
 SYNC_SECONDS = 1.0  # fsync OUT at least this often (seconds) while lines are written, whatever sync_every says
 Key = tuple[str, int | None, int, int]  # (path, index, size, mtime_ns): what identifies a done input
+Loader = Callable[[], dict[str, Array]]
 
 
 @dataclass(frozen=True)
@@ -137,11 +140,11 @@ def find_inputs(paths: Sequence[str | os.PathLike[str]], out: Path | None = None
     return found, skipped
 
 
-def read_done(out: Path, model: str, version: str | None) -> tuple[set[Key], int, int]:
+def read_done(out: Path, model: str, version: str | None) -> tuple[_Done, int, int]:
     """The keys OUT's complete lines record, the bytes cut from a torn last line, and the number of
     complete lines that are not results. Raises :class:`ConfigError` when OUT holds another model's
     or version's results, or cannot be read."""
-    done: set[Key] = set()
+    done = _Done()
     if not out.exists():
         return done, 0, 0
     ignored = 0
@@ -205,58 +208,77 @@ def _names(model: Model) -> list[str]:
     return [s.name for s in model.inputs]
 
 
-def _npz_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, Array]]]:
+def _npz_samples(model: Model, src: Source, stack: ExitStack) -> Iterator[Loader]:
+    """Sample ``i`` of each input read from the archive as it is needed (seek and read one row), so a
+    file larger than memory works; the archive stays open on ``stack``."""
     where = str(src.path)
+    fmt = np.lib.format
     try:
-        with np.load(src.path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if not k.startswith("output.")}
+        zf = stack.enter_context(zipfile.ZipFile(src.path))
+        members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy") and not n.startswith("output.")}
+        rows: dict[str, tuple[Any, int, tuple[int, ...], np.dtype[Any]]] = {}
+        for s in model.inputs:
+            member = members.get(s.name) or members.get(f"input.{s.name}")
+            if member is None:
+                raise EdgefleetError(f"{where}: no array for input {s.name!r}; it has {sorted(members)}")
+            f = stack.enter_context(zf.open(member))
+            major, _ = fmt.read_magic(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(f)
+            if len(shape) != len(s.shape) + 1:
+                raise EdgefleetError(
+                    f"{where}: array {s.name!r} has shape {list(shape)}; expected samples stacked on a new leading "
+                    f"axis, (N, *{_fmt(s.shape)})"
+                )
+            if fortran or dtype.hasobject:
+                raise EdgefleetError(f"{where}: array {s.name!r}: write it C-ordered, of numbers (np.savez does)")
+            rows[s.name] = (f, f.tell(), tuple(shape), dtype)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise EdgefleetError(f"{where}: not a readable .npz file: {e}") from e
-    by_name = {k[6:] if k.startswith("input.") else k: v for k, v in arrays.items()}
-    counts = set()
-    for s in model.inputs:
-        a = by_name.get(s.name)
-        if a is None:
-            raise EdgefleetError(f"{where}: no array for input {s.name!r}; it has {sorted(arrays)}")
-        if a.ndim != len(s.shape) + 1:
-            raise EdgefleetError(
-                f"{where}: array {s.name!r} has shape {list(a.shape)}; expected samples stacked on a new leading "
-                f"axis, (N, *{_fmt(s.shape)})"
-            )
-        counts.add(a.shape[0])
+    counts = {v[2][0] for v in rows.values()}
     if len(counts) != 1:
         raise EdgefleetError(f"{where}: inputs have different sample counts (the first axis counts samples)")
+
+    def load(i: int) -> dict[str, Array]:
+        feeds = {}
+        for name, (f, base, shape, dtype) in rows.items():
+            n = math.prod(shape[1:]) * dtype.itemsize
+            f.seek(base + i * n)
+            data = f.read(n)
+            if len(data) != n:
+                raise EdgefleetError(f"{where}: array {name!r} is cut short at sample {i}")
+            feeds[name] = np.frombuffer(data, dtype=dtype).reshape(shape[1:]).copy()
+        return feeds
+
     for i in range(counts.pop()):
-        yield lambda i=i: {s.name: np.array(by_name[s.name][i], order="C", copy=None) for s in model.inputs}  # type: ignore[misc]
+        yield functools.partial(load, i)
 
 
 def _fmt(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _jsonl_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, Array]]]:
-    lines = [ln for ln in src.path.read_bytes().splitlines() if ln.strip()]
-    for i, raw in enumerate(lines):
+def _jsonl_samples(model: Model, src: Source, stack: ExitStack) -> Iterator[Loader]:
+    def load(raw: bytes, i: int) -> dict[str, Array]:
+        where = f"{src.path}: line {i + 1}"
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise EdgefleetError(f"{where}: not JSON: {e}") from e
+        if not isinstance(obj, dict):
+            if len(model.inputs) != 1:
+                raise EdgefleetError(f"{where}: give an object keyed by input name {_names(model)}")
+            obj = {model.inputs[0].name: obj}
+        try:
+            return _with_batch_axis(model, obj, where)
+        except (ValueError, TypeError) as e:
+            raise EdgefleetError(f"{where}: not an array: {e}") from e
 
-        def load(raw: bytes = raw, i: int = i) -> dict[str, Array]:
-            where = f"{src.path}: line {i + 1}"
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:
-                raise EdgefleetError(f"{where}: not JSON: {e}") from e
-            if not isinstance(obj, dict):
-                if len(model.inputs) != 1:
-                    raise EdgefleetError(f"{where}: give an object keyed by input name {_names(model)}")
-                obj = {model.inputs[0].name: obj}
-            try:
-                return _with_batch_axis(model, obj, where)
-            except (ValueError, TypeError) as e:
-                raise EdgefleetError(f"{where}: not an array: {e}") from e
-
-        yield load
+    f = stack.enter_context(src.path.open("rb"))
+    for i, raw in enumerate(ln for ln in f if ln.strip()):
+        yield functools.partial(load, raw, i)
 
 
-def _csv_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, Array]]]:
+def _csv_samples(model: Model, src: Source, stack: ExitStack) -> Iterator[Loader]:
     if len(model.inputs) != 1:
         raise EdgefleetError(f"{src.path}: CSV rows feed a model with one input; this one has {_names(model)}")
     spec = model.inputs[0]
@@ -267,35 +289,39 @@ def _csv_samples(model: Model, src: Source) -> Iterator[Callable[[], dict[str, A
             f"{_fmt(spec.shape)}: use .npz or JSON lines"
         )
     shape = tuple(int(d) for d in dims if d is not None)
-    rows = [r for r in csv.reader(io.StringIO(src.path.read_text())) if any(c.strip() for c in r)]
-    if rows:
+
+    def load(row: list[str], i: int) -> dict[str, Array]:
+        where = f"{src.path}: row {i + 1}"
         try:
-            [float(c) for c in rows[0]]
+            values = np.array([float(c) for c in row], dtype=np.float64)
+        except ValueError as e:
+            raise EdgefleetError(f"{where}: not a row of numbers: {e}") from e
+        if values.size != math.prod(shape):
+            raise EdgefleetError(
+                f"{where}: {values.size} numbers; input {spec.name!r} {list(shape)} takes {math.prod(shape)}"
+            )
+        if spec.dtype.kind in "iu" and spec.quantization is None:
+            if not np.all(values == np.rint(values)):
+                raise EdgefleetError(f"{where}: input {spec.name!r} takes whole numbers ({spec.dtype_name})")
+            values = values.astype(spec.dtype)
+        return {spec.name: values.reshape(shape)}
+
+    f = stack.enter_context(src.path.open(newline=""))
+    rows: Iterator[list[str]] = (r for r in csv.reader(f) if any(c.strip() for c in r))
+    first = next(rows, None)
+    if first is not None:
+        try:
+            [float(c) for c in first]
+            rows = itertools.chain([first], rows)
         except ValueError:
-            rows = rows[1:]  # a header
+            pass  # a header
     for i, row in enumerate(rows):
-
-        def load(row: list[str] = row, i: int = i) -> dict[str, Array]:
-            where = f"{src.path}: row {i + 1}"
-            try:
-                values = np.array([float(c) for c in row], dtype=np.float64)
-            except ValueError as e:
-                raise EdgefleetError(f"{where}: not a row of numbers: {e}") from e
-            if values.size != math.prod(shape):
-                raise EdgefleetError(
-                    f"{where}: {values.size} numbers; input {spec.name!r} {list(shape)} takes {math.prod(shape)}"
-                )
-            if spec.dtype.kind in "iu" and spec.quantization is None:
-                if not np.all(values == np.rint(values)):
-                    raise EdgefleetError(f"{where}: input {spec.name!r} takes whole numbers ({spec.dtype_name})")
-                values = values.astype(spec.dtype)
-            return {spec.name: values.reshape(shape)}
-
-        yield load
+        yield functools.partial(load, row, i)
 
 
-def _count(model: Model, src: Source) -> int:
-    """How many samples a file holds (its header or its lines; nothing is decoded)."""
+def _count(src: Source) -> int:
+    """How many samples a file holds, from its header or its non-empty lines (nothing is decoded);
+    a CSV's header counts as one."""
     if src.kind == "image":
         return 1
     try:
@@ -305,18 +331,38 @@ def _count(model: Model, src: Source) -> int:
                     if name.endswith(".npy") and not name.startswith("output."):
                         with zf.open(name) as f:
                             major, _ = np.lib.format.read_magic(f)
-                            read = (
-                                np.lib.format.read_array_header_1_0
-                                if major == 1
-                                else np.lib.format.read_array_header_2_0
-                            )
+                            read = getattr(np.lib.format, f"read_array_header_{major}_0")
                             shape = read(f)[0]
                             return int(shape[0]) if shape else 1
             return 1
-        data = src.path.read_bytes()
-        return max(1, sum(1 for ln in data.splitlines() if ln.strip()))
+        with src.path.open("rb") as f:
+            return max(1, sum(1 for ln in f if ln.strip()))
     except (OSError, ValueError, zipfile.BadZipFile):
         return 1  # the run writes the file's error
+
+
+class _Done:
+    """What OUT records as done: a bitmap of sample indices per (path, size, mtime_ns) (an image's
+    index None is bit 0), an eighth of a byte a sample."""
+
+    def __init__(self) -> None:
+        self.files: dict[tuple[str, int, int], bytearray] = {}
+
+    def add(self, key: Key) -> None:
+        bits = self.files.setdefault((key[0], key[2], key[3]), bytearray())
+        i = key[1] or 0
+        if i >= 8 * len(bits):
+            bits.extend(bytes(i // 8 + 1 - len(bits)))
+        bits[i // 8] |= 1 << (i % 8)
+
+    def __contains__(self, key: Key) -> bool:
+        bits = self.files.get((key[0], key[2], key[3]))
+        i = key[1] or 0
+        return bits is not None and i < 8 * len(bits) and bool(bits[i // 8] >> (i % 8) & 1)
+
+    def count(self, src: Source) -> int:
+        bits = self.files.get((str(src.path), src.size, src.mtime_ns))
+        return 0 if bits is None else sum(bin(b).count("1") for b in bits)
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -485,35 +531,31 @@ def run_batch(
     summary = BatchSummary(files=len(sources), skipped_files=skipped_files)
     version = model.manifest.version if model.manifest else None
     done, summary.torn_bytes, summary.ignored_lines = read_done(out_path, model.name, version)
-    counts = {s: _count(model, s) for s in sources}
-    total = sum(counts.values())
-    summary.samples = total
+    counts = {s: _count(s) for s in sources}
+    total = summary.samples = sum(counts.values())
     fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     runner = _Runner(model, pipeline, fd, sync_every, summary)
     seen = 0
+    step = 1 if model.stateful else size
     t0 = time.perf_counter()
     try:
         for group in _groups(sources):
-            items = list(_items(model, group))
-            if model.stateful:
+            if model.stateful:  # from its initial state; a group all done is not replayed
                 model.reset()
-            todo = [it.src.key(it.index) not in done for it in items]
-            if model.stateful and not any(todo):
-                summary.skipped += len(items)
-                seen += len(items)
-                if progress:
-                    progress(min(seen, total), total)
-                continue
-            step = 1 if model.stateful else size
-            for start in range(0, len(items), step):
-                chunk = items[start : start + step]
-                write = {j for j, t in enumerate(todo[start : start + step]) if t}
-                summary.skipped += len(chunk) - len(write)
-                if write or model.stateful:
-                    runner.run_chunk(chunk, write)
-                seen += len(chunk)
-                if progress:
-                    progress(min(seen, total), total)
+                if all(done.count(s) >= counts[s] for s in group):
+                    summary.skipped += sum(done.count(s) for s in group)
+                    seen += sum(counts[s] for s in group)
+                    continue
+            with ExitStack() as stack:
+                items = _items(model, group, stack)
+                while chunk := list(itertools.islice(items, step)):
+                    write = {j for j, it in enumerate(chunk) if it.src.key(it.index) not in done}
+                    summary.skipped += len(chunk) - len(write)
+                    if write or model.stateful:
+                        runner.run_chunk(chunk, write)
+                    seen += len(chunk)
+                    if progress:
+                        progress(min(seen, total), total)
         if progress:
             progress(total, total)
     finally:
@@ -527,17 +569,21 @@ def _shapes(model: Model) -> str:
     return ", ".join(f"{s.name} {_fmt(s.shape)}" for s in model.inputs)
 
 
-def _items(model: Model, group: list[Source]) -> Iterator[_Item]:
-    """The samples of a group; a file that cannot be read at all is one item carrying its error."""
+def _no_feeds() -> dict[str, Array]:
+    return {}
+
+
+def _items(model: Model, group: list[Source], stack: ExitStack) -> Iterator[_Item]:
+    """The samples of a group, read as they are needed; a file that cannot be read is one item
+    carrying its error (index None, or the index where reading broke off)."""
     for src in group:
         if src.kind == "image":
-            yield _Item(src, None, lambda: {})
+            yield _Item(src, None, _no_feeds)
             continue
         reader = {"npz": _npz_samples, "jsonl": _jsonl_samples, "csv": _csv_samples}[src.kind]
+        i: int | None = None
         try:
-            loaders = list(reader(model, src))
-        except (EdgefleetError, OSError, UnicodeDecodeError) as e:
-            yield _Item(src, None, lambda: {}, error=str(e))
-            continue
-        for i, load in enumerate(loaders):
-            yield _Item(src, i, load)
+            for i, load in enumerate(reader(model, src, stack)):
+                yield _Item(src, i, load)
+        except (EdgefleetError, OSError, UnicodeDecodeError, csv.Error) as e:
+            yield _Item(src, None if i is None else i + 1, _no_feeds, error=f"{src.path}: {e}")

@@ -89,7 +89,9 @@ def _inputs(folder: Path, repeat: int) -> Path:
         cv2.imwrite(str(folder / f"img{i:03}.png"), x[i].astype(np.uint8))
     big = np.tile(x, (repeat, 1, 1))[:, None, :, :, None] / 16
     np.savez(folder / "samples.npz", image=big.astype(np.float32))
-    (folder / "rows.jsonl").write_text("".join(json.dumps({"image": (r[:, :, None] / 16).tolist()}) + "\n" for r in x[:100]))
+    (folder / "rows.jsonl").write_text(
+        "".join(json.dumps({"image": (r[:, :, None] / 16).tolist()}) + "\n" for r in x[:100])
+    )
     (folder / "rows.csv").write_text("".join(",".join(str(v / 16) for v in r.ravel()) + "\n" for r in x[:100]))
     return folder
 
@@ -243,3 +245,43 @@ def test_help_documents_what_identifies_a_done_input() -> None:
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     assert "(path, index within the file, size, mtime_ns)" in text
+
+
+def test_a_bundle_runs_its_model_directly_when_asked(digits: Path, tmp_path: Path) -> None:
+    from edgefleet.agent import load_model
+
+    with np.load(MODELS / "digits_holdout.npz") as z:
+        x = (z["x"][:10, None, :, :, None] / 16).astype(np.float32)
+    np.savez(tmp_path / "s.npz", image=x)
+    out = tmp_path / "out.jsonl"
+    clean(run("agent", "batch", digits, tmp_path / "s.npz", "-o", out, "--direct", "--batch-size", "4"))
+    got = lines(out)
+    model = load_model(digits)
+    assert [o["input"]["index"] for o in got] == list(range(10))
+    for o in got:
+        assert set(o["result"]) == {"outputs"}  # no pipeline: raw outputs, no top-k
+        want = model.predict({"image": x[o["input"]["index"]]})["output_0"]
+        np.testing.assert_allclose(o["result"]["outputs"]["output_0"], want, rtol=1e-5, atol=1e-6)
+
+
+def _peak_rss_kb(args: list[str], out: Path, after_lines: int) -> int:
+    """VmHWM of a real ``agent batch`` once ``after_lines`` lines are out; then it is killed."""
+    proc = subprocess.Popen([EDGEFLEET, *args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= after_lines, timeout=60)
+        assert proc.poll() is None
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_npz_larger_than_its_share_of_memory_is_read_a_sample_at_a_time(digits: Path, tmp_path: Path) -> None:
+    """A 100 MB .npz is not loaded whole: the peak RSS is that of a 1 MB one, within 25 MB."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "small.npz", image=rng.random((4_000, 1, 8, 8, 1), dtype=np.float32))
+    np.savez(tmp_path / "large.npz", image=rng.random((400_000, 1, 8, 8, 1), dtype=np.float32))  # 102 MB
+    small = _peak_rss_kb(["agent", "batch", str(digits), str(tmp_path / "small.npz")], tmp_path / "s.jsonl", 2_000)
+    large = _peak_rss_kb(["agent", "batch", str(digits), str(tmp_path / "large.npz")], tmp_path / "l.jsonl", 2_000)
+    assert large - small < 25_000, (small, large)
