@@ -66,6 +66,7 @@ HEADER_LENGTH = b"inference-header-content-length"
 INLINE_SECONDS = 0.0005
 INLINE_BYTES = 64 * 1024
 DECODE_SLOTS = 2  # large request bodies decoded at once
+EXTENSIONS = ["binary_tensor_data", "model_repository", "predict"]  # predict: edgefleet's own
 
 
 class _Disconnected(Exception):
@@ -167,9 +168,7 @@ class InferenceApp:
             raise RequestError(f"no such endpoint: {path}", 404)
         if len(parts) == 1:
             _only(method, "GET")
-            return _ok(
-                {"name": "edgefleet", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
-            )
+            return _ok({"name": "edgefleet", "version": __version__, "extensions": EXTENSIONS})
         if parts[1] == "health" and len(parts) == 3:
             _only(method, "GET")
             if parts[2] == "live":

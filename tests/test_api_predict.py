@@ -137,6 +137,7 @@ def test_json_data_through_the_digits_bundle_equals_its_pipeline(
                 assert len(got.pop("id")) == 32
                 want.pop("model", None)
                 assert got == want
+        assert "predict" in c.get("/v2").json()["extensions"]
         r = c.post("/v2/models/digits/predict", json={"data": x[0].tolist(), "raw_outputs": True})
         assert r.status_code == 200 and len(r.json()["outputs"]["output_0"][0]) == 10
 
