@@ -21,6 +21,7 @@ With a token (``[api] token``, required beyond loopback) every request but ``GET
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -259,11 +260,11 @@ class InferenceApp:
                     "limit (api.max_image_pixels)",
                     413,
                 )
-            decode: Callable[[], tuple[Any, Any]] = lambda: (decode_image(body, f"body ({kind})"), None)  # noqa: E731
+            decode = functools.partial(_image_input, body, kind)
         else:
             if len(body) > self.max_json_bytes:
                 raise RequestError(f"JSON of {len(body)} bytes is over the {self.max_json_bytes}-byte JSON limit", 413)
-            decode = lambda: _predict_json(body, served)  # noqa: E731
+            decode = functools.partial(_predict_json, body, served)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -404,6 +405,11 @@ def image_size(data: bytes, media: str = "application/octet-stream") -> tuple[st
     if not width or not height:
         raise RequestError(f"image has no pixels ({width}x{height})")
     return kind, width, height
+
+
+def _image_input(body: bytes, kind: str) -> tuple[Any, None]:
+    """An image body (its size already checked) decoded as the pipeline takes it: HWC BGR uint8."""
+    return decode_image(body, f"body ({kind})"), None
 
 
 def _has_pipeline(served: Served) -> bool:
