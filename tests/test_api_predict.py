@@ -22,9 +22,10 @@ from _server import running_api
 from _support import MODELS, digits_bundle, free_port, wait_until
 
 from edgefleet.agent import load_model
-from edgefleet.agent.api import InferenceApp, image_size
+from edgefleet.agent.api import InferenceApp
 from edgefleet.agent.oip import RequestError
 from edgefleet.agent.pipeline import Pipeline
+from edgefleet.agent.predict import image_size
 from edgefleet.bundle.manifest import PipelineSpec
 from edgefleet.converters.package import package_model
 
