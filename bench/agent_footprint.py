@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def main() -> int:
     print("\nTFLite interpreter pool:")
     print(pool_cost(ROOT / "tests" / "fixtures" / "models" / "digits_cnn_float.tflite"))
     print(pool_cost(_models.dense_tflite(tmp / "dense_tflite.tflite")))
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
 
 
