@@ -284,8 +284,9 @@ def _layout_hint(model: Model, name: str, x: Any) -> str:
     if spec is None or x is None or np.ndim(x) != 4 or len(spec.shape) != 4:
         return ""
     got, want = list(np.shape(x)), list(spec.shape)
-    if want[1] is not None and got[3] == want[1] and got[1] != want[1]:
+    first, last = want[1] in (1, 3, 4), want[3] in (1, 3, 4)
+    if first and not last and got[3] == want[1] and got[1] != want[1]:
         return " (channels last, the model takes them first: a layout step with target 'nchw'?)"
-    if want[3] is not None and got[1] == want[3] and got[3] != want[3]:
+    if last and not first and got[1] == want[3] and got[3] != want[3]:
         return " (channels first, the model takes them last: a layout step with target 'nhwc'?)"
     return ""

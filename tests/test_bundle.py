@@ -55,6 +55,7 @@ def test_round_trip_package_inspect_verify_load_predict(bundle: Path, holdout: A
     assert m.inputs[0].quantization is not None and m.golden is not None and m.golden.count == 8
     report = verify_bundle(str(bundle))
     assert report["ok"] and report["golden"]["passed"], report
+    assert report["pipeline"] == {"checked": "8x8 image, 1 channel(s), uint8"}  # run on a synthetic input
     model = load_model(bundle)
     assert model.name == "digits" and model.labels is not None and model.labels[3] == "three"
     pipe = Pipeline(model)
@@ -316,3 +317,19 @@ def test_manifest_that_is_not_json_or_an_object_is_refused() -> None:
         parse_manifest(b"{nope")
     with pytest.raises(BundleError, match="must be a JSON object"):
         parse_manifest(b"[1, 2]")
+
+
+def test_package_runs_the_pipeline_on_a_synthetic_input_and_refuses_a_misfit(tmp_path: Path, models_dir: Path) -> None:
+    """NCHW steps for the NHWC TFLite model: refused before anything is written, naming both shapes."""
+    nchw = PipelineSpec.model_validate(
+        {"preprocess": [{"op": "scale", "factor": 1 / 16}, {"op": "layout", "target": "nchw"}]}
+    )
+    with pytest.raises(BundleError, match=r"expected shape \[\?, 8, 8, 1\], got \[1, 1, 8, 8\].*target 'nhwc'"):
+        package_model(models_dir / "digits_cnn_int8.tflite", "digits", "1.0.0", out=tmp_path, pipeline=nchw)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_bundle_without_pipeline_steps_is_not_run_on_a_synthetic_input(tmp_path: Path, models_dir: Path) -> None:
+    path, _ = package_model(models_dir / "multi_io.onnx", "multi", "1.0.0", out=tmp_path)
+    report = verify_bundle(str(path))
+    assert report["ok"] and report["pipeline"] == {"checked": None}

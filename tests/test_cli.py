@@ -30,6 +30,7 @@ def test_help_for_every_command() -> None:
         ["model", "bench"],
         ["model", "package"],
         ["model", "verify"],
+        ["agent", "batch"],
         ["demo"],
     ):
         r = run(*args, "--help")
@@ -169,11 +170,17 @@ def test_commands_wait_for_a_server_that_is_still_starting(tmp_path: Path) -> No
     init = run("server", "init", "--data", str(data), "--json")
     assert init.returncode == 0, init.stderr
     port = free_port()
-    env = {**os.environ, "EDGEFLEET_SERVER": f"http://127.0.0.1:{port}", "EDGEFLEET_TOKEN": json.loads(init.stdout)[
-        "admin_token"]}
+    env = {
+        **os.environ,
+        "EDGEFLEET_SERVER": f"http://127.0.0.1:{port}",
+        "EDGEFLEET_TOKEN": json.loads(init.stdout)["admin_token"],
+    }
     # as a README tour does: `server run &`, then at once a command
-    server = subprocess.Popen([EDGEFLEET, "server", "run", "--data", str(data), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [EDGEFLEET, "server", "run", "--data", str(data), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         r = subprocess.run([EDGEFLEET, "model", "list", "--json"], capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 0, r.stderr
@@ -228,8 +235,12 @@ def test_a_server_that_is_not_a_fleet_server_is_one_line(tmp_path: Path) -> None
     from _support import free_port, wait_until
 
     port = free_port()
-    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    web = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def listening() -> bool:
         try:
