@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -285,3 +286,22 @@ def test_an_npz_larger_than_its_share_of_memory_is_read_a_sample_at_a_time(digit
     small = _peak_rss_kb(["agent", "batch", str(digits), str(tmp_path / "small.npz")], tmp_path / "s.jsonl", 2_000)
     large = _peak_rss_kb(["agent", "batch", str(digits), str(tmp_path / "large.npz")], tmp_path / "l.jsonl", 2_000)
     assert large - small < 25_000, (small, large)
+
+
+def test_a_file_changed_since_is_run_again_and_out_inside_an_input_folder_is_not_read(
+    digits: Path, tmp_path: Path
+) -> None:
+    folder = _inputs(tmp_path / "in", repeat=1)
+    out = folder / "results.jsonl"  # inside the folder it reads
+    clean(run("agent", "batch", digits, folder, "-o", out))
+    first = by_input(out)
+    assert not [k for k in first if k[0] == str(out.resolve())]
+    st = (folder / "rows.jsonl").stat()
+    os.utime(folder / "rows.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    r = run("agent", "batch", digits, folder, "-o", out, "--json")
+    clean(r)
+    s = json.loads(r.stdout)
+    assert s["written"] == 100 and s["skipped"] == len(first) - 100  # only the changed file, all of it
+    again = [o for o in lines(out) if o["input"]["path"].endswith("rows.jsonl")]
+    assert len(again) == 200 and len({o["input"]["mtime_ns"] for o in again}) == 2
+    assert [o["result"] for o in again[:100]] == [o["result"] for o in again[100:]]
