@@ -295,6 +295,24 @@ def concurrency(args: argparse.Namespace, agent_port: int, models: dict[str, Pat
     return lines
 
 
+def pool_effect(args: argparse.Namespace, path: Path) -> str:
+    """``Model.predict`` from 1 and 2 threads with one interpreter behind the lock (pool_size 1, as
+    before issue 9) and with a pool of 2, in interleaved slices: what the pool alone changes."""
+    x = np.random.default_rng(3).random((32, 512), dtype=np.float32)
+    one = load_model(path, threads=1, pool_size=1)
+    two = load_model(path, threads=1, pool_size=2)
+    columns = {
+        "pool 1, 1 thread": [functools.partial(one.predict, {"x": x})],
+        "pool 1, 2 threads": [functools.partial(one.predict, {"x": x})] * 2,
+        "pool 2, 2 threads": [functools.partial(two.predict, {"x": x})] * 2,
+    }
+    got: dict[str, list[float]] = {k: [] for k in columns}
+    for _ in range(max(1, round(args.seconds / SLICE_S))):
+        for key, workers in columns.items():
+            got[key].append(rate(workers, SLICE_S))
+    return "  ".join(f"{k}: {float(np.median(v)):.0f}/s" for k, v in got.items())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=2000, help="timed requests per side and case")
@@ -358,6 +376,8 @@ def main() -> int:
         heads = "  ".join(f"{f'{n} client(s)':>14}" for n in (1, 2, 4, 8))
         print(f"{'model':13} {'ceil 1':>8} {'ceil 2':>8}  {heads}")
         print("\n".join(concurrency(args, agent_port, dense)))
+        print(f"\n3. in-process Model.predict on {dense['dense_tflite'].name}, calls/s (median slices)")
+        print(pool_effect(args, dense["dense_tflite"]))
         return 0
     finally:
         for p in procs:
