@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.agent.pipeline import Pipeline, postprocess
+from edgefleet.agent.pipeline import Pipeline, decode_image, postprocess
 from edgefleet.agent.runtime import Model
 from edgefleet.errors import ConfigError, EdgefleetError
 
@@ -212,7 +212,6 @@ def _npz_samples(model: Model, src: Source, stack: ExitStack) -> Iterator[Loader
     """Sample ``i`` of each input read from the archive as it is needed (seek and read one row), so a
     file larger than memory works; the archive stays open on ``stack``."""
     where = str(src.path)
-    fmt = np.lib.format
     try:
         zf = stack.enter_context(zipfile.ZipFile(src.path))
         members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy") and not n.startswith("output.")}
@@ -222,8 +221,7 @@ def _npz_samples(model: Model, src: Source, stack: ExitStack) -> Iterator[Loader
             if member is None:
                 raise EdgefleetError(f"{where}: no array for input {s.name!r}; it has {sorted(members)}")
             f = stack.enter_context(zf.open(member))
-            major, _ = fmt.read_magic(f)
-            shape, fortran, dtype = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(f)
+            shape, fortran, dtype = _npy_header(f)
             if len(shape) != len(s.shape) + 1:
                 raise EdgefleetError(
                     f"{where}: array {s.name!r} has shape {list(shape)}; expected samples stacked on a new leading "
@@ -251,6 +249,13 @@ def _npz_samples(model: Model, src: Source, stack: ExitStack) -> Iterator[Loader
 
     for i in range(counts.pop()):
         yield functools.partial(load, i)
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """(shape, fortran order, dtype) of the ``.npy`` at ``f``'s position; ``f`` is left at its data."""
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(f)  # type: ignore[no-any-return]
 
 
 def _fmt(shape: Sequence[int | None]) -> str:
@@ -330,9 +335,7 @@ def _count(src: Source) -> int:
                 for name in zf.namelist():
                     if name.endswith(".npy") and not name.startswith("output."):
                         with zf.open(name) as f:
-                            major, _ = np.lib.format.read_magic(f)
-                            read = getattr(np.lib.format, f"read_array_header_{major}_0")
-                            shape = read(f)[0]
+                            shape = _npy_header(f)[0]
                             return int(shape[0]) if shape else 1
             return 1
         with src.path.open("rb") as f:
@@ -405,13 +408,9 @@ class _Runner:
             return
         try:
             if item.src.kind == "image":
-                feeds = self.pipeline.prepare(item.src.path) if self.pipeline else {}
-                if self.pipeline is None:
-                    from edgefleet.agent.pipeline import decode_image
-
-                    img = decode_image(item.src.path.read_bytes(), str(item.src.path))
-                    feeds = {self.model.inputs[0].name: img}
-                item.feeds = _with_batch_axis(self.model, feeds, str(item.src.path))
+                p, where = item.src.path, str(item.src.path)
+                raw = {self.model.inputs[0].name: decode_image(p.read_bytes(), where)} if not self.pipeline else {}
+                item.feeds = _with_batch_axis(self.model, self.pipeline.prepare(p) if self.pipeline else raw, where)
             else:
                 item.feeds = item.load()
             self.model.prepare(item.feeds)
