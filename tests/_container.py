@@ -168,7 +168,25 @@ def cached_root(spec: RootSpec | None = None, cache: Path = CACHE) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    _prune(spec, cache)
     return final
+
+
+def _prune(spec: RootSpec, cache: Path) -> None:
+    """Remove the roots an older recipe built for the same suite and architecture, unless a session uses one
+    (:func:`booted` holds a shared lock on its root's lock file while it runs)."""
+    for old in cache.glob(f"debian-{spec.suite}-{spec.arch}-*"):
+        if not old.is_dir() or old.name == spec.name:
+            continue
+        lock_path = cache / f"{old.name}.lock"
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use (or being built) by another session
+            shutil.rmtree(old, ignore_errors=True)
+            (cache / f"{old.name}.log").unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
 
 
 def _logged(log: Path, cmd: Sequence[str], timeout: float) -> None:
@@ -341,10 +359,13 @@ def booted(
     ``binds`` maps host folders to paths inside (e.g. a pip cache). Raises ContainerError when the root
     cannot be built or systemd does not reach running/degraded within BOOT_TIMEOUT (with its output).
     """
+    spec = spec or RootSpec()
     base = cached_root(spec, cache)
     name = f"ef-test-{uuid.uuid4().hex[:8]}"
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir or cache))
     log = work / "console.log"
+    in_use = open(cache / f"{spec.name}.lock", "a")  # noqa: SIM115 - held for the whole session
+    fcntl.flock(in_use, fcntl.LOCK_SH)  # a newer recipe's build must not prune this root under us
     try:
         with _scratch_root(base, work) as root:
             _host_settings(root)
@@ -373,6 +394,7 @@ def booted(
                 _stop(proc, container)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        in_use.close()
 
 
 def _wait_booted(proc: subprocess.Popen[bytes], name: str, root: Path, log: Path) -> Container:
