@@ -106,8 +106,8 @@ class Model:
         self._quantized_in = any(s.quantization is not None for s in self.inputs)
         self._quantized_out = [s for s in self.outputs if s.quantization is not None]
         self._lock = None if backend.thread_safe else threading.Lock()
-        cost = self._warm_up() if warmup else None
-        backend.adapt(cost)  # e.g. ONNX Runtime picks its threads from the cost (see its backend)
+        cost, cpu = self._warm_up() if warmup else (None, None)
+        backend.adapt(cpu)  # e.g. ONNX Runtime picks its threads from the CPU cost (see its backend)
         self.cost: float | None = cost
         """Seconds one runtime call takes: measured at warm-up, then a moving average over every
         ``predict`` (the runtime call alone: no checks, no waiting for a lock or a thread). None
@@ -122,33 +122,37 @@ class Model:
         ins = "; ".join(s.describe() for s in self.inputs)
         return f"<Model {self.name} on {self.backend.name}: {ins}>"
 
-    def _warm_up(self) -> float | None:
-        """Run the warm-up; returns the seconds of one run after the first (the best of a few, at
-        most ~50 ms spent measuring), or None when there was no warm-up."""
+    def _warm_up(self) -> tuple[float | None, float | None]:
+        """Run the warm-up; returns the wall and the CPU seconds (all the process's threads) of one
+        run after the first, each the best of a few runs (at most ~50 ms spent measuring), or
+        ``(None, None)`` when there was no warm-up. CPU time is what the thread rule needs: unlike
+        wall time it does not grow when other work on the machine takes the cores."""
         if self.stateful:
             log.debug("%s: stateful model, not warmed up (undoing it would take a second load)", self.source)
-            return None
+            return None, None
         feeds = self.example_inputs if self.example_inputs is not None else _known_good_inputs(self.inputs)
         if feeds is None:
             log.debug("%s: no input shape known to be valid (dynamic dims, no golden sample): no warm-up", self.source)
-            return None
-        cost: float | None = None
+            return None, None
+        wall: float | None = None
+        cpu: float | None = None
         try:
             prepared, _ = self.prepare(feeds)
             self._run(prepared)  # the first run pays one-time costs (allocation, weight packing)
             spent = 0.0
             for _ in range(_COST_RUNS):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 self._run(prepared)
-                took = time.perf_counter() - t0
-                cost = took if cost is None else min(cost, took)
+                took, used = time.perf_counter() - t0, time.process_time() - c0
+                wall = took if wall is None else min(wall, took)
+                cpu = used if cpu is None else min(cpu, used)
                 spent += took
                 if spent > _COST_BUDGET_S:
                     break
         except ModelError as e:  # a model may reject zeros and still work on real data
             log.debug("%s: warm-up run failed (%s); the first request will be slower", self.source, e)
         self.reset()
-        return cost
+        return wall, cpu
 
     def reset(self) -> None:
         """Put the model back in its initial state: a stateful model's variables start again from

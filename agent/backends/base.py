@@ -39,8 +39,9 @@ class Backend(Protocol):
     def run(self, feeds: Feeds) -> Outputs: ...
 
     def adapt(self, seconds: float | None) -> None:
-        """Called once after warm-up with the measured seconds of one run (``None``: not measured):
-        a backend may choose its threads from it (ONNX Runtime does). Raises ModelError."""
+        """Called once after warm-up with the CPU seconds one run took, summed over the process's
+        threads (``None``: not measured): a backend may choose its threads from it (ONNX Runtime
+        does). Raises ModelError."""
         ...
 
     def reset(self) -> None:

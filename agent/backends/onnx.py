@@ -14,9 +14,11 @@ device, and a small model runs fastest on one thread anyway (its ops are too sho
 unless ``threads`` is given (explicit config wins, and then ``allow_spinning`` is ORT's default
 unless given too), the session starts at ``max_threads`` (the hardware profile's threads; default
 the cores this process may use) with spinning off, and after warm-up :meth:`OnnxBackend.adapt`
-applies the rule to the measured cost of one run at that setting:
+applies the rule to the CPU time one run took at that setting (all threads' CPU seconds, which,
+unlike wall time, do not grow when other work takes the cores; no spinning, so no CPU is burnt
+waiting):
 
-- under :data:`SINGLE_THREAD_BELOW` (1 ms): one intra-op thread (the session is rebuilt once);
+- under :data:`SINGLE_THREAD_BELOW` (1 ms of CPU): one intra-op thread (the session is rebuilt once);
   concurrent calls still run in parallel, each on its caller's thread;
 - otherwise ``max_threads`` threads, spinning only if the process has a core more than that (one
   left for the event loop and the clients), else not.
@@ -62,7 +64,7 @@ _ORT_TYPES: dict[str, Any] = {
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 OPTIONS = ("providers", "graph_optimization_level", "inter_op_threads", "allow_spinning", "max_threads")
-SINGLE_THREAD_BELOW = 0.001  # seconds per run (at max_threads, no spinning) under which one thread is used
+SINGLE_THREAD_BELOW = 0.001  # CPU seconds per run (at max_threads, no spinning) under which one thread is used
 _QUANTIZABLE = ("int8", "uint8", "int16", "uint16")  # what DequantizeLinear/QuantizeLinear take per tensor
 
 
@@ -91,8 +93,8 @@ def available_cores() -> int:
 
 
 def choose_threads(seconds: float, max_threads: int, cores: int) -> tuple[int, bool]:
-    """The thread rule (module docstring): ``(intra-op threads, spinning)`` for a model that took
-    ``seconds`` per run at ``max_threads`` threads without spinning, on ``cores`` cores."""
+    """The thread rule (module docstring): ``(intra-op threads, spinning)`` for a model whose run
+    took ``seconds`` of CPU at ``max_threads`` threads without spinning, on ``cores`` cores."""
     threads = 1 if seconds < SINGLE_THREAD_BELOW or max_threads <= 1 else max_threads
     return threads, cores > threads and seconds >= SINGLE_THREAD_BELOW
 
@@ -170,7 +172,7 @@ class OnnxBackend:
         self._text_inputs = [i.name for i in self.inputs if i.dtype.kind == "O"]
         self._output_names = [o.name for o in self.outputs]
         self._version = ort.__version__
-        self.measured_cost: float | None = None  # seconds per run seen by adapt(), if any
+        self.measured_cost: float | None = None  # CPU seconds per run seen by adapt(), if any
 
     def _new_session(self, model: bytes | str) -> Any:
         ort = self._ort
@@ -195,7 +197,7 @@ class OnnxBackend:
             raise ModelError(f"{self._where}: not a loadable ONNX model: {_first_line(e)}") from e
 
     def adapt(self, seconds: float | None) -> None:
-        """Apply :func:`choose_threads` to the measured cost of one run; ``None``: not measured
+        """Apply :func:`choose_threads` to the CPU seconds of one run; ``None``: not measured
         (keep the current setting). Rebuilds the session at most once, and never when ``threads``
         was given. Raises :class:`ModelError` if the rebuild fails."""
         model, self._model = self._model, None
