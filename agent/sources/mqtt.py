@@ -217,6 +217,7 @@ class MqttSource:
         self._out = 0  # held items the flow has not acknowledged yet (this connection)
         self._session = 0  # bumped on every connect: an ack from an earlier connection is void
         self._thread: threading.Thread | None = None
+        self._selecting = False  # the loop is about to block in select()
         self._closing = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # wakes the network loop's select()
         os.set_blocking(self._wake_r, False)
@@ -239,7 +240,7 @@ class MqttSource:
             client.on_disconnect = self._on_disconnect
             client.on_subscribe = self._on_subscribe
             client.on_message = self._on_message
-            client.on_socket_register_write = lambda *_: self._wake()  # an ack from the flow's thread
+            client.on_socket_register_write = self._on_write_wanted
             self._client = client
             expiry = self.config.session_expiry if self.config.persistent_session else 0
             connect(client, cfg, receive_maximum=cfg.receive_maximum, session_expiry=expiry, loop=False)
@@ -271,6 +272,12 @@ class MqttSource:
         self._wake_r = self._wake_w = -1
 
     # -- the network loop (its own thread) -------------------------------------------------------
+
+    def _on_write_wanted(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """An ack queued by the flow's thread: wake the loop only if it sits in select() with
+        nothing to write (otherwise it writes on its next turn, without a syscall here)."""
+        if self._selecting:
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -307,11 +314,13 @@ class MqttSource:
             read = room or now - last_read >= cfg.keepalive / 2
             pending = sock.pending() if read and hasattr(sock, "pending") else 0  # TLS: bytes already decrypted
             rlist: list[Any] = [sock, self._wake_r] if read else [self._wake_r]
+            self._selecting = True  # before want_write(): an ack queued after it wakes the select
             wlist: list[Any] = [sock] if client.want_write() else []
             try:
                 readable, _, _ = select.select(rlist, wlist, [], 0 if pending else min(1.0, cfg.keepalive / 4))
             except (OSError, ValueError):  # the socket closed under us
                 readable = []
+            self._selecting = False
             if self._wake_r in readable:
                 try:
                     os.read(self._wake_r, 4096)
