@@ -77,6 +77,18 @@ def test_container_markers_say_only_whether_a_new_container_starts() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_every_container_block_is_run_by_these_tests() -> None:
+    """Only docs/install-pi.md's shell blocks are run in a container below: a container block elsewhere would
+    never run (mark it run or skip, or add its doc here)."""
+    unrun = [
+        f"{b.where}: ```{b.lang} 'doctest: container' block that no container test runs"
+        for d in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+        for b in parse(d)[0]
+        if b.mode == "container" and (d != INSTALL_DOC or b.lang not in SHELL_LANGS)
+    ]
+    assert not unrun, "\n".join(unrun)
+
+
 def test_install_doc_has_a_script_path_and_a_by_hand_path() -> None:
     """What the two container tests below run: if the doc is rearranged, they must be rearranged with it."""
     runs = container_runs(INSTALL_DOC)
