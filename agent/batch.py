@@ -42,6 +42,7 @@ replays that file's done samples (without writing them) to rebuild the state.
 from __future__ import annotations
 
 import csv
+import fcntl
 import functools
 import itertools
 import json
@@ -117,6 +118,7 @@ def find_inputs(paths: Sequence[str | os.PathLike[str]], out: Path | None = None
     found: list[Source] = []
     skipped: list[str] = []
     out_abs = out.resolve() if out is not None else None
+    seen: set[Path] = set()
     for given in paths:
         p = Path(given)
         if p.is_dir():
@@ -129,8 +131,9 @@ def find_inputs(paths: Sequence[str | os.PathLike[str]], out: Path | None = None
             raise ConfigError(f"{p}: no such file or folder")
         for f in files:
             a = f.resolve()
-            if a == out_abs:
+            if a == out_abs or a in seen:  # a file given twice (by name and in its folder) runs once
                 continue
+            seen.add(a)
             kind = _kind(f)
             if kind is None:
                 skipped.append(str(f))
@@ -529,15 +532,22 @@ def run_batch(
     sources, skipped_files = find_inputs(inputs, out_path)
     summary = BatchSummary(files=len(sources), skipped_files=skipped_files)
     version = model.manifest.version if model.manifest else None
-    done, summary.torn_bytes, summary.ignored_lines = read_done(out_path, model.name, version)
-    counts = {s: _count(s) for s in sources}
-    total = summary.samples = sum(counts.values())
-    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"{out_path}: cannot write the results: {e.strerror or e}") from e
     runner = _Runner(model, pipeline, fd, sync_every, summary)
     seen = 0
     step = 1 if model.stateful else size
     t0 = time.perf_counter()
     try:
+        try:  # one run at a time per OUT: two would both find a sample not done and both write it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out_path}: another `edgefleet agent batch` is writing it") from None
+        done, summary.torn_bytes, summary.ignored_lines = read_done(out_path, model.name, version)
+        counts = {s: _count(s) for s in sources}
+        total = summary.samples = sum(counts.values())
         for group in _groups(sources):
             if model.stateful:  # from its initial state; a group all done is not replayed
                 model.reset()
