@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from _support import MODELS, digits_input
+from _support import MODELS, digits_input, wait_until
 from ai_edge_litert.interpreter import Interpreter
 from onnx import TensorProto, helper, numpy_helper
 
@@ -274,3 +274,27 @@ def test_model_cost_is_measured_at_warm_up_and_follows_predicts_without_lock_wai
     assert model.cost != before  # every call feeds the moving average
     assert load_model(MODELS / "digits_cnn_float.tflite", warmup=False).cost is None
     assert load_model(MODELS / "stream_state.tflite").cost is None  # not warmed up: not measured yet
+
+
+def test_pool_that_cannot_build_another_interpreter_keeps_serving_with_those_it_has(holdout, monkeypatch, caplog):
+    path = MODELS / "digits_cnn_float.tflite"
+    model = load_model(path, pool_size=3)
+    backend = model.backend
+
+    def refuse() -> Any:
+        raise ModelError(f"{path}: cannot load delegate 'libedgetpu.so.1': device busy")
+
+    monkeypatch.setattr(backend, "_new_interpreter", refuse)
+    held = backend._acquire()
+    x = digits_samples(holdout, 1)[0]
+    got: list[np.ndarray[Any, Any]] = []
+    t = threading.Thread(target=lambda: got.append(model.predict({"image": x})["output_0"]))
+    with caplog.at_level("WARNING"):
+        t.start()
+        # the call fails to build a second interpreter, then waits for the held one
+        assert wait_until(lambda: backend.pool_size == 1, HANG_GUARD)
+        backend._release(held)
+        t.join(HANG_GUARD)
+    assert not t.is_alive()
+    np.testing.assert_array_equal(got[0], raw_tflite(path, x))
+    assert backend.instances == 1 and "serving with 1" in caplog.text

@@ -14,9 +14,11 @@ State: a model with resource variables (a streaming model's state, say) keeps th
 ``reset`` builds a fresh interpreter for such a model: its variables start again from the values the
 model initializes them with.
 
-Concurrency: one interpreter runs one ``invoke`` at a time, so a stateless model is served by a
-small pool of interpreters, one per concurrent call, up to ``pool_size`` (default: the cores this
-process may run on, at most 4; ``threads`` per interpreter are the profile's). The pool grows on
+Concurrency: one interpreter runs one ``invoke`` at a time (and releases the GIL while it runs), so
+a stateless model is served by a small pool of interpreters, one per concurrent call, up to
+``pool_size`` (default: the cores this process may run on, at most 4, or 1 with a delegate;
+``threads`` per interpreter are the profile's). If an extra interpreter cannot be built, the pool
+stops growing (logged) and the call waits for one of those there are. The pool grows on
 demand: a second interpreter is built only when two calls overlap, so a device with one client
 pays for one. Each extra interpreter costs its tensor arena and the delegate's packed weights
 (about the model's size for XNNPACK); the file itself is memory-mapped once, or the bundle's bytes
@@ -241,8 +243,11 @@ class LiteRTBackend:
         self.stateful = _has_resource_tensors(it)
         self.metadata: dict[str, str] = {}
         self._dynamic = any(d is None for s in self.inputs for d in s.shape)
-        # A stateful model's state lives in its interpreter: exactly one, whatever was asked.
-        self.pool_size = 1 if self.stateful else (pool_size or default_pool_size())
+        # A stateful model's state lives in its interpreter: exactly one, whatever was asked. With a
+        # delegate (an Edge TPU, say) the accelerator serialises calls anyway, and a second
+        # interpreter would open the device again: one, unless pool_size asks for more.
+        default = 1 if delegates else default_pool_size()
+        self.pool_size = 1 if self.stateful else (pool_size or default)
         self.thread_safe = self.pool_size > 1
         first = _Instance(self, it)
         self._first = first
@@ -282,6 +287,22 @@ class LiteRTBackend:
                 self._cond.wait()
         try:
             return _Instance(self, self._new_interpreter())  # built outside the lock: other calls go on
+        except ModelError as e:
+            # Serving goes on with the interpreters there are: the pool stops growing, this call waits.
+            log.warning(
+                "%s: cannot build interpreter %d of %d (%s); serving with %d",
+                self._where,
+                self._made,
+                self.pool_size,
+                e,
+                self._made - 1,
+            )
+            with self._cond:
+                self._made -= 1
+                self.pool_size = self._made
+                while not self._idle:
+                    self._cond.wait()
+                return self._idle.pop()
         except BaseException:
             with self._cond:
                 self._made -= 1
