@@ -58,11 +58,16 @@ class FlowConfig(BaseModel):
     source: SourceConfig
     sinks: list[SinkConfig] = Field(min_length=1, description="every result goes to each of these")
     queue_size: int = Field(
-        default=16, ge=1, le=100_000, description="items waiting for the model; default 1 for a camera (freshest frame)"
+        default=16,
+        ge=1,
+        le=100_000,
+        description="items waiting for the model; default 1 for a camera (freshest frame); MQTT QoS 1/2 messages "
+        "are not counted here: they wait in the broker (the source's receive_maximum bounds them)",
     )
     drop: Literal["oldest", "newest"] = Field(
         default="oldest",
-        description="when the queue is full and the source cannot wait: drop the oldest or the new item",
+        description="when the queue is full and the source cannot wait (MQTT QoS 0, or QoS 1/2 past the source's "
+        "max_held): drop the oldest or the new item; counted in dropped_queue_full",
     )
     send_errors: bool = Field(default=False, description='also send {"error": ..., "meta": ...} for failed inputs')
     raw_outputs: bool | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(

@@ -66,7 +66,7 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
     conf = folder / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
     conf.write_text("\n".join(lines + [f"{k} {v}" for k, v in BROKER.items()]) + "\n")
-    log = open(folder / "mosquitto.log", "wb")  # noqa: SIM115  # the broker's, kept for a crash
+    log = open(os.environ.get("BENCH_BROKER_LOG", folder / "mosquitto.log"), "wb")  # noqa: SIM115  # the broker's, kept for a crash
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     for _ in range(200):
         try:
@@ -244,50 +244,59 @@ def mqtt_bench(args: argparse.Namespace, tmp: Path) -> list[str]:
         }
     )
     pipeline = Pipeline(load_model(DIGITS, threads=1), spec)
-    proc, port = start_broker(tmp)
-    print(f"\nMQTT: mosquitto on 127.0.0.1:{port} with {BROKER}, QoS 1, MQTT 5, digits float TFLite, 1 thread")
+    broker = [start_broker(tmp)]
+    print(f"\nMQTT: mosquitto on a free port with {BROKER}, QoS 1, MQTT 5, digits float TFLite, 1 thread")
     consumers = {"bare": bare_mqtt, "flow": flow_mqtt}
+
+    def run(name: str, rate: float, count: int, devnull: Any) -> tuple[int, int, float]:
+        """(published, processed, msg/s) of one consumer; rate 0: the broker is filled first."""
+        for attempt in range(3):
+            proc, port = broker[0]
+            tally = Tally()
+            cid = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+            try:
+                prime(port, cid)
+                pub = publish(port, 0, count, holdout) if not rate else None
+                stop = consumers[name](port, pipeline, tally, cid, devnull)
+                if rate:
+                    pub = publish(port, rate, count, holdout)
+                tally.settle(count, 120 if not rate else 30)
+                stop()
+            except (subprocess.CalledProcessError, AssertionError):
+                if proc.poll() is None or attempt == 2:
+                    raise
+                # the shared machine: something outside the bench stopped our broker (seen twice)
+                print(f"  (mosquitto was stopped from outside, exit {proc.returncode}: run again)")
+                broker[0] = start_broker(tmp)
+                continue
+            assert pub is not None
+            return pub["published"], tally.n, tally.n / max(tally.last - tally.first, 1e-9)
+        raise AssertionError("unreachable")
+
     try:
         with open(os.devnull, "w") as devnull:
             print(f"{'rate msg/s':>11} {'consumer':>8} {'published':>9} {'processed':>9} {'lost':>6} {'msg/s':>8}")
             for rate in RATES:
-                count = int(rate * args.seconds)
-                for name, start in consumers.items():
-                    tally = Tally()
-                    cid = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-                    prime(port, cid)
-                    stop = start(port, pipeline, tally, cid, devnull)
-                    pub = publish(port, rate, count, holdout)
-                    tally.settle(count, 30)
-                    stop()
-                    lost = pub["published"] - tally.n
-                    span = max(tally.last - tally.first, 1e-9)
-                    print(f"{rate:>11} {name:>8} {pub['published']:>9} {tally.n:>9} {lost:>6} {tally.n / span:>8.0f}")
+                for name in consumers:
+                    published, n, per_s = run(name, rate, int(rate * args.seconds), devnull)
+                    lost = published - n
+                    print(f"{rate:>11} {name:>8} {published:>9} {n:>9} {lost:>6} {per_s:>8.0f}")
                     if name == "flow" and lost:
                         missed.append(f"mqtt loss at {rate} msg/s")
             print(f"\nflat out: {args.burst} messages waiting in the broker (persistent session), then emptied")
             got: dict[str, float] = {}
-            for rep in range(2):
-                for name, start in consumers.items():
-                    tally = Tally()
-                    cid = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-                    prime(port, cid)
-                    publish(port, 0, args.burst, holdout)
-                    stop = start(port, pipeline, tally, cid, devnull)
-                    tally.settle(args.burst, 120)
-                    stop()
-                    rate = tally.n / max(tally.last - tally.first, 1e-9)
-                    got[name] = max(got.get(name, 0.0), rate)
-                    print(f"  run {rep + 1} {name:>5}: {tally.n} processed, {rate:8.0f} msg/s")
+            for rep in range(args.repeats):
+                for name in consumers:
+                    _, n, per_s = run(name, 0, args.burst, devnull)
+                    got[name] = max(got.get(name, 0.0), per_s)
+                    print(f"  run {rep + 1} {name:>5}: {n} processed, {per_s:8.0f} msg/s")
             ratio = got["flow"] / got["bare"]
-            print(f"  best of 2: bare {got['bare']:.0f} msg/s, flow {got['flow']:.0f} msg/s: ratio {ratio:.2f}x")
+            print(f"  best of {args.repeats}: bare {got['bare']:.0f} msg/s, flow {got['flow']:.0f} msg/s: {ratio:.2f}x")
             if ratio < 0.9:
                 missed.append(f"mqtt flat out {ratio:.2f}x")
     finally:
-        if proc.poll() is not None:
-            print(f"mosquitto exited with {proc.returncode}:\n{(tmp / 'mosquitto.log').read_text()[-2000:]}")
-        proc.terminate()
-        proc.wait(10)
+        broker[0][0].terminate()
+        broker[0][0].wait(10)
     return missed
 
 
@@ -425,19 +434,18 @@ def video_bench(args: argparse.Namespace, tmp: Path) -> list[str]:
     print(f"\nvideo: {args.frames} frames 640x480 MJPG, detector 1x3x640x640 -> [1, 84, 8400], {invoke_ms:.1f} ms")
     print(f"       invoke, {args.threads} thread(s)")
     best: dict[str, float] = {}
-    for rep in range(2):
-        for name in ("bare", "flow", "flow+raw"):
-            if name == "bare":
-                n, secs = bare_video(video, model)
-            else:
-                n, secs = flow_video(video, pipeline, name == "flow+raw", None)
+    for rep in range(args.repeats):
+        for name in ("bare", "flow"):
+            n, secs = bare_video(video, model) if name == "bare" else flow_video(video, pipeline, False, None)
             best[name] = max(best.get(name, 0.0), n / secs)
             print(f"  run {rep + 1} {name:>8}: {n} frames, {n / secs:6.1f} fps")
-    for name in ("flow", "flow+raw"):
-        ratio = best[name] / best["bare"]
-        print(f"  best of 2: {name} {best[name]:.1f} fps / bare {best['bare']:.1f} fps = {ratio:.2f}x")
-        if name == "flow" and ratio < 0.9:
-            missed.append(f"video {ratio:.2f}x")
+    ratio = best["flow"] / best["bare"]
+    print(f"  best of {args.repeats}: flow {best['flow']:.1f} fps / bare {best['bare']:.1f} fps = {ratio:.2f}x")
+    if ratio < 0.9:
+        missed.append(f"video {ratio:.2f}x")
+    short = make_video(tmp / "short.avi", 10)  # raw outputs on: ~1 s a frame, so 10 frames
+    n, secs = flow_video(short, pipeline, True, None)
+    print(f"  raw outputs on (the old default), {n} frames: {n / secs:.1f} fps = {n / secs / best['bare']:.2f}x")
     if args.profile:
         prof = cProfile.Profile()
         flow_video(video, pipeline, False, prof)
@@ -452,6 +460,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="length of each fixed-rate run")
     ap.add_argument("--burst", type=int, default=20000, help="messages in the broker for the flat-out run")
     ap.add_argument("--frames", type=int, default=150, help="frames in the generated video")
+    ap.add_argument("--repeats", type=int, default=3, help="flat-out and video runs per consumer (best counts)")
     ap.add_argument("--threads", type=int, default=1, help="runtime threads for the detector")
     ap.add_argument("--profile", action="store_true", help="cProfile the flow's pipeline")
     ap.add_argument("--only", choices=["mqtt", "video"], default=None)
