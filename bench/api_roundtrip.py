@@ -6,7 +6,7 @@
    the servers. Models: the digits CNN (one 1x1x8x8 input) and a sensor-shaped model (three inputs,
    one a scalar, ~100 µs); JSON and binary (OIP binary tensor extension) bodies.
    Goal: (OIP p50 - inference p50) / bare ASGI p50 <= 1.5.
-2. Concurrency: 1/2/4/8 clients (threads, one kept-alive connection each, binary bodies) against
+2. Concurrency: 1/2/4/8 clients (threads, one kept-alive raw socket each, binary bodies) against
    a ~1 ms dense model, ONNX and TFLite, beside the in-process ceilings measured in the same run
    (the runtime's own call from 1 and from 2 threads: for TFLite one interpreter per thread, for
    ONNX one session). Goal: >= 0.8x the two-caller ceiling at 2+ clients.
@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -256,6 +257,43 @@ def rate(workers: list[Callable[[], object]], seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)")
+
+
+class RawClient:
+    """A keep-alive HTTP/1.1 client on a bare socket for the throughput runs: one prebuilt request,
+    the response read by its Content-Length. ``http.client`` parses headers with the email package
+    (~100 µs a response), CPU that the clients would take from the server on the same two cores."""
+
+    def __init__(self, port: int, path: str, body: bytes, headers: dict[str, str]) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+        )
+        self.buf = b""
+
+    def __call__(self) -> None:
+        self.sock.sendall(self.request)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            buf += self.sock.recv(1 << 17)
+        head = buf[:end].lower()
+        if not head.startswith(b"http/1.1 200"):
+            raise RuntimeError(f"agent answered {head[:40]!r}")
+        length = CONTENT_LENGTH.search(head)
+        if length is None:
+            raise RuntimeError("agent answered without a Content-Length")
+        total = end + 4 + int(length.group(1))
+        while len(buf) < total:
+            buf += self.sock.recv(1 << 17)
+        self.buf = buf[total:]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 SLICE_S = 0.5  # throughput is measured in slices this long, every column in turn, then the median
 
 
@@ -274,12 +312,12 @@ def concurrency(args: argparse.Namespace, agent_port: int, models: dict[str, Pat
         feeds = {"x": x}
         calls = [functools.partial(m.bare_callable(), feeds) for m in (m1, m2)]
         url = f"/v2/models/{name}/infer"
-        conns = {n: [http.client.HTTPConnection("127.0.0.1", agent_port) for _ in range(n)] for n in (1, 2, 4, 8)}
+        conns = {n: [RawClient(agent_port, url, payload, headers) for _ in range(n)] for n in (1, 2, 4, 8)}
         columns: dict[str, list[Callable[[], object]]] = {"ceil 1": calls[:1], "ceil 2": calls}
         for n, cs in conns.items():
             for c in cs:
-                timed(c, url, payload, headers)
-            columns[str(n)] = [functools.partial(timed, c, url, payload, headers) for c in cs]
+                c()
+            columns[str(n)] = list(cs)
         got: dict[str, list[float]] = {k: [] for k in columns}
         for _ in range(slices):
             for key, workers in columns.items():
