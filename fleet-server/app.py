@@ -21,6 +21,7 @@ from edgefleet.server.limits import BodyLimit
 from edgefleet.server.metrics import MetricsMiddleware
 from edgefleet.server.settings import Settings
 from edgefleet.server.state import ServerState, open_state
+from edgefleet.server.tuf import routes as tuf_routes
 
 __all__ = ["UPLOAD_ROUTE", "TrustedProxy", "create_app"]
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     install_handlers(app)
     for r in (checkin.router, registry.router, devices.router, identity.router, tokens.router):  # hot path first
         app.include_router(r)
+    app.include_router(tuf_routes.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:  # on the loop, no I/O: answers while the pool or database is stuck

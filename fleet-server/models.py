@@ -163,3 +163,17 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(256))
     before: Mapped[dict[str, Any] | None]
     after: Mapped[dict[str, Any] | None]
+
+
+class TufMetadata(Base):
+    """Every version of every role of a TUF repository (``image`` now; per-device director repositories
+    later), as the exact signed bytes served. Versions only grow; nothing is ever updated in place."""
+
+    __tablename__ = "tuf_metadata"
+    repo: Mapped[str] = mapped_column(String(128), primary_key=True)  # "image" | "director/<device_id>"
+    role: Mapped[str] = mapped_column(String(32), primary_key=True)  # root | targets | snapshot | timestamp
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[str] = mapped_column(Text)  # the metadata file, canonical JSON
+    expires: Mapped[datetime]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(160))

@@ -186,7 +186,8 @@ def _already(settings: Settings) -> str:
 
 
 def init_server(settings: Settings, admin_name: str = "admin") -> str:
-    """Create the data folder (0700), database (0600 for SQLite), fleet CA and MAC key, and return a first
+    """Create the data folder (0700), database (0600 for SQLite), fleet CA, online TUF keys (``DATA/tuf/``,
+    0600) and MAC key, and return a first
     admin token (shown once; only its hash is stored). Raises ConfigError when the folder or the database
     is already initialised (nothing is changed then), or the database cannot be reached."""
     if is_initialised(settings):
@@ -204,6 +205,9 @@ def init_server(settings: Settings, admin_name: str = "admin") -> str:
                     "that server's ca/ folder, or make a token with `edgefleet server token create`"
                 )
         create_ca(settings.data_dir)
+        from edgefleet.server.tuf.keys import create_online_keys  # the tuf package imports this module
+
+        create_online_keys(settings.data_dir)  # online TUF keys: image snapshot and timestamp, director targets
         _mac_key(sessions)
         with sessions.begin() as s:
             token, _ = add_api_token(s, admin_name, "admin", "server init")

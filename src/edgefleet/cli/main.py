@@ -10,6 +10,7 @@ from edgefleet import __version__
 from edgefleet.cli import agent as agent_cmd
 from edgefleet.cli import demo as demo_cmd
 from edgefleet.cli import fleet as fleet_cmd
+from edgefleet.cli import keys as keys_cmd
 from edgefleet.cli import model as model_cmd
 from edgefleet.errors import EdgefleetError
 
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(agent_cmd.app, name="agent")
+app.add_typer(keys_cmd.app, name="keys")
 app.command("demo")(demo_cmd.demo)
 fleet_cmd.register(app)  # device, token, server
 

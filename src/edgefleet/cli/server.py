@@ -104,10 +104,11 @@ def init(
     ),
     as_json: bool = _JSON,
 ) -> None:
-    """Create the data folder (0700), database, fleet CA and a first admin token (printed once).
+    """Create the data folder (0700), database, fleet CA, online TUF keys and a first admin token (printed once).
 
     Only the token's hash is kept. On an already initialised folder it refuses, unless --tls-hostname
-    asks only for a TLS certificate.
+    asks only for a TLS certificate, or the folder lacks the online TUF keys (made before TUF): then it
+    adds only those.
     """
     from edgefleet.server.ca import CA_CERT, check_hostnames
     from edgefleet.server.state import init_server, is_initialised
@@ -126,6 +127,8 @@ def init(
             typer.echo(f"TLS certificate: {out['tls_certfile']} (key {out['tls_keyfile']})")
             typer.echo(str(out["settings_hint"]))
             return
+        if is_initialised(settings) and _add_online_keys(settings, out, as_json):
+            return  # a server initialised before TUF: only its online keys were missing
         token = init_server(settings, admin_name)
         out.update(initialised=True, admin_token=token, ca_certificate=str((settings.data_dir / CA_CERT).resolve()))
         if tls_hostname:
@@ -146,6 +149,22 @@ def init(
     typer.echo(f"run it: edgefleet server run --data {settings.data_dir}")
     typer.echo("first admin token (shown once, store it now; a lost one: `edgefleet server token create`):")
     typer.echo(f"  {token}")
+
+
+def _add_online_keys(settings: Settings, out: dict[str, object], as_json: bool) -> bool:
+    """On an initialised folder without online TUF keys (made before TUF), make them: whether it did."""
+    from edgefleet.server.tuf.keys import KEY_DIR, create_online_keys, has_online_keys
+
+    if has_online_keys(settings.data_dir):
+        return False
+    keys = create_online_keys(settings.data_dir)
+    out.update(initialised=False, tuf_keys=keys.public())
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        typer.echo(f"{settings.data_dir}: already initialised; added the online TUF keys in "
+                   f"{settings.data_dir / KEY_DIR} (0600); publish the image root with `edgefleet keys init --server`")
+    return True
 
 
 @app.command()

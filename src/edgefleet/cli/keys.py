@@ -1,0 +1,217 @@
+"""``edgefleet keys init|show|rotate --keys DIR``: the operator's offline TUF keys and the image root.
+
+``init`` makes the root keys (``--root-keys M``, threshold ``--root-threshold N``) and the release
+(targets) key as private files (0600, folder 0700, whatever the umask) that are never sent anywhere;
+with ``--server URL`` it fetches the server's online public keys and publishes the image repository's
+root 1 (signed by the root keys) and an empty targets 1 (signed by the release key). ``show`` prints key
+ids, roles, thresholds, the root's fingerprint and expiries. ``rotate --role root|targets`` makes new
+keys and a new root signed by the old AND the new root keys, publishes it, and (for targets) re-signs
+the current targets with the new release key. Every failure is one ``error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from edgefleet.cli.fleet import ApiClientError, _client, _result, _send
+from edgefleet.errors import ConfigError
+
+if TYPE_CHECKING:  # tuf is imported by the commands that use it: `edgefleet --help` stays quick
+    from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-defined]
+
+    from edgefleet.tufmeta.keyring import Keyring
+
+__all__ = ["app", "current_targets", "publish"]
+
+app = typer.Typer(help="The operator's offline TUF keys: root and release keys, the image root.",
+                  no_args_is_help=True)
+
+_KEYS = typer.Option(..., "--keys", help="keyring folder (made 0700; private keys 0600; keep it offline)")
+_SERVER = typer.Option(None, "--server", "-s", help="fleet server URL [env: EDGEFLEET_SERVER; default: the "
+                       "keyring's]; the operator token comes from EDGEFLEET_TOKEN")
+_JSON = typer.Option(False, "--json", help="print JSON")
+_IMAGE = "/tuf/image"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def publish(c: Any, role: str, md: Metadata[Any]) -> int:
+    """PUT ``md`` (root or targets) to the image repository; returns the version the server took.
+    Raises ApiClientError with the server's reason (409 for a version that is not the next)."""
+    from edgefleet.tufmeta import canonical_bytes
+
+    body = canonical_bytes(md)
+    r = _send(c, "PUT", f"{_IMAGE}/{role}", content=body, headers={"content-type": "application/json"})
+    out = _result(r)
+    return int(out["version"])
+
+
+def _get_metadata(c: Any, path: str, role: str, cls: type[Any]) -> Metadata[Any]:
+    from edgefleet.tufmeta import TrustError, parse_metadata
+
+    r = _send(c, "GET", f"{_IMAGE}/{path}")
+    if r.status_code >= 400:
+        _result(r)
+    try:
+        return parse_metadata(r.content, role, cls, f"{_IMAGE}/{path}")
+    except TrustError as e:
+        raise ApiClientError(str(e)) from e
+
+
+def current_targets(c: Any, root: Root) -> Metadata[Targets]:
+    """The image repository's current targets, fetched through timestamp and snapshot and each checked
+    against ``root`` (signatures and versions). Raises ApiClientError when the server has none or serves
+    metadata ``root`` does not verify."""
+    from tuf.api.exceptions import UnsignedMetadataError
+    from tuf.api.metadata import Snapshot, Targets, Timestamp  # type: ignore[attr-defined]
+
+    ts = _get_metadata(c, "timestamp.json", Timestamp.type, Timestamp)
+    try:
+        root.verify_delegate(Timestamp.type, ts.signed_bytes, ts.signatures)
+        sn = _get_metadata(c, f"{ts.signed.snapshot_meta.version}.snapshot.json", Snapshot.type, Snapshot)
+        root.verify_delegate(Snapshot.type, sn.signed_bytes, sn.signatures)
+        version = sn.signed.meta["targets.json"].version
+        targets = _get_metadata(c, f"{version}.targets.json", Targets.type, Targets)
+        root.verify_delegate(Targets.type, targets.signed_bytes, targets.signatures)
+    except (UnsignedMetadataError, KeyError) as e:
+        raise ApiClientError(f"{c.base_url}: the image metadata does not verify against root "
+                             f"{root.version}: {e}") from e
+    if targets.signed.version != version:
+        raise ApiClientError(f"{c.base_url}: snapshot names targets {version}, the server sent "
+                             f"{targets.signed.version}")
+    result: Metadata[Targets] = targets
+    return result
+
+
+def _echo(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"keyring: {out['keys_dir']}")
+    if out.get("fingerprint"):
+        typer.echo(f"image root: version {out['root_version']}, expires {out['root_expires']}")
+        typer.echo(f"image root fingerprint (sha256): {out['fingerprint']}")
+        typer.echo(f"image root file (give it to devices): {out['root_file']}")
+    else:
+        typer.echo("image root: not published yet (`edgefleet keys init --keys DIR --server URL`)")
+    for name, role in out["roles"].items():
+        where = f" [{role['where']}]" if "where" in role else ""
+        typer.echo(f"{name}: threshold {role['threshold']} of {len(role['keyids'])}{where}")
+        for keyid in role["keyids"]:
+            typer.echo(f"  {keyid}")
+    days = ", ".join(f"{r} {d} d" for r, d in out["expiry_days"].items())
+    typer.echo(f"expiries when signed: {days}")
+
+
+def _publish_first(ring: Keyring, server: str | None) -> None:
+    from tuf.api.metadata import Targets  # type: ignore[attr-defined]
+
+    from edgefleet.tufmeta import expiry_from
+
+    url = server or ring.server
+    with _client(url) as c:
+        info = _result(_send(c, "GET", f"{_IMAGE}/keys"))
+        if int(info.get("root_version", 0)) != 0:
+            raise ConfigError(
+                f"{c.base_url}: the server already has image root {info['root_version']}, and this keyring signed "
+                "none; use the keyring that made it (or rotate with it)")
+        ring.online = dict(info["keys"])
+        ring.server = str(c.base_url)
+        ring.save()
+        now = _now()
+        root = ring.sign_root(ring.build_root(now), ring.roles["root"])
+        publish(c, "root", root)
+        ring.save_root(root)
+        publish(c, "targets", ring.sign_targets(Targets(version=1, expires=expiry_from(now, Targets.type))))
+
+
+@app.command()
+def init(
+    keys: Path = _KEYS,
+    root_keys: int = typer.Option(1, "--root-keys", help="how many root keys to make (1 to 16)"),
+    root_threshold: int = typer.Option(1, "--root-threshold", help="how many of them must sign a new root"),
+    server: str | None = _SERVER,
+    as_json: bool = _JSON,
+) -> None:
+    """Make the root and release keys in --keys; with --server, publish the image root there.
+
+    On a keyring that exists but has published nothing, --server publishes its root (no new keys).
+    """
+    from edgefleet.tufmeta.keyring import KEYS_FILE, Keyring
+
+    exists = (keys / KEYS_FILE).exists()
+    if exists and not server:
+        raise ConfigError(f"{keys}: a keyring already exists here; see it with `edgefleet keys show`, or publish "
+                          "its root with --server URL")
+    ring = Keyring.load(keys) if exists else Keyring.create(keys, root_keys, root_threshold)
+    if server:
+        published = ring.latest_root()
+        if published is not None:
+            raise ConfigError(f"{keys}: this keyring already published image root {published.signed.version}; "
+                              "use `edgefleet keys rotate`")
+        _publish_first(ring, server)
+    _echo(ring.describe(), as_json)
+
+
+@app.command()
+def show(keys: Path = _KEYS, as_json: bool = _JSON) -> None:
+    """Key ids, roles, thresholds, the image root's fingerprint and expiries."""
+    from edgefleet.tufmeta.keyring import Keyring
+
+    _echo(Keyring.load(keys).describe(), as_json)
+
+
+@app.command()
+def rotate(
+    keys: Path = _KEYS,
+    role: str = typer.Option(..., "--role", help="root or targets (snapshot and timestamp are the server's)"),
+    server: str | None = _SERVER,
+    as_json: bool = _JSON,
+) -> None:
+    """Replace ROLE's keys with new ones and publish a new root signed by the old AND the new root keys.
+
+    For targets, the current targets are then re-signed with the new release key (version + 1).
+    """
+    from edgefleet.tufmeta import expiry_from
+    from edgefleet.tufmeta.keyring import Keyring
+
+    if role not in ("root", "targets"):
+        raise ConfigError(f"--role: {role!r}; rotate root or targets here (the online snapshot and timestamp "
+                          "keys are the server's)")
+    ring = Keyring.load(keys)
+    old = ring.latest_root()
+    if old is None:
+        raise ConfigError(f"{keys}: no image root published yet; run `edgefleet keys init --keys {keys} --server URL`")
+    with _client(server or ring.server) as c:
+        current = current_targets(c, old.signed) if role == "targets" else None
+        before = list(ring.roles[role])
+        signers_before = list(ring.roles["root"])
+        added = [ring.new_key(role) for _ in before]
+        ring.roles[role] = added
+        try:
+            now = _now()
+            new_root = ring.sign_root(ring.build_root(now, old.signed), signers_before + ring.roles["root"])
+            publish(c, "root", new_root)
+        except BaseException:
+            for keyid in added:
+                ring.retire(keyid)
+            ring.roles[role] = before
+            raise
+        ring.save_root(new_root)
+        for keyid in before:
+            ring.retire(keyid)
+        ring.save()
+        if current is not None:
+            targets = copy.deepcopy(current.signed)
+            targets.version += 1
+            targets.expires = expiry_from(now, "targets")
+            publish(c, "targets", ring.sign_targets(targets))
+    _echo(ring.describe(), as_json)
