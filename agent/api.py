@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet import __version__
+from edgefleet.agent.http import OPEN_PATH, bearer_refusal
 from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.oip import (
     DATATYPES,
@@ -62,7 +62,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = [(b"content-type", b"application/json")]
 _UNAUTHORIZED = [*_JSON, (b"www-authenticate", b'Bearer realm="edgefleet-agent"')]
-OPEN_PATH = "/v2/health/live"  # the one path a token does not guard (liveness probes carry none)
 HEADER_LENGTH = b"inference-header-content-length"
 INLINE_SECONDS = 0.0005
 INLINE_BYTES = 64 * 1024
@@ -143,20 +142,12 @@ class InferenceApp:
         await send({"type": "http.response.body", "body": body})
 
     def _authorize(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Raises RequestError 401 unless the request carries ``Authorization: Bearer <token>``
-        (compared in constant time; the token itself is never logged or echoed)."""
+        """Raises RequestError 401 unless the request carries ``Authorization: Bearer <token>``. The HTTP
+        server checks this before reading a body; the app checks again for any other server."""
         assert self._token is not None
-        given = b""
-        for k, v in headers:
-            if k == b"authorization":
-                scheme, _, value = v.strip().partition(b" ")
-                if scheme.lower() == b"bearer":
-                    given = value.strip()
-                break
-        if not given:
-            raise RequestError("this agent's API needs a token: send Authorization: Bearer <api.token>", 401)
-        if not hmac.compare_digest(given, self._token):
-            raise RequestError("wrong API token (Authorization: Bearer ...)", 401)
+        refusal = bearer_refusal(headers, self._token)
+        if refusal is not None:
+            raise RequestError(refusal, 401)
 
     async def _route(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         path: str = scope["path"].rstrip("/") or "/"

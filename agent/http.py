@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import socket
@@ -68,6 +69,27 @@ class Limits:
     keepalive_timeout: float = 30.0  # an idle keep-alive connection is closed after this
     allowed_hosts: frozenset[str] = field(default_factory=lambda: frozenset(LOOPBACK_HOSTS))  # "*": any
     allowed_origins: frozenset[str] = frozenset()  # empty: any request with an Origin header is refused
+    api_token: bytes | None = field(default=None, repr=False)  # Bearer token every request but OPEN_PATH needs
+
+
+OPEN_PATH = "/v2/health/live"  # the one path an API token does not guard (liveness probes carry none)
+
+
+def bearer_refusal(headers: list[tuple[bytes, bytes]], token: bytes) -> str | None:
+    """Why a request without ``Authorization: Bearer <token>`` is refused, or None when it has it.
+    Compared in constant time; the token is never part of the message."""
+    given = b""
+    for k, v in headers:
+        if k == b"authorization":
+            scheme, _, value = v.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                given = value.strip()
+            break
+    if not given:
+        return "this agent's API needs a token: send Authorization: Bearer <api.token>"
+    if not hmac.compare_digest(given, token):
+        return "wrong API token (Authorization: Bearer ...)"
+    return None
 
 
 class HttpError(Exception):
@@ -311,7 +333,9 @@ class _Connection:
         binary = HEADER_LENGTH in got
         if b"content-type" in got:
             media = _media_type(got[b"content-type"])
-            if media == "application/octet-stream":
+            # Images (for the predict extension) count as binary bodies; browsers must preflight them
+            # (they are not CORS-safelisted types), so the Origin check above still holds.
+            if media in ("application/octet-stream", "image/png", "image/jpeg"):
                 binary = True
             elif media != "application/json" and not binary:
                 if method != b"POST":
@@ -370,6 +394,12 @@ class _Connection:
 
     async def _handle(self, request: h11.Request) -> None:
         headers = [(k.lower(), v) for k, v in request.headers]
+        token = self.limits.api_token
+        path = unquote(request.target.decode("latin-1").partition("?")[0]).rstrip("/")
+        if token is not None and path != OPEN_PATH:
+            refusal = bearer_refusal(headers, token)
+            if refusal is not None:  # before a byte of the body is read or counted against the budget
+                raise HttpError(401, refusal, [(b"www-authenticate", b'Bearer realm="edgefleet-agent"')])
         limit = self._check(request.method, headers)
         got = dict(headers)
         declared = int(got[b"content-length"]) if b"content-length" in got else None

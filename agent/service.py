@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -109,13 +110,14 @@ class AgentService:
         self.watchdog_interval = self.notifier.watchdog_interval()
         self.metrics = AgentMetrics()
         self.registry = ModelRegistry()
+        self._token = read_token(config.api)
         self.app = InferenceApp(
             self.registry,
             self.metrics,
             config.api.max_body_bytes,
             config.api.workers,
             config.api.max_json_bytes,
-            token=read_token(config.api),
+            token=self._token,
             max_image_pixels=config.api.max_image_pixels,
             recent_predictions=config.api.recent_predictions,
         )
@@ -224,7 +226,8 @@ class AgentService:
         api = self.config.api
         # [api] enabled = false: no listener at all (flows, the watchdog and the signals work as ever)
         self._sockets = bind_sockets(api.host, api.port, api.uds) if api.enabled else []
-        server = HttpServer(self.app, api.limits()) if api.enabled else None
+        limits = dataclasses.replace(api.limits(), api_token=self._token)  # the token is checked before a body
+        server = HttpServer(self.app, limits) if api.enabled else None
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 

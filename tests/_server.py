@@ -44,7 +44,7 @@ def running_api(
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     limits.setdefault("max_json_bytes", max_body_bytes)
-    server = HttpServer(app, Limits(max_body_bytes=max_body_bytes, **limits))
+    server = HttpServer(app, Limits(max_body_bytes=max_body_bytes, api_token=token, **limits))
     loop = asyncio.new_event_loop()
     started = threading.Event()
 

@@ -102,7 +102,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
 
 def asgi_post(app: InferenceApp, path: str, body: bytes, content_type: str) -> tuple[int, dict[str, Any]]:
     """One request straight into the ASGI app, as an ASGI server (uvicorn, say) would hand it over:
-    for content types the agent's own HTTP server does not yet pass through (see the xfail below)."""
+    to check the app's own refusals behind any server."""
     sent: list[dict[str, Any]] = []
     scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", content_type.encode())]}
     done = False
@@ -183,10 +183,6 @@ def test_image_content_types_reach_the_pipeline(
     assert status == 400 and f"body is not a {other} image" in got["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/http.py answers 415 to image/png and image/jpeg before the app sees them (change requested)",
-)
 def test_image_png_over_the_socket(api: tuple[str, InferenceApp], holdout: Any) -> None:
     url, _ = api
     x, _ = holdout

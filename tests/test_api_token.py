@@ -182,3 +182,20 @@ def test_agent_serve_on_all_addresses_with_a_token_file_from_the_environment(tmp
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert TOKEN not in ready + out + err
+
+
+def test_a_request_without_the_token_is_refused_before_its_body_is_read(token_api: str) -> None:
+    """A client beyond loopback without the token cannot make the agent buffer anything: the 401 comes
+    after the headers alone, with the 60 MB body never sent."""
+    import socket
+
+    host, port = token_api.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /v2/models/multi/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Inference-Header-Content-Length: 10\r\nContent-Length: 60000000\r\n\r\n"
+        )
+        head = s.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 401"), head
+    assert "www-authenticate: bearer" in head.lower()
+    assert '"error"' in head and "token" in head
