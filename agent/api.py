@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import time
@@ -42,12 +41,13 @@ from edgefleet.agent.oip import (
     datatype_of,
     decode_binary,
     decode_json,
+    dump_json,
     encode_binary,
     encode_json_data,
+    parse_json,
     parse_shape,
 )
 from edgefleet.agent.predict import PREDICT_TYPES, has_pipeline, image_input, image_size, predict_json
-from edgefleet.agent.predict import parse_json as _parse_json
 from edgefleet.agent.registry import ModelRegistry, RecentPredictions, Served
 from edgefleet.agent.tensors import TensorSpec
 from edgefleet.errors import EdgefleetError
@@ -99,7 +99,6 @@ class InferenceApp:
         )
         self.in_flight = 0
         self.metrics.in_flight = lambda: self.in_flight
-        self._latency: dict[str, float] = {}  # moving average of each model's inference, seconds
         # Parsed JSON takes 10-25x its size (a Python float per number): at most this many large
         # bodies are decoded at once, so many clients sending big JSON cannot multiply that.
         self._decode_slots = asyncio.Semaphore(DECODE_SLOTS)
@@ -167,7 +166,7 @@ class InferenceApp:
                 return _ok({"live": True})
             if parts[2] == "ready":
                 ready = self.registry.ready
-                return (200 if ready else 503), _JSON, json.dumps({"ready": ready}).encode()
+                return (200 if ready else 503), _JSON, dump_json({"ready": ready})
             raise RequestError(f"no such endpoint: {path}", 404)
         if parts[1:] == ["repository", "index"]:  # the model repository extension's listing
             _only(method, "POST")
@@ -311,11 +310,12 @@ class InferenceApp:
         started = time.perf_counter()
         try:
             # A hop to the thread pool costs tens of microseconds, more than a small model's whole
-            # inference: small requests to models whose recent latency is under INLINE_SECONDS run on
+            # inference: small requests to models whose measured cost is under INLINE_SECONDS run on
             # the event loop. A large request always goes to the pool, so it cannot stall the loop
             # (and with it the other requests and the systemd watchdog).
             small = sum(a.nbytes for a in feeds.values()) <= INLINE_BYTES
-            if small and self._latency.get(served.name, 1.0) < INLINE_SECONDS:
+            cost = model.cost  # the runtime call's own time (no lock or pool waits); None until measured
+            if small and (cost if cost is not None else 1.0) < INLINE_SECONDS:
                 result = model.predict(feeds, outputs)
             else:
                 result = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict, feeds, outputs)
@@ -326,8 +326,6 @@ class InferenceApp:
             self.metrics.error(served.name, "runtime")
             raise RequestError(f"model {served.name!r} failed on this input: {_first_line(e)}") from e
         elapsed = time.perf_counter() - started
-        previous = self._latency.get(served.name)
-        self._latency[served.name] = elapsed if previous is None else 0.9 * previous + 0.1 * elapsed
         self.metrics.inference(served.name, elapsed)
         response: dict[str, Any] = {"model_name": served.name, "model_version": served.version, "outputs": []}
         if isinstance(req.get("id"), str):
@@ -342,7 +340,7 @@ class InferenceApp:
             else:
                 out["data"] = encode_json_data(arr)
             response["outputs"].append(out)
-        head_out = json.dumps(response).encode()
+        head_out = dump_json(response)
         if not blobs:
             return 200, _JSON, head_out
         out_headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH, str(len(head_out)).encode())]
@@ -358,7 +356,7 @@ def _decode(
     head: bytes, served: Served, binary: memoryview
 ) -> tuple[Any, tuple[dict[str, np.ndarray[Any, Any]], list[str] | None, dict[str, bool]]]:
     """The request's JSON and the feeds it describes. Raises RequestError (400)."""
-    req = _parse_json(head)
+    req = parse_json(head)
     return req, _parse_request(req, served, binary)
 
 
@@ -493,8 +491,8 @@ def _only(method: str, allowed: str) -> None:
 
 
 def _ok(obj: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    return 200, _JSON, json.dumps(obj).encode()
+    return 200, _JSON, dump_json(obj)
 
 
 def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    return dump_json({"error": message})

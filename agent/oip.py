@@ -96,6 +96,8 @@ def parse_json(data: bytes | bytearray | memoryview) -> Any:
             return _orjson.loads(data)
         return json.loads(bytes(data), parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        if "depth limit" in str(e):  # orjson's words for nesting past its 1024 levels
+            raise RequestError("request body is JSON nested too deeply") from None
         raise RequestError(f"request body is not valid JSON: {e}") from e
     except RecursionError:
         raise RequestError("request body is JSON nested too deeply") from None
@@ -106,10 +108,11 @@ def _no_constant(name: str) -> Any:
 
 
 def dump_json(obj: Any) -> bytes:
-    """``obj`` (dicts, lists, str, int, float, bool, None) as compact UTF-8 JSON."""
+    """``obj`` (dicts, lists, str, int, float, bool, None) as compact UTF-8 JSON. A NaN or infinity (a
+    model can output one) is ``null`` with orjson and ``NaN`` with the standard library: never an error."""
     if _orjson is not None:
         return _orjson.dumps(obj)
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def parse_shape(value: Any, where: str) -> tuple[int, ...]:

@@ -3,15 +3,15 @@ is read from its header before anything is decoded, or JSON for the bundle's pip
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
+from edgefleet.agent import oip
 from edgefleet.agent.oip import RequestError
 from edgefleet.agent.pipeline import decode_image
 from edgefleet.agent.registry import Served
 
-__all__ = ["PREDICT_TYPES", "has_pipeline", "image_input", "image_size", "parse_json", "predict_json"]
+__all__ = ["PREDICT_TYPES", "has_pipeline", "image_input", "image_size", "predict_json"]
 
 PREDICT_TYPES = ("application/json", "image/jpeg", "image/png", "application/octet-stream")
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -79,7 +79,7 @@ def predict_json(body: bytes, served: Served) -> tuple[Any, Any]:
     """A /predict JSON body as the pipeline's data and its raw_outputs choice: ``{"data": [...]}``
     (optionally with ``"raw_outputs"``), an object of the model's inputs, or a bare list.
     Raises RequestError (400)."""
-    req = parse_json(body)
+    req = oip.parse_json(body)
     names = [s.name for s in served.model.inputs]
     if isinstance(req, list):
         return req, None
@@ -101,13 +101,3 @@ def predict_json(body: bytes, served: Served) -> tuple[Any, Any]:
 
 def _strings(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def parse_json(head: bytes) -> Any:
-    """The JSON head of a request. Raises RequestError (400) for invalid or too deeply nested JSON."""
-    try:
-        return json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from e
-    except RecursionError:
-        raise RequestError("request body is JSON nested too deeply") from None

@@ -137,14 +137,18 @@ class AgentService:
         or provider this device lacks is logged and the model runs on the CPU instead."""
         runtime = mc.backend or detect_runtime(mc.path)
         opts = self.profile.runtime_options(runtime)
-        threads = mc.threads or opts["threads"]
+        # An explicit [[models]] threads wins; else the runtime chooses up to the profile's threads from
+        # the model's measured cost (ONNX Runtime: one thread for a cheap model, no spinning on 2 cores).
+        threads, most = mc.threads, opts["threads"]
         try:
-            return load_model(mc.path, threads=threads, backend=mc.backend, delegates=opts["delegates"])
+            return load_model(
+                mc.path, threads=threads, max_threads=most, backend=mc.backend, delegates=opts["delegates"]
+            )
         except ModelError as e:
             if not opts["delegates"] or not any(w in str(e) for w in ("delegate", "execution provider")):
                 raise
             log.warning("%s; running %s on the CPU instead", e, mc.path)
-            return load_model(mc.path, threads=threads, backend=mc.backend)
+            return load_model(mc.path, threads=threads, max_threads=most, backend=mc.backend)
 
     def load_models(self) -> None:
         """Load and warm every configured model (a model that fails stops the start, naming it)."""
