@@ -263,7 +263,11 @@ def mqtt_bench(args: argparse.Namespace, tmp: Path) -> list[str]:
                 tally.settle(count, 120 if not rate else 30)
                 stop()
             except (subprocess.CalledProcessError, AssertionError):
-                if proc.poll() is None or attempt == 2:
+                try:
+                    proc.wait(5)  # a broker stopped by a signal takes a moment to exit
+                except subprocess.TimeoutExpired:
+                    raise
+                if attempt == 2:
                     raise
                 # the shared machine: something outside the bench stopped our broker (seen twice)
                 print(f"  (mosquitto was stopped from outside, exit {proc.returncode}: run again)")
