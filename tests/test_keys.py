@@ -1,0 +1,134 @@
+"""``edgefleet keys init|show|rotate``: the operator's offline keys are private files whatever the umask;
+a rotation's new root is signed by a threshold of the old AND the new root keys, and the server and a
+TUF client accept it. Refusals are one line naming the option or file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from _support import assert_one_line_error, run_cli
+from tuf.api.metadata import Metadata, Root, Targets
+
+from edgefleet.tufmeta import canonical_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "server"))
+from _fleet import CLI, Server
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.fixture
+def loose_umask() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_keys_init_under_umask_000_writes_private_files_0600_in_folders_0700(
+    capsys: Any, tmp_path: Path, loose_umask: None
+) -> None:
+    keys = tmp_path / "keys"
+    code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--root-keys", "3", "--root-threshold", "2",
+                             "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert len(shown["roles"]["root"]["keyids"]) == 3 and shown["roles"]["root"]["threshold"] == 2
+    assert len(shown["roles"]["targets"]["keyids"]) == 1
+    assert shown["fingerprint"] is None  # nothing published without --server
+    assert _mode(keys) == 0o700 and _mode(keys / "private") == 0o700
+    private = sorted((keys / "private").iterdir())
+    assert len(private) == 4 and all(_mode(p) == 0o600 for p in private)
+    assert _mode(keys / "keys.json") == 0o600
+    assert "PRIVATE" not in (keys / "keys.json").read_text()  # public halves only
+
+    code, out, err = run_cli(capsys, "keys", "show", "--keys", keys)
+    assert code == 0, err
+    assert "root: threshold 2 of 3" in out and "not published yet" in out
+
+
+def test_keys_refusals_are_one_line_naming_the_option(capsys: Any, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "keys", "init", "--keys", tmp_path / "a", "--root-keys", "2", "--root-threshold", "3")
+    assert_one_line_error(code, err, "--root-threshold")
+    assert not (tmp_path / "a").exists()
+    code, _, err = run_cli(capsys, "keys", "show", "--keys", tmp_path / "none")
+    assert_one_line_error(code, err, "no keyring", "keys init")
+    assert run_cli(capsys, "keys", "init", "--keys", tmp_path / "k")[0] == 0
+    code, _, err = run_cli(capsys, "keys", "init", "--keys", tmp_path / "k")
+    assert_one_line_error(code, err, "already exists")
+    code, _, err = run_cli(capsys, "keys", "rotate", "--keys", tmp_path / "k", "--role", "timestamp")
+    assert_one_line_error(code, err, "--role", "server's")
+    code, _, err = run_cli(capsys, "keys", "rotate", "--keys", tmp_path / "k", "--role", "root")
+    assert_one_line_error(code, err, "no image root published")
+    os.chmod(next((tmp_path / "k" / "private").iterdir()), 0o644)
+    code, _, err = run_cli(capsys, "keys", "init", "--keys", tmp_path / "k", "--server", "http://127.0.0.1:9")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err  # token missing, or the key file refused
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    srv = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'edgefleet.db'}")
+    r = subprocess.run([*CLI, "server", "init", "--data", str(srv.data), "--json"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("EDGEFLEET_TOKEN", json.loads(r.stdout)["admin_token"])
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _served(srv: Server, path: str) -> Metadata[Any]:
+    r = httpx.get(f"{srv.url}/tuf/image/{path}", headers={"Authorization": f"Bearer {os.environ['EDGEFLEET_TOKEN']}"})
+    assert r.status_code == 200, r.text
+    return Metadata.from_bytes(r.content)
+
+
+def test_rotate_root_signs_with_old_and_new_keys_and_rotate_targets_resigns_the_targets(
+    capsys: Any, tmp_path: Path, server: Server, loose_umask: None
+) -> None:
+    keys = tmp_path / "keys"
+    code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--root-keys", "3", "--root-threshold", "2",
+                             "--server", server.url, "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    old_root_ids = first["roles"]["root"]["keyids"]
+    assert first["root_version"] == 1
+    assert canonical_bytes(_served(server, "1.root.json")) == (keys / "image" / "1.root.json").read_bytes()
+
+    code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "root", "--json")
+    assert code == 0, err
+    second = json.loads(out)
+    new_root_ids = second["roles"]["root"]["keyids"]
+    assert second["root_version"] == 2 and not set(new_root_ids) & set(old_root_ids)
+    assert second["fingerprint"] != first["fingerprint"]
+    root1 = Metadata[Root].from_file(str(keys / "image" / "1.root.json"))
+    root2 = _served(server, "2.root.json")
+    assert set(root2.signatures) == set(old_root_ids) | set(new_root_ids)  # every old and new root key signed
+    check = root2.signed.get_root_verification_result(root1.signed, root2.signed_bytes, root2.signatures)
+    assert check.first.verified and check.second.verified
+    assert sorted(p.stem for p in (keys / "private").iterdir()) == sorted(
+        new_root_ids + second["roles"]["targets"]["keyids"])  # the retired keys are gone
+    assert all(_mode(p) == 0o600 for p in (keys / "private").iterdir())
+
+    code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "targets", "--json")
+    assert code == 0, err
+    third = json.loads(out)
+    assert third["root_version"] == 3 and third["roles"]["targets"]["keyids"] != first["roles"]["targets"]["keyids"]
+    root3 = _served(server, "3.root.json")
+    assert set(root3.signatures) == set(new_root_ids)
+    targets = _served(server, "2.targets.json")  # targets 1 re-signed as 2 with the new release key
+    assert isinstance(targets.signed, Targets)
+    root3.signed.verify_delegate("targets", targets.signed_bytes, targets.signatures)
+    assert list(targets.signatures) == third["roles"]["targets"]["keyids"]
