@@ -8,7 +8,6 @@ from typing import Any
 
 from edgefleet.agent import oip
 from edgefleet.agent.oip import RequestError
-from edgefleet.agent.pipeline import decode_image
 from edgefleet.agent.registry import Served
 
 __all__ = ["PREDICT_TYPES", "has_pipeline", "image_input", "image_size", "predict_json"]
@@ -64,6 +63,8 @@ def image_size(data: bytes, media: str = "application/octet-stream") -> tuple[st
 
 def image_input(body: bytes, kind: str) -> tuple[Any, None]:
     """An image body (its size already checked) decoded as the pipeline takes it: HWC BGR uint8."""
+    from edgefleet.agent.pipeline import decode_image  # pipelines (and OpenCV) load with the first predict
+
     return decode_image(body, f"body ({kind})"), None
 
 
