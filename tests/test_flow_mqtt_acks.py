@@ -299,3 +299,39 @@ def test_a_message_still_in_the_model_when_the_agent_is_sigkilled_is_redelivered
     assert sorted(json.loads(line)["n"] for line in out.read_text().splitlines()) == [1, 2]
     assert counters["processed"] == 2 and counters["source"]["redelivered"] == 1
     assert counters["source"]["acked"] == 2 and counters["source"]["held"] == 0
+
+
+def _vm(pid: int, field: str) -> int:
+    """VmRSS / VmHWM of a process, bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_hostile_publisher_flooding_a_hung_model_leaves_the_agent_flat_the_burst_waits_in_the_broker(
+    broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    """100 MB of QoS 1 and QoS 0 readings at an agent whose model hangs on the first: the source
+    stops reading at receive_maximum, so the agent holds a few payloads and the broker the rest."""
+    if not Path("/proc/self/status").exists():
+        _unavailable("no /proc to read the agent's memory from")
+    b = broker(max_queued_messages=100000, max_queued_bytes=0)
+    out = tmp_path / "results.jsonl"
+    pub = Publisher(b.port)
+    agent = _child(b.port, "block", f"agent-{uuid.uuid4().hex[:8]}", "5", out)
+    try:
+        pub.send("jobs", [{"data": [[1]]}])
+        assert wait_until(lambda: (tmp_path / "results.jsonl.entered").exists())
+        base = _vm(agent.pid, "VmRSS")
+        big = [[7] * 4000]  # 12 KB of JSON, 32 KB parsed
+        for qos in (1, 0):
+            for start in range(0, 4000, 500):
+                pub.send("jobs", [{"id": i, "data": big} for i in range(start, start + 500)], qos=qos)
+        growth = _vm(agent.pid, "VmHWM") - base
+    finally:
+        pub.close()
+        agent.kill()
+        agent.wait()
+    print(f"agent peak RSS growth under 8000 x 12 KB readings: {growth / 2**20:.1f} MiB")
+    assert growth < 24 * 2**20, f"the agent grew by {growth / 2**20:.1f} MiB"
