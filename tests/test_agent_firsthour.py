@@ -296,3 +296,9 @@ def test_check_config_with_a_missing_model_file(tmp_path: Path, capsys: pytest.C
     (tmp_path / "agent.toml").write_text('state_dir = "state"\n\n[[models]]\npath = "models/nope.onnx"\n')
     code, _, err = run_cli(capsys, "agent", "check-config", tmp_path / "agent.toml")
     assert_one_line_error(code, err, "models.0.path", str(tmp_path / "models" / "nope.onnx"), "does not exist")
+
+
+def test_enroll_with_a_server_without_a_scheme_is_one_line(tmp_path: Path) -> None:
+    r = _cli("agent", "enroll", "--server", "127.0.0.1:8700", "--token", "efe_x", "--state-dir", tmp_path / "s")
+    _one_line_error(r, "--server", "add http:// or https://")
+    assert not (tmp_path / "s" / "identity").exists()

@@ -143,10 +143,11 @@ def _outward_address() -> str | None:
     return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
 
 
-def test_agent_serve_on_all_addresses_with_a_token_file_from_the_environment(tmp_path: Path) -> None:
-    """A real `agent serve --host 0.0.0.0` with EDGEFLEET_AGENT__API__TOKEN_FILE: 401 without the
-    token on loopback, on the machine's outward address and on the Unix socket, 200 with it, and the
-    token in no log line."""
+@pytest.mark.parametrize("given_by", ["environment", "flag"])
+def test_agent_serve_on_all_addresses_with_a_token_file(tmp_path: Path, given_by: str) -> None:
+    """A real `agent serve --host 0.0.0.0` with EDGEFLEET_AGENT__API__TOKEN_FILE or --token-file: 401
+    without the token on loopback, on the machine's outward address and on the Unix socket, 200 with it,
+    and the token in no log line."""
     f = tmp_path / "token"
     f.write_text(TOKEN + "\n")
     f.chmod(0o600)
@@ -160,7 +161,8 @@ def test_agent_serve_on_all_addresses_with_a_token_file_from_the_environment(tmp
         str(uds),
         "--log-level",
         "debug",
-        env={"EDGEFLEET_AGENT__API__TOKEN_FILE": str(f)},
+        *(["--token-file", str(f)] if given_by == "flag" else []),
+        env={"EDGEFLEET_AGENT__API__TOKEN_FILE": str(f)} if given_by == "environment" else {},
     )
     try:
         assert proc.stdout is not None

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -49,6 +50,9 @@ def serve(
         None, help="Request bytes buffered over all connections, bytes [default: 96 MiB]."
     ),
     max_connections: int | None = typer.Option(None, help="Open connections at once [default: 64]."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="API token file (first line); needed with a --host beyond loopback."
+    ),
 ) -> None:
     """Serve models over the Open Inference Protocol, with no fleet and no config file.
 
@@ -61,6 +65,7 @@ def serve(
         "max_json_bytes": max_json_bytes,
         "max_buffered_bytes": max_buffered_bytes,
         "max_connections": max_connections,
+        "token_file": token_file,
     }
     cfg = config_from_dict(
         {
@@ -194,6 +199,8 @@ def enroll(
     folder = state_dir or (cfg.state_dir if cfg else None)
     if not url or folder is None:
         raise ConfigError("enroll: give --server and --state-dir, or --config with server_url and state_dir")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--server: {url[:100]!r} is not a URL; add http:// or https:// (e.g. https://{url[:80]})")
     if url.startswith("http://") and not allow_http:
         raise ConfigError(f"--server: {url} is plain http; use https (or --allow-http on a trusted loopback)")
     identity = folder / "identity"
@@ -211,8 +218,7 @@ def enroll(
     )
     context = ssl.create_default_context(cafile=str(ca) if ca else None) if url.startswith("https") else None
     try:
-        with urllib.request.urlopen(request, timeout=30, context=context) as resp:
-            out = json.loads(resp.read())
+        out = _post_waiting(request, context)
     except urllib.error.HTTPError as e:
         reason = json.loads(e.read() or b"{}").get("error", e.reason)
         raise ConfigError(f"enroll: the server refused: {e.code}: {reason}") from e
@@ -242,6 +248,30 @@ def enroll(
         typer.echo(json.dumps({**info, "identity": str(identity)}, indent=2))
     else:
         typer.echo(f"enrolled as {out_id}; `edgefleet agent run` reads the identity from {identity_path(folder)}")
+
+
+WAIT_FOR_SERVER = 10.0  # seconds a refused connection is retried: a server that is still starting
+
+
+def _post_waiting(request: Any, context: Any) -> Any:
+    """POST ``request`` and parse its JSON answer, retrying a refused connection (nothing listens yet)
+    for :data:`WAIT_FOR_SERVER` seconds, as the operator commands do. Raises urllib's errors."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + WAIT_FOR_SERVER
+    pause = 0.1
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as resp:
+                return json.loads(resp.read())
+        except urllib.error.URLError as e:
+            refused = isinstance(getattr(e, "reason", None), ConnectionRefusedError)
+            if not refused or time.monotonic() + pause >= deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 def _private_dir(state_dir: Path, identity: Path) -> None:
