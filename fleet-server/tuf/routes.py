@@ -33,6 +33,13 @@ REPO_KEY = "tuf_image"  # app.state attribute holding the ImageRepository (tests
 _JSON = "application/json"
 _NO_STORE = {"cache-control": "no-store"}  # timestamp: always fresh
 _IMMUTABLE = {"cache-control": "public, max-age=31536000, immutable"}  # versioned files never change
+_METADATA_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object", "description": "TUF metadata: "
+                                                    "{\"signed\": {...}, \"signatures\": [...]}"}}},
+    }
+}
 _TARGET = re.compile(r"^([0-9a-f]{64})\.(.+\.efb)$")
 
 
@@ -126,13 +133,13 @@ async def _upload(request: Request, put: Any, actor: Actor) -> dict[str, Any]:
     return {"version": version}
 
 
-@router.put("/image/root")
+@router.put("/image/root", openapi_extra=_METADATA_BODY)
 async def put_root(request: Request, repo: RepoDep, actor: Annotated[Actor, Depends(require("operator"))]) -> Any:
     """A new root, signed by a threshold of the current root's keys and of its own, version current + 1."""
     return await _upload(request, repo.put_root, actor)
 
 
-@router.put("/image/targets")
+@router.put("/image/targets", openapi_extra=_METADATA_BODY)
 async def put_targets(
     request: Request, repo: RepoDep, actor: Annotated[Actor, Depends(require("operator"))]
 ) -> Any:

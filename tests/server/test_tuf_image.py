@@ -285,7 +285,9 @@ def test_bad_uploads_and_reads_are_json_4xx_naming_the_field(image: Any, tmp_pat
     targets = ring.sign_targets(_targets(1))
     r = image.client.put("/tuf/image/targets", content=canonical_bytes(targets), headers=h)
     assert r.status_code == 409 and r.json()["field"] == "root", r.text  # no root yet
-    for body in (b"", b"not json", b"[]", b'{"signed": {}, "signatures": []}', canonical_bytes(targets)):
+    hostile = (b"[" * 200_000, b'{"signed": {"_type": "root", "version": 1e999}, "signatures": []}',
+               b'{"signed": {"_type": "root", "version": "1"}, "signatures": [{"keyid": 1}]}')
+    for body in (b"", b"not json", b"[]", b'{"signed": {}, "signatures": []}', canonical_bytes(targets), *hostile):
         r = image.client.put("/tuf/image/root", content=body, headers=h)
         assert r.status_code == 422, (body, r.text)
         assert r.json()["field"] in ("body", "signed._type"), r.text
