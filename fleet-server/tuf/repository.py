@@ -40,6 +40,7 @@ from edgefleet.tufmeta import (
 __all__ = ["IMAGE", "ImageRepository", "NotFound", "RegistryMismatch"]
 
 IMAGE = "image"
+_BATCH = 500  # content hashes per registry query
 
 
 class NotFound(Exception):
@@ -204,18 +205,29 @@ class ImageRepository:
 
 
 def _check_registry(s: Session, targets: Targets) -> None:
-    """Every target must be a committed bundle NAME-VERSION.efb with that length and sha256."""
+    """Every target must be a committed bundle NAME-VERSION.efb with that length and sha256 (the rows
+    are read in a few batched queries, not one per target)."""
+    wanted: dict[str, str] = {}
     for path, info in targets.targets.items():
-        where = f"signed.targets.{path}"
         sha = info.hashes.get("sha256")
         if sha is None:
-            raise RegistryMismatch(f"{where}.hashes: a sha256 is required", f"{where}.hashes")
-        rows = s.scalars(select(ModelVersion).where(ModelVersion.sha256 == sha)).all()
-        named = [r for r in rows if target_path(r.name, r.version) == path]
-        if not named:
+            raise RegistryMismatch(f"signed.targets.{path}.hashes: a sha256 is required",
+                                   f"signed.targets.{path}.hashes")
+        wanted[path] = sha
+    sizes: dict[tuple[str, str], int] = {}
+    shas = sorted(set(wanted.values()))
+    for i in range(0, len(shas), _BATCH):
+        for name, version, sha, size in s.execute(
+            select(ModelVersion.name, ModelVersion.version, ModelVersion.sha256, ModelVersion.size)
+            .where(ModelVersion.sha256.in_(shas[i:i + _BATCH]))
+        ):
+            sizes[(target_path(name, version), sha)] = size
+    for path, info in targets.targets.items():
+        where = f"signed.targets.{path}"
+        size = sizes.get((path, wanted[path]))
+        if size is None:
             raise RegistryMismatch(
-                f"{where}: no bundle {path} with sha256 {sha} in the registry; push the bundle first", where)
-        if named[0].size != info.length:
+                f"{where}: no bundle {path} with sha256 {wanted[path]} in the registry; push the bundle first", where)
+        if size != info.length:
             raise RegistryMismatch(
-                f"{where}.length: {info.length}, but the registry's {path} is {named[0].size} bytes", f"{where}.length")
-
+                f"{where}.length: {info.length}, but the registry's {path} is {size} bytes", f"{where}.length")

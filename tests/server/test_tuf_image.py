@@ -2,7 +2,8 @@
 operator publishes root 1 from an offline keyring, pushes a bundle the old way, signs targets listing it
 with the release key, and python-tuf's stock ``ngclient.Updater`` downloads the bundle. Refusals: online
 keys only, versions that are not the next, targets the registry does not hold, roots signed by too few
-old keys; online roles are re-signed before they expire."""
+old keys; online roles are re-signed before they expire; hostile metadata uploads keep the server's
+RSS bounded (read from /proc)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from _fleet import CLI, Server, make_bundle
+from _fleet import CLI, MIB, PeakRSS, Server, make_bundle
+from _support import wait_until
 from sqlalchemy import delete
 from tuf.api.exceptions import DownloadHTTPError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, TargetFile, Targets
@@ -345,3 +348,72 @@ def test_online_roles_are_resigned_once_half_their_lifetime_is_gone(image: Any, 
     # the stock client accepts the re-signed chain (its own clock: the metadata is valid for minutes)
     updater, _ = _updater(tmp_path / "client", _root_file(ring), "http://testserver", image.client, image.admin_h)
     updater.refresh()
+
+
+# ------------------------------------------------------------------------------------ hostile uploads
+
+
+def _big_targets(ring: Keyring, limit: int) -> bytes:
+    """Correctly signed targets just under ``limit`` bytes listing bundles the registry never had: the
+    worst case for the server (parse, canonicalise, verify the signature, then check the registry)."""
+    n = limit // 190
+    while True:
+        t = Targets(version=2, expires=expiry_from(_now(), "targets"))
+        for i in range(n):
+            t.targets[f"m{i}-1.0.0.efb"] = TargetFile(1000 + i, {"sha256": hashlib.sha256(str(i).encode()).hexdigest()},
+                                                      f"m{i}-1.0.0.efb")
+        body = canonical_bytes(ring.sign_targets(t))
+        if len(body) < limit:
+            return body
+        n = n * 9 // 10
+
+
+def _push_in_parallel(srv: Server, h: dict[str, str], body: bytes, clients: int = 4) -> tuple[list[int], float]:
+    """``clients`` threads PUT ``body`` as targets until 40 answers came back (a few seconds at most):
+    (the statuses, the server's peak RSS growth in MiB)."""
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def push() -> None:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=h) as hc:
+            while not stop.is_set():
+                seen.append(hc.put("/tuf/image/targets", content=body).status_code)
+
+    with PeakRSS(srv.pid) as peak:
+        workers = [threading.Thread(target=push) for _ in range(clients)]
+        for w in workers:
+            w.start()
+        wait_until(lambda: len(seen) >= 40, timeout=3.0)
+        stop.set()
+        for w in workers:
+            w.join(60)
+    return seen, peak.peak - peak.before
+
+
+def test_hostile_metadata_uploads_keep_the_servers_memory_bounded(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'data' / 'edgefleet.db'}"
+    srv = Server(tmp_path / "data", db)
+    init = subprocess.run([*CLI, "server", "init", "--data", str(srv.data), "--json"], capture_output=True, text=True,
+                          timeout=60)
+    assert init.returncode == 0, init.stderr
+    h = {"Authorization": f"Bearer {json.loads(init.stdout)['admin_token']}"}
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            ring = _publish(c, h, tmp_path / "keys")
+            bodies = {"big signed targets": (_big_targets(ring, MIB), 422),
+                      "deep nesting": (b"[" * (MIB - 1024), 422),
+                      "over the limit": (b" " * (MIB + 1), 413)}
+            figures: dict[str, float] = {}
+            for what, (body, status) in bodies.items():
+                seen, figures[what] = _push_in_parallel(srv, h, body)
+                assert seen and set(seen) <= {status, 503}, (what, sorted(set(seen)))
+                assert c.get("/healthz").status_code == 200
+            print("RSS growth, MiB:", {k: round(v, 1) for k, v in figures.items()})
+            # parsing JSON takes up to ~25x its size; the body budget (2 MiB at once) bounds how much
+            assert max(figures.values()) <= 25 * 2 + 64, figures
+            assert c.get("/tuf/image/1.targets.json", headers=h).status_code == 200
+            assert c.get("/tuf/image/2.targets.json", headers=h).status_code == 404
+    finally:
+        logged = srv.stop()
+    assert "Traceback" not in logged, logged[-3000:]
