@@ -217,11 +217,11 @@ def _check_registry(s: Session, targets: Targets) -> None:
     sizes: dict[tuple[str, str], int] = {}
     shas = sorted(set(wanted.values()))
     for i in range(0, len(shas), _BATCH):
-        for name, version, sha, size in s.execute(
+        for name, version, sha, length in s.execute(
             select(ModelVersion.name, ModelVersion.version, ModelVersion.sha256, ModelVersion.size)
             .where(ModelVersion.sha256.in_(shas[i:i + _BATCH]))
         ):
-            sizes[(target_path(name, version), sha)] = size
+            sizes[(target_path(name, version), sha)] = length
     for path, info in targets.targets.items():
         where = f"signed.targets.{path}"
         size = sizes.get((path, wanted[path]))
