@@ -71,7 +71,7 @@ def test_agent_serve_answers_on_every_kind_of_model_without_printing_an_error(na
             np.testing.assert_allclose(got[k].astype(np.float64), np.asarray(w, np.float64), rtol=1e-5, atol=1e-5)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     noisy = [ln for ln in err.splitlines() if ln.strip() and ln.strip() != ALLOWED and " INFO " not in ln]
     assert not noisy, err
