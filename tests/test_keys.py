@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,52 @@ def test_rotate_root_signs_with_old_and_new_keys_and_rotate_targets_resigns_the_
     assert isinstance(targets.signed, Targets)
     root3.signed.verify_delegate("targets", targets.signed_bytes, targets.signatures)
     assert list(targets.signatures) == third["roles"]["targets"]["keyids"]
+
+
+def test_keys_init_server_finishes_a_run_cut_before_the_targets_and_refuses_a_second_publish(
+    capsys: Any, tmp_path: Path, server: Server
+) -> None:
+    from edgefleet.tufmeta.keyring import Keyring
+
+    keys = tmp_path / "keys"
+    ring = Keyring.create(keys, 1, 1)
+    h = {"Authorization": f"Bearer {os.environ['EDGEFLEET_TOKEN']}"}
+    ring.online = httpx.get(f"{server.url}/tuf/image/keys", headers=h).json()["keys"]
+    ring.server = server.url
+    ring.save()
+    root = ring.sign_root(ring.build_root(datetime.now(UTC)), ring.roles["root"])
+    assert httpx.put(f"{server.url}/tuf/image/root", content=canonical_bytes(root), headers=h).status_code == 200
+    ring.save_root(root)  # ... and the run stopped here, before targets 1
+
+    code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url, "--json")
+    assert code == 0, err
+    assert json.loads(out)["root_version"] == 1
+    assert isinstance(_served(server, "1.targets.json").signed, Targets)
+    code, _, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url)
+    assert_one_line_error(code, err, "already published image root 1", "keys rotate")
+    code, _, err = run_cli(capsys, "keys", "init", "--keys", tmp_path / "other", "--server", server.url)
+    assert_one_line_error(code, err, "already has image root 1")
+
+
+def test_server_init_on_a_folder_from_before_tuf_adds_only_the_online_keys_0600_under_umask_000(
+    tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = subprocess.run([*CLI, "server", "init", "--data", str(data), "--json"], capture_output=True, text=True,
+                           timeout=60)
+    assert first.returncode == 0, first.stderr
+    for key in (data / "tuf").iterdir():  # a folder initialised before TUF had none
+        key.unlink()
+    (data / "tuf").rmdir()
+    again = subprocess.run([*CLI, "server", "init", "--data", str(data), "--json"], capture_output=True, text=True,
+                           timeout=60, preexec_fn=lambda: os.umask(0))
+    assert again.returncode == 0, again.stderr
+    out = json.loads(again.stdout)
+    assert out["initialised"] is False and set(out["tuf_keys"]) == {"snapshot", "timestamp", "director-targets"}
+    assert "admin_token" not in out
+    assert _mode(data / "tuf") == 0o700
+    assert sorted(p.name for p in (data / "tuf").iterdir()) == ["director-targets.key", "snapshot.key",
+                                                                  "timestamp.key"]
+    assert all(_mode(p) == 0o600 for p in (data / "tuf").iterdir())
+    third = subprocess.run([*CLI, "server", "init", "--data", str(data)], capture_output=True, text=True, timeout=60)
+    assert third.returncode == 1 and "already initialised" in third.stderr

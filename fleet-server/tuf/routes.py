@@ -83,8 +83,9 @@ async def _metadata(request: Request, state: ServerState, fetch: Any, *args: Any
 @router.get("/image/keys", tags=["tuf"])
 def online_keys(repo: RepoDep, _: Annotated[Actor, Depends(require("operator"))]) -> dict[str, Any]:
     """The server's online public keys (``snapshot``, ``timestamp``, ``director-targets``), for the
-    operator's ``edgefleet keys init --server``, and the current root version (0: none)."""
-    return {"keys": repo.keys.public(), "root_version": repo.current_version("root")}
+    operator's ``edgefleet keys init --server``, and the current root and targets versions (0: none)."""
+    return {"keys": repo.keys.public(), "root_version": repo.current_version("root"),
+            "targets_version": repo.current_version("targets")}
 
 
 @router.get("/image/timestamp.json")

@@ -112,25 +112,32 @@ def _echo(out: dict[str, Any], as_json: bool) -> None:
 
 
 def _publish_first(ring: Keyring, server: str | None) -> None:
+    """Publish root 1 and an empty targets 1; or, when an earlier run published this keyring's root 1 but
+    stopped before the targets, only the targets."""
     from tuf.api.metadata import Targets  # type: ignore[attr-defined]
 
     from edgefleet.tufmeta import expiry_from
 
-    url = server or ring.server
-    with _client(url) as c:
+    local = ring.latest_root()
+    with _client(server or ring.server) as c:
         info = _result(_send(c, "GET", f"{_IMAGE}/keys"))
-        if int(info.get("root_version", 0)) != 0:
+        on_server, targets = int(info.get("root_version", 0)), int(info.get("targets_version", 0))
+        if local is not None and not (local.signed.version == 1 == on_server and targets == 0):
+            raise ConfigError(f"{ring.folder}: this keyring already published image root {local.signed.version}; "
+                              "use `edgefleet keys rotate`")
+        if local is None and on_server != 0:
             raise ConfigError(
-                f"{c.base_url}: the server already has image root {info['root_version']}, and this keyring signed "
-                "none; use the keyring that made it (or rotate with it)")
-        ring.online = dict(info["keys"])
-        ring.server = str(c.base_url)
-        ring.save()
+                f"{c.base_url}: the server already has image root {on_server}, and this keyring signed none; use "
+                "the keyring that made it (or rotate with it)")
         now = _now()
-        root = ring.sign_root(ring.build_root(now), ring.roles["root"])
-        publish(c, "root", root)
-        ring.save_root(root)
-        publish(c, "targets", ring.sign_targets(Targets(version=1, expires=expiry_from(now, Targets.type))))
+        if local is None:
+            ring.online = dict(info["keys"])
+            ring.server = str(c.base_url)
+            ring.save()
+            root = ring.sign_root(ring.build_root(now), ring.roles["root"])
+            publish(c, "root", root)
+            ring.save_root(root)
+        publish(c, "targets", ring.sign_targets(Targets(version=1, expires=expiry_from(now, "targets"))))
 
 
 @app.command()
@@ -153,10 +160,6 @@ def init(
                           "its root with --server URL")
     ring = Keyring.load(keys) if exists else Keyring.create(keys, root_keys, root_threshold)
     if server:
-        published = ring.latest_root()
-        if published is not None:
-            raise ConfigError(f"{keys}: this keyring already published image root {published.signed.version}; "
-                              "use `edgefleet keys rotate`")
         _publish_first(ring, server)
     _echo(ring.describe(), as_json)
 
