@@ -417,3 +417,44 @@ def test_hostile_metadata_uploads_keep_the_servers_memory_bounded(tmp_path: Path
     finally:
         logged = srv.stop()
     assert "Traceback" not in logged, logged[-3000:]
+
+
+def test_two_operators_uploading_the_same_next_version_at_once_one_lands_and_the_other_gets_409(
+    clean_db: str, tmp_path: Path
+) -> None:
+    _forget_metadata(clean_db)
+    srv = Server(tmp_path / "data", clean_db)
+    init = subprocess.run([*CLI, "server", "init", "--data", str(srv.data), "--db", clean_db, "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    h = {"Authorization": f"Bearer {json.loads(init.stdout)['admin_token']}"}
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=h) as c:
+            ring = _publish(c, h, tmp_path / "keys")
+            bundles = [make_bundle(tmp_path / f"b{i}", "digits", f"3.0.{i}") for i in range(4)]
+            for b in bundles:
+                assert c.post("/api/v1/models", content=b.read_bytes()).status_code == 201
+            bodies = [canonical_bytes(ring.sign_targets(_targets(2, b))) for b in bundles]
+            go = threading.Barrier(len(bodies))
+            statuses: list[int] = []
+
+            def put(body: bytes) -> None:
+                with httpx.Client(base_url=srv.url, timeout=30, headers=h) as hc:
+                    go.wait()
+                    statuses.append(hc.put("/tuf/image/targets", content=body).status_code)
+
+            workers = [threading.Thread(target=put, args=(b,)) for b in bodies]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(60)
+            assert sorted(statuses) == [200, 409, 409, 409], statuses
+            ts = Metadata.from_bytes(c.get("/tuf/image/timestamp.json").content)
+            assert ts.signed.version == 2 and ts.signed.snapshot_meta.version == 2  # one new pair, not four
+            sn = Metadata.from_bytes(c.get("/tuf/image/2.snapshot.json").content)
+            assert sn.signed.meta["targets.json"].version == 2
+            assert c.get("/tuf/image/3.snapshot.json").status_code == 404
+    finally:
+        logged = srv.stop()
+    assert "Traceback" not in logged, logged[-3000:]
