@@ -135,7 +135,7 @@ def test_rotate_root_signs_with_old_and_new_keys_and_rotate_targets_resigns_the_
     assert list(targets.signatures) == third["roles"]["targets"]["keyids"]
 
 
-def test_keys_init_server_finishes_a_run_cut_before_the_targets_and_refuses_a_second_publish(
+def test_keys_init_server_adopts_its_own_root_from_a_cut_run_and_refuses_a_second_publish(
     capsys: Any, tmp_path: Path, server: Server
 ) -> None:
     from edgefleet.tufmeta.keyring import Keyring
@@ -148,11 +148,12 @@ def test_keys_init_server_finishes_a_run_cut_before_the_targets_and_refuses_a_se
     ring.save()
     root = ring.sign_root(ring.build_root(datetime.now(UTC)), ring.roles["root"])
     assert httpx.put(f"{server.url}/tuf/image/root", content=canonical_bytes(root), headers=h).status_code == 200
-    ring.save_root(root)  # ... and the run stopped here, before targets 1
+    # ... and the run stopped here, before the server's answer arrived: no local root, no targets 1
 
     code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url, "--json")
     assert code == 0, err
     assert json.loads(out)["root_version"] == 1
+    assert (keys / "image" / "1.root.json").read_bytes() == canonical_bytes(root)
     assert isinstance(_served(server, "1.targets.json").signed, Targets)
     code, _, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url)
     assert_one_line_error(code, err, "already published image root 1", "keys rotate")
@@ -182,3 +183,66 @@ def test_server_init_on_a_folder_from_before_tuf_adds_only_the_online_keys_0600_
     assert all(_mode(p) == 0o600 for p in (data / "tuf").iterdir())
     third = subprocess.run([*CLI, "server", "init", "--data", str(data)], capture_output=True, text=True, timeout=60)
     assert third.returncode == 1 and "already initialised" in third.stderr
+
+
+class _LosesRootAnswers:
+    """A loopback HTTP proxy to ``upstream`` that forwards everything, but after forwarding a
+    ``PUT /tuf/image/root`` hangs up instead of answering: the server took the root, the CLI never hears."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+                r = httpx.request(self.command, upstream + self.path, content=body, headers=headers, timeout=30)
+                if self.command == "PUT" and self.path == "/tuf/image/root":
+                    proxy.dropped += 1
+                    self.close_connection = True
+                    return
+                self.send_response(r.status_code)
+                self.send_header("content-type", r.headers.get("content-type", "application/json"))
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_PUT = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.dropped = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def test_rotate_whose_answer_is_lost_keeps_the_new_keys_the_server_took(capsys: Any, tmp_path: Path,
+                                                                         server: Server) -> None:
+    keys = tmp_path / "keys"
+    code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url, "--json")
+    assert code == 0, err
+    proxy = _LosesRootAnswers(server.url)
+    try:
+        code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "root", "--server", proxy.url,
+                                 "--json")
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert code == 0, err
+    rotated = json.loads(out)
+    served = _served(server, "2.root.json")
+    assert rotated["root_version"] == 2 and sorted(served.signed.roles["root"].keyids) == sorted(
+        rotated["roles"]["root"]["keyids"])
+    for keyid in rotated["roles"]["root"]["keyids"]:  # the keys root 2 names are still here
+        assert (keys / "private" / f"{keyid}.key").is_file()

@@ -125,6 +125,8 @@ def _publish_first(ring: Keyring, server: str | None) -> None:
         if local is not None and not (local.signed.version == 1 == on_server and targets == 0):
             raise ConfigError(f"{ring.folder}: this keyring already published image root {local.signed.version}; "
                               "use `edgefleet keys rotate`")
+        if local is None and on_server == 1 and _adopt_root_1(c, ring):
+            local = ring.latest_root()  # an earlier run's root 1 reached the server, its answer did not reach us
         if local is None and on_server != 0:
             raise ConfigError(
                 f"{c.base_url}: the server already has image root {on_server}, and this keyring signed none; use "
@@ -138,6 +140,43 @@ def _publish_first(ring: Keyring, server: str | None) -> None:
             publish(c, "root", root)
             ring.save_root(root)
         publish(c, "targets", ring.sign_targets(Targets(version=1, expires=expiry_from(now, "targets"))))
+
+
+def _served_root(c: Any, version: int) -> Metadata[Root] | None:
+    """The server's root ``version``, or None when it has none. Raises ApiClientError when it cannot say."""
+    r = _send(c, "GET", f"{_IMAGE}/{version}.root.json")
+    if r.status_code == 404:
+        return None
+    if r.status_code >= 400:
+        _result(r)  # raises, with the server's reason
+    return _parse_root(r.content, f"{_IMAGE}/{version}.root.json")
+
+
+def _parse_root(data: bytes, what: str) -> Metadata[Root]:
+    from tuf.api.metadata import Root  # type: ignore[attr-defined]
+
+    from edgefleet.tufmeta import TrustError, parse_metadata
+
+    try:
+        return parse_metadata(data, "root", Root, what)
+    except TrustError as e:
+        raise ApiClientError(str(e)) from e
+
+
+def _adopt_root_1(c: Any, ring: Keyring) -> bool:
+    """Whether the server's root 1 is this keyring's (its root and targets keys, signed by a threshold of
+    them); if so it is saved as this keyring's root 1."""
+    md = _served_root(c, 1)
+    if md is None:
+        return False
+    root = md.signed
+    if sorted(root.roles["root"].keyids) != sorted(ring.roles["root"]) or sorted(
+            root.roles["targets"].keyids) != sorted(ring.roles["targets"]):
+        return False
+    if not root.get_root_verification_result(None, md.signed_bytes, md.signatures).verified:
+        return False
+    ring.save_root(md)
+    return True
 
 
 @app.command()
@@ -172,6 +211,35 @@ def show(keys: Path = _KEYS, as_json: bool = _JSON) -> None:
     _echo(Keyring.load(keys).describe(), as_json)
 
 
+def _unless_taken(
+    c: Any, ring: Keyring, new_root: Metadata[Root], role: str, before: list[str], added: list[str], e: BaseException
+) -> None:
+    """After a failed upload of a rotated root: return when the server took it anyway (its answer was
+    lost), else undo the rotation (delete the new keys) and re-raise ``e``. When the server cannot be
+    asked, nothing is deleted: the new keys stay in private/ and the root is kept beside the others as
+    ``image/pending.N.root.json``, so a root the server did take never names keys that are gone."""
+    from edgefleet.durable import atomic_write_bytes
+    from edgefleet.tufmeta import canonical_bytes
+
+    version = new_root.signed.version
+    try:
+        served = _served_root(c, version)
+    except (ApiClientError, OSError) as check:
+        ring.roles[role] = before + added
+        ring.save()
+        pending = ring.folder / "image" / f"pending.{version}.root.json"
+        atomic_write_bytes(pending, canonical_bytes(new_root), mode=0o644)
+        raise ConfigError(f"root {version}: the upload failed ({e}) and the server cannot say whether it took it "
+                          f"({check}); kept the new keys and {pending}; check `GET /tuf/image/{version}.root.json` "
+                          "before rotating again") from e
+    if served is not None and canonical_bytes(served) == canonical_bytes(new_root):
+        return
+    for keyid in added:
+        ring.retire(keyid)
+    ring.roles[role] = before
+    raise e
+
+
 @app.command()
 def rotate(
     keys: Path = _KEYS,
@@ -199,15 +267,12 @@ def rotate(
         signers_before = list(ring.roles["root"])
         added = [ring.new_key(role) for _ in before]
         ring.roles[role] = added
+        now = _now()
+        new_root = ring.sign_root(ring.build_root(now, old.signed), signers_before + ring.roles["root"])
         try:
-            now = _now()
-            new_root = ring.sign_root(ring.build_root(now, old.signed), signers_before + ring.roles["root"])
             publish(c, "root", new_root)
-        except BaseException:
-            for keyid in added:
-                ring.retire(keyid)
-            ring.roles[role] = before
-            raise
+        except BaseException as e:
+            _unless_taken(c, ring, new_root, role, before, added, e)
         ring.save_root(new_root)
         for keyid in before:
             ring.retire(keyid)
