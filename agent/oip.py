@@ -156,9 +156,11 @@ def decode_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) ->
             raise RequestError(f"{where}: values {lo}..{hi} do not fit {datatype}")
     if datatype == "BYTES":
         return raw.astype(object).reshape(shape)
-    with np.errstate(over="ignore"):
+    if raw.dtype.kind != "f" or target.kind != "f" or target.itemsize >= raw.itemsize:
+        return raw.astype(target).reshape(shape)  # exact, or integer rounding: nothing can overflow
+    with np.errstate(over="ignore"):  # float64 -> float32/16: a finite value can become inf
         arr = raw.astype(target).reshape(shape)
-    if target.kind == "f" and raw.dtype.kind == "f" and not np.isfinite(arr).all() and np.isfinite(raw).all():
+    if not np.isfinite(arr).all() and np.isfinite(raw).all():
         raise RequestError(f"{where}: values overflow {datatype}")
     return arr
 
