@@ -185,11 +185,12 @@ def test_server_init_on_a_folder_from_before_tuf_adds_only_the_online_keys_0600_
     assert third.returncode == 1 and "already initialised" in third.stderr
 
 
-class _LosesRootAnswers:
-    """A loopback HTTP proxy to ``upstream`` that forwards everything, but after forwarding a
-    ``PUT /tuf/image/root`` hangs up instead of answering: the server took the root, the CLI never hears."""
+class _LosesAnswers:
+    """A loopback HTTP proxy to ``upstream`` that forwards everything, but hangs up instead of answering a
+    ``PUT`` to ``path``: after forwarding it (the server took it, the CLI never hears), or without
+    forwarding it (``forward=False``: the run is cut before it)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, path: str = "/tuf/image/root", forward: bool = True) -> None:
         import http.server
         import threading
 
@@ -199,8 +200,10 @@ class _LosesRootAnswers:
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                r = httpx.request(self.command, upstream + self.path, content=body, headers=headers, timeout=30)
-                if self.command == "PUT" and self.path == "/tuf/image/root":
+                drop = self.command == "PUT" and self.path == path
+                if forward or not drop:
+                    r = httpx.request(self.command, upstream + self.path, content=body, headers=headers, timeout=30)
+                if drop:
                     proxy.dropped += 1
                     self.close_connection = True
                     return
@@ -232,7 +235,7 @@ def test_rotate_whose_answer_is_lost_keeps_the_new_keys_the_server_took(capsys: 
     keys = tmp_path / "keys"
     code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url, "--json")
     assert code == 0, err
-    proxy = _LosesRootAnswers(server.url)
+    proxy = _LosesAnswers(server.url)
     try:
         code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "root", "--server", proxy.url,
                                  "--json")
@@ -246,3 +249,24 @@ def test_rotate_whose_answer_is_lost_keeps_the_new_keys_the_server_took(capsys: 
         rotated["roles"]["root"]["keyids"])
     for keyid in rotated["roles"]["root"]["keyids"]:  # the keys root 2 names are still here
         assert (keys / "private" / f"{keyid}.key").is_file()
+
+
+def test_a_targets_rotation_cut_before_the_targets_is_finished_by_the_next_rotate(
+    capsys: Any, tmp_path: Path, server: Server
+) -> None:
+    keys = tmp_path / "keys"
+    assert run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url)[0] == 0
+    proxy = _LosesAnswers(server.url, "/tuf/image/targets", forward=False)
+    try:
+        code, _, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "targets", "--server", proxy.url)
+    finally:
+        proxy.close()
+    assert_one_line_error(code, err, "root 2 is published", "again to finish")
+    assert proxy.dropped == 1
+    root2 = _served(server, "2.root.json")  # the root naming the new release key is out; targets 1 is not re-signed
+    code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "targets", "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["finished_earlier_rotation"] is True and shown["root_version"] == 2
+    targets = _served(server, "2.targets.json")
+    root2.signed.verify_delegate("targets", targets.signed_bytes, targets.signatures)

@@ -211,6 +211,26 @@ def show(keys: Path = _KEYS, as_json: bool = _JSON) -> None:
     _echo(Keyring.load(keys).describe(), as_json)
 
 
+def _finish_targets_rotation(c: Any, ring: Keyring, root: Root) -> bool:
+    """Whether an earlier ``rotate --role targets`` published ``root`` but stopped before re-signing the
+    targets (they verify only against the root before, with the key it retired); if so, re-sign them now
+    with the current release key. Nothing else is re-signed: targets the previous root does not verify are
+    refused as before."""
+    import copy
+
+    from edgefleet.tufmeta import expiry_from
+
+    previous = ring.root(root.version - 1)
+    if previous is None or previous.signed.roles["targets"].keyids == root.roles["targets"].keyids:
+        return False
+    current = current_targets(c, previous.signed)
+    targets = copy.deepcopy(current.signed)
+    targets.version += 1
+    targets.expires = expiry_from(_now(), "targets")
+    publish(c, "targets", ring.sign_targets(targets))
+    return True
+
+
 def _unless_taken(
     c: Any, ring: Keyring, new_root: Metadata[Root], role: str, before: list[str], added: list[str], e: BaseException
 ) -> None:
@@ -262,7 +282,15 @@ def rotate(
     if old is None:
         raise ConfigError(f"{keys}: no image root published yet; run `edgefleet keys init --keys {keys} --server URL`")
     with _client(server or ring.server) as c:
-        current = current_targets(c, old.signed) if role == "targets" else None
+        current = None
+        if role == "targets":
+            try:
+                current = current_targets(c, old.signed)
+            except ApiClientError:
+                if _finish_targets_rotation(c, ring, old.signed):
+                    _echo({**ring.describe(), "finished_earlier_rotation": True}, as_json)
+                    return
+                raise
         before = list(ring.roles[role])
         signers_before = list(ring.roles["root"])
         added = [ring.new_key(role) for _ in before]
@@ -281,5 +309,10 @@ def rotate(
             targets = copy.deepcopy(current.signed)
             targets.version += 1
             targets.expires = expiry_from(now, "targets")
-            publish(c, "targets", ring.sign_targets(targets))
+            try:
+                publish(c, "targets", ring.sign_targets(targets))
+            except ApiClientError as e:
+                raise ApiClientError(
+                    f"root {new_root.signed.version} is published, but re-signing the targets failed ({e}); run "
+                    f"`edgefleet keys rotate --keys {keys} --role targets` again to finish") from e
     _echo(ring.describe(), as_json)

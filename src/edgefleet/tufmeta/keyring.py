@@ -134,9 +134,13 @@ class Keyring:
         folder = self.folder / "image"
         versions = sorted(int(p.name.split(".")[0]) for p in folder.glob("*.root.json")
                           if p.name.split(".")[0].isdigit()) if folder.is_dir() else []
-        if not versions:
+        return self.root(versions[-1]) if versions else None
+
+    def root(self, version: int) -> Metadata[Root] | None:
+        """Root ``version`` as this keyring signed it (None when it has no such file)."""
+        path = self.root_file(version)
+        if not path.is_file():
             return None
-        path = self.root_file(versions[-1])
         try:
             return parse_metadata(path.read_bytes(), Root.type, Root, str(path))
         except TrustError as e:
