@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from edgefleet.errors import ConfigError
@@ -112,8 +113,6 @@ def target_file(filename: Annotated[str, Path(max_length=300)], request: Request
     if m is None:
         raise ApiError(404, "filename: expected {sha256}.{NAME}-{VERSION}.efb", "filename")
     sha, path = m.groups()
-    from sqlalchemy import select
-
     with state.sessions() as s:
         rows = s.scalars(select(ModelVersion).where(ModelVersion.sha256 == sha)).all()
     if not any(target_path(r.name, r.version) == path for r in rows):
