@@ -23,6 +23,7 @@ __all__ = [
     "EnrollmentToken",
     "ModelVersion",
     "ServerSecret",
+    "TufMetadata",
     "UTCDateTime",
     "utcnow",
 ]

@@ -31,7 +31,7 @@ from edgefleet.server.errors import ApiError
 from edgefleet.server.models import Device, ModelVersion, utcnow
 from edgefleet.server.state import ServerState, audit
 
-__all__ = ["collect_orphans", "router"]
+__all__ = ["collect_orphans", "require_reader", "router", "send_blob"]
 
 router = APIRouter(prefix="/api/v1", tags=["registry"])
 
@@ -287,7 +287,7 @@ def delete_version(
     return Response(status_code=204)
 
 
-def _reader(request: Request, state: ServerState) -> None:
+def require_reader(request: Request, state: ServerState) -> None:
     """Operators (viewer and up) and enrolled, non-revoked devices may download."""
     raw = bearer(request) or ""
     if raw.startswith("efo_"):
@@ -301,7 +301,7 @@ def _reader(request: Request, state: ServerState) -> None:
             raise ApiError(403, "device: not enrolled, revoked, or its certificate was replaced", "authorization")
 
 
-def _send_blob(request: Request, state: ServerState, sha: str) -> Response:
+def send_blob(request: Request, state: ServerState, sha: str) -> Response:
     etag = f'"{sha}"'
     headers = {"etag": etag, "cache-control": _IMMUTABLE}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
@@ -336,16 +336,16 @@ def _check_range(rng: str, size: int) -> None:
 def download_blob(sha256: Annotated[str, Path(pattern=SHA256)], request: Request, state: StateDep) -> Response:
     """A bundle by content hash, with ``Range`` (206/416), ``ETag`` = sha256 and immutable caching.
     Only blobs of committed versions are served (404 otherwise)."""
-    _reader(request, state)
+    require_reader(request, state)
     with state.sessions() as s:
         if _unreferenced(s, sha256):
             raise ApiError(404, f"sha256: no blob {sha256}", "sha256")
-    return _send_blob(request, state, sha256)
+    return send_blob(request, state, sha256)
 
 
 @router.get("/models/{name}/{version}/bundle", responses={206: {"description": "partial content"}, 304: {}, 416: {}})
 def download_version(name: NamePath, version: VersionPath, request: Request, state: StateDep) -> Response:
-    _reader(request, state)
+    require_reader(request, state)
     with state.sessions() as s:
         sha = _find(s, name, version).sha256
-    return _send_blob(request, state, sha)
+    return send_blob(request, state, sha)

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgefleet.errors import ConfigError
 from edgefleet.server.api.deps import Actor, StateDep, require
-from edgefleet.server.api.registry import _reader, _send_blob
+from edgefleet.server.api.registry import require_reader, send_blob
 from edgefleet.server.errors import ApiError
 from edgefleet.server.models import ModelVersion
 from edgefleet.server.state import ServerState
@@ -69,7 +69,7 @@ def _refusal(e: TrustError) -> ApiError:
 
 
 async def _read(request: Request, state: ServerState) -> None:
-    await run_in_threadpool(_reader, request, state)
+    await run_in_threadpool(require_reader, request, state)
 
 
 async def _metadata(request: Request, state: ServerState, fetch: Any, *args: Any) -> bytes:
@@ -108,7 +108,7 @@ async def versioned(
 def target_file(filename: Annotated[str, Path(max_length=300)], request: Request, state: StateDep) -> Response:
     """A target file by its consistent-snapshot name ``{sha256}.{NAME}-{VERSION}.efb``: the registry's
     blob of that bundle (Range and ETag as for ``/api/v1/blobs``)."""
-    _reader(request, state)
+    require_reader(request, state)
     m = _TARGET.match(filename)
     if m is None:
         raise ApiError(404, "filename: expected {sha256}.{NAME}-{VERSION}.efb", "filename")
@@ -117,7 +117,7 @@ def target_file(filename: Annotated[str, Path(max_length=300)], request: Request
         rows = s.scalars(select(ModelVersion).where(ModelVersion.sha256 == sha)).all()
     if not any(target_path(r.name, r.version) == path for r in rows):
         raise ApiError(404, f"filename: no bundle {path} with sha256 {sha}", "filename")
-    return _send_blob(request, state, sha)
+    return send_blob(request, state, sha)
 
 
 async def _upload(request: Request, put: Any, actor: Actor) -> dict[str, Any]:

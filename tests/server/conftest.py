@@ -37,6 +37,7 @@ TABLES = (
     "enrollment_tokens",
     "api_tokens",
     "server_secrets",
+    "tuf_metadata",
 )
 
 
