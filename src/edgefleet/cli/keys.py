@@ -3,7 +3,9 @@
 ``init`` makes the root keys (``--root-keys M``, threshold ``--root-threshold N``) and the release
 (targets) key as private files (0600, folder 0700, whatever the umask) that are never sent anywhere;
 with ``--server URL`` it fetches the server's online public keys and publishes the image repository's
-root 1 (signed by the root keys) and an empty targets 1 (signed by the release key). ``show`` prints key
+root 1 (signed by the root keys) and an empty targets 1 (signed by the release key), and the director
+root 1 (signed by the root keys, naming the server's online director-targets, snapshot and timestamp
+keys; one for every device). ``show`` prints key
 ids, roles, thresholds, the root's fingerprint and expiries. ``rotate --role root|targets`` makes new
 keys and a new root signed by the old AND the new root keys, publishes it, and (for targets) re-signs
 the current targets with the new release key. Every failure is one ``error: ...`` line.
@@ -100,6 +102,8 @@ def _echo(out: dict[str, Any], as_json: bool) -> None:
         typer.echo(f"image root: version {out['root_version']}, expires {out['root_expires']}")
         typer.echo(f"image root fingerprint (sha256): {out['fingerprint']}")
         typer.echo(f"image root file (give it to devices): {out['root_file']}")
+    if out.get("director_root_file"):
+        typer.echo(f"director root file (give it to devices): {out['director_root_file']}")
     else:
         typer.echo("image root: not published yet (`edgefleet keys init --keys DIR --server URL`)")
     for name, role in out["roles"].items():
@@ -123,6 +127,8 @@ def _publish_first(ring: Keyring, server: str | None) -> None:
         info = _result(_send(c, "GET", f"{_IMAGE}/keys"))
         on_server, targets = int(info.get("root_version", 0)), int(info.get("targets_version", 0))
         if local is not None and not (local.signed.version == 1 == on_server and targets == 0):
+            if _publish_director_root(c, ring, info):
+                return  # a keyring from before the director, or a run cut after the image's targets
             raise ConfigError(f"{ring.folder}: this keyring already published image root {local.signed.version}; "
                               "use `edgefleet keys rotate`")
         if local is None and on_server == 1 and _adopt_root_1(c, ring):
@@ -140,6 +146,26 @@ def _publish_first(ring: Keyring, server: str | None) -> None:
             publish(c, "root", root)
             ring.save_root(root)
         publish(c, "targets", ring.sign_targets(Targets(version=1, expires=expiry_from(now, "targets"))))
+        _publish_director_root(c, ring, info)
+
+
+def _publish_director_root(c: Any, ring: Keyring, info: dict[str, Any]) -> bool:
+    """Publish director root 1 unless the server has one; returns whether it did. A root 1 this keyring
+    signed earlier (a run cut before the upload) is sent again as it is, so its bytes never change."""
+    from edgefleet.tufmeta import canonical_bytes
+
+    if int(info.get("director_root_version", 0)) != 0:
+        return False
+    if "director-targets" not in ring.online:
+        ring.online = dict(info["keys"])
+        ring.save()
+    md = ring.director_root(1)
+    if md is None:
+        md = ring.sign_root(ring.build_director_root(_now()), ring.roles["root"])
+        ring.save_director_root(md)
+    r = _send(c, "PUT", "/tuf/director/root", content=canonical_bytes(md), headers={"content-type": "application/json"})
+    _result(r)
+    return True
 
 
 def _served_root(c: Any, version: int) -> Metadata[Root] | None:

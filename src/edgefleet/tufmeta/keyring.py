@@ -6,6 +6,7 @@ Layout of ``--keys DIR`` (the folder and ``private/`` are 0700, private files 06
     keys.json               public: key ids and public keys by role, root threshold, server and its online keys
     private/KEYID.key       one ed25519 private key per file (PKCS#8 PEM); never sent anywhere
     image/N.root.json       every root version this keyring signed, canonical JSON (sha256 = fingerprint)
+    director/N.root.json    the director repositories' root (shared by every device), canonical JSON
 
 Signing happens here; HTTP does not (the CLI does that). Raises ConfigError for a keyring that is
 missing, malformed or inconsistent, naming the file.
@@ -27,9 +28,10 @@ from edgefleet.errors import ConfigError
 from edgefleet.tufmeta.keyfiles import new_signer, private_folder, read_signer, write_signer
 from edgefleet.tufmeta.roles import EXPIRY, TrustError, canonical_bytes, expiry_from, fingerprint, parse_metadata
 
-__all__ = ["KEYS_FILE", "OFFLINE_ROLES", "Keyring"]
+__all__ = ["DIRECTOR_TARGETS", "KEYS_FILE", "OFFLINE_ROLES", "Keyring"]
 
 KEYS_FILE = "keys.json"
+DIRECTOR_TARGETS = "director-targets"  # the server's online key that signs every device's director targets
 OFFLINE_ROLES = (Root.type, Targets.type)  # the keyring's own; snapshot and timestamp are the server's
 _SCHEMA = 1
 MAX_ROOT_KEYS = 16
@@ -175,6 +177,45 @@ class Keyring:
         root.roles[Root.type].threshold = self.root_threshold
         return root
 
+    def director_root_file(self, version: int) -> Path:
+        return self.folder / "director" / f"{version}.root.json"
+
+    def director_root(self, version: int) -> Metadata[Root] | None:
+        """Director root ``version`` as this keyring signed it (None when it has no such file)."""
+        path = self.director_root_file(version)
+        if not path.is_file():
+            return None
+        try:
+            return parse_metadata(path.read_bytes(), Root.type, Root, str(path))
+        except TrustError as e:
+            raise ConfigError(str(e)) from e
+
+    def save_director_root(self, md: Metadata[Root]) -> Path:
+        """Write ``md`` as ``director/N.root.json`` (canonical JSON)."""
+        private_folder(self.folder / "director")
+        path = self.director_root_file(md.signed.version)
+        atomic_write_bytes(path, canonical_bytes(md), mode=0o644)
+        return path
+
+    def build_director_root(self, now: datetime, previous: Root | None = None) -> Root:
+        """The director root ``previous.version + 1`` (1 without ``previous``): this keyring's root keys,
+        and the server's online director-targets, snapshot and timestamp keys, expiring a year from
+        ``now``. Raises ConfigError when the keyring has not fetched the server's online keys."""
+        missing = [r for r in (DIRECTOR_TARGETS, Snapshot.type, Timestamp.type) if r not in self.online]
+        if missing:
+            raise ConfigError(f"{self.folder / KEYS_FILE}: no online {', '.join(missing)} key of the server; run "
+                              "`edgefleet keys init --server URL`")
+        root = Root(version=1 if previous is None else previous.version + 1,
+                    expires=expiry_from(now, Root.type), consistent_snapshot=True)
+        for keyid in self.roles[Root.type]:
+            root.add_key(self.public_key(keyid), Root.type)
+        for role, online in ((Targets.type, DIRECTOR_TARGETS), (Snapshot.type, Snapshot.type),
+                             (Timestamp.type, Timestamp.type)):
+            key = dict(self.online[online])
+            root.add_key(SSlibKey.from_dict(key.pop("keyid"), key), role)
+        root.roles[Root.type].threshold = self.root_threshold
+        return root
+
     def sign_root(self, root: Root, keyids: list[str]) -> Metadata[Root]:
         """``root`` signed by every key in ``keyids`` (old and new root keys on a rotation)."""
         md = Metadata(root)
@@ -205,6 +246,9 @@ class Keyring:
                                "where": "offline (this keyring)" if name in OFFLINE_ROLES else "online (the server)"}
             out.update(root_version=root.version, fingerprint=self.fingerprint(), root_expires=root.expires.isoformat(),
                        root_file=str(self.root_file(root.version).resolve()))
+        director = sorted(int(p.name.split(".")[0]) for p in (self.folder / "director").glob("*.root.json")
+                          if p.name.split(".")[0].isdigit()) if (self.folder / "director").is_dir() else []
+        out["director_root_file"] = str(self.director_root_file(director[-1]).resolve()) if director else None
         out["roles"] = roles
         out["expiry_days"] = {r: EXPIRY[r].days for r in EXPIRY}
         return out

@@ -1,0 +1,194 @@
+"""The per-device director repository against a real server process (SQLite and PostgreSQL): the operator
+publishes both roots with `edgefleet keys init --server`, pushes bundles and assigns one to a device;
+python-tuf's stock ``ngclient.Updater``, acting as the device with its access token, refreshes its
+director repository and finds the assigned target with its custom fields; a new assignment gives a higher
+targets version naming the new version; a device gets 403 for another device's director metadata and
+for an image target its director does not name; versions never go down across a server restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from _fleet import CLI, Server, SimDevice, enroll, make_bundle
+from test_tuf_image import BearerFetcher
+from tuf.api.exceptions import DownloadHTTPError
+from tuf.api.metadata import Metadata, TargetFile, Targets, Timestamp
+from tuf.ngclient import Updater
+
+from edgefleet.tufmeta import canonical_bytes, expiry_from
+from edgefleet.tufmeta.keyring import Keyring
+
+
+@dataclass
+class Fleet:
+    srv: Server
+    admin: httpx.Client  # the operator (admin token)
+    keys: Path
+    bundles: dict[str, Path]
+
+    def device(self) -> SimDevice:
+        r = self.admin.post("/api/v1/enrollment-tokens", json={"tags": []})
+        assert r.status_code == 201, r.text
+        d = enroll(httpx.Client(base_url=self.srv.url, timeout=30), r.json()["token"])
+        d.authenticate()
+        return d
+
+    def assign(self, device: SimDevice, version: str) -> None:
+        r = self.admin.put(f"/api/v1/devices/{device.id}/models/digits", json={"version": version})
+        assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+def live(clean_db: str, tmp_path: Path) -> Iterator[Fleet]:
+    """A server process with both roots published by `edgefleet keys init --server` (a real CLI process),
+    two bundles pushed and listed in image targets 2 (signed by the release key)."""
+    srv = Server(tmp_path / "data", clean_db)
+    init = subprocess.run([*CLI, "server", "init", "--data", str(srv.data), "--db", clean_db, "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    token = json.loads(init.stdout)["admin_token"]
+    srv.start()
+    admin = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    try:
+        keys = tmp_path / "keys"
+        r = subprocess.run([*CLI, "keys", "init", "--keys", str(keys), "--server", srv.url, "--json"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "EDGEFLEET_TOKEN": token})
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["director_root_file"] == str((keys / "director" / "1.root.json").resolve())
+        bundles = {v: make_bundle(tmp_path / "b", "digits", v, 4096) for v in ("1.0.0", "1.1.0")}
+        targets = Targets(version=2, expires=expiry_from(datetime.now(UTC), "targets"))
+        for b in bundles.values():
+            assert admin.post("/api/v1/models", content=b.read_bytes()).status_code == 201
+            targets.targets[b.name] = TargetFile.from_data(b.name, b.read_bytes(), ["sha256"])
+        r = admin.put("/tuf/image/targets", content=canonical_bytes(Keyring.load(keys).sign_targets(targets)))
+        assert r.status_code == 200, r.text
+        yield Fleet(srv, admin, keys, bundles)
+    finally:
+        admin.close()
+        srv.stop()
+
+
+def _director(live: Fleet, device: SimDevice, tmp: Path) -> Updater:
+    """A fresh stock Updater over the device's director repository (its trusted metadata kept in ``tmp``
+    between instances, as a device keeps it between runs)."""
+    meta = tmp / "director" / device.id
+    if not meta.exists():
+        meta.mkdir(parents=True)
+    fetcher = BearerFetcher(device.client, device.headers)
+    return Updater(str(meta), f"{live.srv.url}/tuf/director/{device.id}/", str(tmp / "targets"),
+                   f"{live.srv.url}/tuf/image/targets/", fetcher,
+                   bootstrap=(live.keys / "director" / "1.root.json").read_bytes())
+
+
+def _image(live: Fleet, device: SimDevice, tmp: Path) -> Updater:
+    meta, targets = tmp / "image" / device.id, tmp / "targets" / device.id
+    meta.mkdir(parents=True, exist_ok=True)
+    targets.mkdir(parents=True, exist_ok=True)
+    return Updater(str(meta), f"{live.srv.url}/tuf/image/", str(targets), f"{live.srv.url}/tuf/image/targets/",
+                   BearerFetcher(device.client, device.headers),
+                   bootstrap=(live.keys / "image" / "1.root.json").read_bytes())
+
+
+def _trusted(tmp: Path, device: SimDevice, role: str) -> int:
+    """The version of ``role`` the device's updater trusts now (what ngclient persisted)."""
+    return int(Metadata.from_file(str(tmp / "director" / device.id / f"{role}.json")).signed.version)
+
+
+def test_a_device_finds_its_assignment_in_its_director_and_a_new_assignment_is_a_higher_targets_version(
+    live: Fleet, tmp_path: Path
+) -> None:
+    device = live.device()
+    live.assign(device, "1.0.0")
+    director = _director(live, device, tmp_path)
+    director.refresh()
+    info = director.get_targetinfo("digits-1.0.0.efb")
+    bundle = live.bundles["1.0.0"]
+    assert info is not None
+    assert info.length == bundle.stat().st_size
+    assert info.hashes["sha256"] == TargetFile.from_file(bundle.name, str(bundle), ["sha256"]).hashes["sha256"]
+    assert info.custom == {"model": "digits", "role": "serve"}
+    first = _trusted(tmp_path, device, Targets.type)
+
+    live.assign(device, "1.1.0")
+    director = _director(live, device, tmp_path)
+    director.refresh()
+    assert _trusted(tmp_path, device, Targets.type) > first
+    assert director.get_targetinfo("digits-1.0.0.efb") is None
+    new = director.get_targetinfo("digits-1.1.0.efb")
+    assert new is not None and new.custom == {"model": "digits", "role": "serve"}
+
+    # the image repository agrees, and the device may download what its director names
+    image = _image(live, device, tmp_path)
+    image.refresh()
+    image_info = image.get_targetinfo("digits-1.1.0.efb")
+    assert image_info is not None and image_info.hashes == new.hashes and image_info.length == new.length
+    assert Path(image.download_target(image_info)).read_bytes() == live.bundles["1.1.0"].read_bytes()
+
+    # reading again with nothing changed signs nothing new
+    before = live.admin.get(f"/tuf/director/{device.id}/timestamp.json").json()["signed"]["version"]
+    assert live.admin.get(f"/tuf/director/{device.id}/timestamp.json").json()["signed"]["version"] == before
+
+
+def test_a_device_gets_403_for_another_devices_director_metadata_and_operators_read_any(live: Fleet) -> None:
+    mine, other = live.device(), live.device()
+    live.assign(other, "1.0.0")
+    for path in ("timestamp.json", "1.root.json", "1.snapshot.json", "1.targets.json"):
+        r = mine.client.get(f"/tuf/director/{other.id}/{path}", headers=mine.headers)
+        assert r.status_code == 403, r.text
+        assert r.json()["field"] == "device_id" and other.id in r.json()["error"]
+        assert live.admin.get(f"/tuf/director/{other.id}/{path}").status_code == 200, path
+    assert mine.client.get(f"/tuf/director/{mine.id}/timestamp.json", headers=mine.headers).status_code == 200
+    r = mine.client.get(f"/tuf/director/{other.id}/timestamp.json")  # no token
+    assert r.status_code == 401 and r.json()["field"] == "authorization"
+    r = live.admin.get("/tuf/director/no-such-device/timestamp.json")
+    assert r.status_code == 404 and "no-such-device" in r.json()["error"]
+
+
+def test_a_device_gets_403_for_an_image_target_its_director_does_not_name(live: Fleet, tmp_path: Path) -> None:
+    device, other = live.device(), live.device()
+    live.assign(device, "1.0.0")
+    live.assign(other, "1.1.0")
+    image = _image(live, device, tmp_path)
+    image.refresh()  # the image repository lists both versions: a device may read the list ...
+    info = image.get_targetinfo("digits-1.1.0.efb")
+    assert info is not None
+    with pytest.raises(DownloadHTTPError) as e:  # ... but not fetch the bytes of a version not assigned to it
+        image.download_target(info)
+    assert e.value.status_code == 403
+    sha = info.hashes["sha256"]
+    r = device.client.get(f"/tuf/image/targets/{sha}.digits-1.1.0.efb", headers=device.headers)
+    assert r.status_code == 403 and r.json()["field"] == "filename"
+    mine = image.get_targetinfo("digits-1.0.0.efb")
+    assert mine is not None
+    assert Path(image.download_target(mine)).read_bytes() == live.bundles["1.0.0"].read_bytes()
+    assert live.admin.get(f"/tuf/image/targets/{sha}.digits-1.1.0.efb").status_code == 200  # operators: any
+
+
+def test_director_versions_never_go_down_across_a_server_restart(live: Fleet, tmp_path: Path) -> None:
+    device = live.device()
+    live.assign(device, "1.0.0")
+    _director(live, device, tmp_path).refresh()
+    before = {role: _trusted(tmp_path, device, role) for role in ("targets", "snapshot", "timestamp")}
+
+    live.srv.stop()
+    live.srv.start()
+    director = _director(live, device, tmp_path)
+    director.refresh()  # the same assignments after the restart: the same (or newer) versions, never older
+    assert all(_trusted(tmp_path, device, r) >= v for r, v in before.items())
+
+    live.assign(device, "1.1.0")
+    director = _director(live, device, tmp_path)
+    director.refresh()  # ngclient itself refuses a lower version: a refresh that works proves it
+    assert all(_trusted(tmp_path, device, r) > v for r, v in before.items())
+    assert director.get_targetinfo("digits-1.1.0.efb") is not None
+    ts = Metadata[Timestamp].from_bytes(
+        live.admin.get(f"/tuf/director/{device.id}/timestamp.json").content).signed
+    assert ts.version == _trusted(tmp_path, device, "timestamp")
