@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +25,9 @@ from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
+from edgefleet.server.tuf import load_online_keys
+from edgefleet.server.tuf.director import DirectorRepository
+from edgefleet.server.tuf.routes import DIRECTOR_KEY
 from edgefleet.tufmeta import canonical_bytes, expiry_from
 from edgefleet.tufmeta.keyring import Keyring
 
@@ -192,3 +197,82 @@ def test_director_versions_never_go_down_across_a_server_restart(live: Fleet, tm
     ts = Metadata[Timestamp].from_bytes(
         live.admin.get(f"/tuf/director/{device.id}/timestamp.json").content).signed
     assert ts.version == _trusted(tmp_path, device, "timestamp")
+
+
+def test_two_replicas_answering_many_devices_at_once_sign_one_targets_per_change_and_no_errors(
+    live: Fleet, tmp_path: Path
+) -> None:
+    devices = [live.device() for _ in range(3)]
+    for d in devices:
+        live.assign(d, "1.0.0")
+    replica = Server(live.srv.data, live.srv.db)  # the same data folder (online keys) and database
+    replica.start()
+    try:
+        for d in devices:
+            live.assign(d, "1.1.0")  # nothing signed yet: every first read below finds the targets stale
+        go = threading.Barrier(12)
+        seen: list[tuple[str, int, int]] = []
+
+        def read(device: SimDevice, url: str) -> None:
+            with httpx.Client(base_url=url, timeout=30, headers=device.headers) as c:
+                go.wait()
+                r = c.get(f"/tuf/director/{device.id}/timestamp.json")
+                seen.append((device.id, r.status_code, r.json()["signed"]["version"] if r.status_code == 200 else 0))
+
+        workers = [threading.Thread(target=read, args=(devices[i % 3], (live.srv.url, replica.url)[i % 2]))
+                   for i in range(12)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert len(seen) == 12 and all(status == 200 for _, status, _ in seen), seen
+        for d in devices:
+            assert {v for who, _, v in seen if who == d.id} == {1}, seen  # one timestamp per device, not one per read
+            r = live.admin.get(f"/tuf/director/{d.id}/1.targets.json")
+            assert list(Metadata.from_bytes(r.content).signed.targets) == ["digits-1.1.0.efb"]
+            assert live.admin.get(f"/tuf/director/{d.id}/2.targets.json").status_code == 404
+    finally:
+        logged = replica.stop()
+    assert "Traceback" not in logged, logged[-3000:]
+
+
+def test_director_roles_are_resigned_before_they_expire_and_a_root_without_the_director_key_is_refused(
+    fleet: Any, tmp_path: Path
+) -> None:
+    ring = Keyring.create(tmp_path / "keys", 1, 1)
+    ring.online = fleet.client.get("/tuf/image/keys", headers=fleet.admin_h).json()["keys"]
+    wrong = ring.build_director_root(datetime.now(UTC))
+    wrong.roles["targets"].keyids = list(wrong.roles["snapshot"].keyids)  # the snapshot key would sign targets
+    r = fleet.client.put("/tuf/director/root", content=canonical_bytes(ring.sign_root(wrong, ring.roles["root"])),
+                         headers=fleet.admin_h)
+    assert r.status_code == 422 and r.json()["field"] == "signed.roles.targets", r.text
+    root = ring.sign_root(ring.build_director_root(datetime.now(UTC)), ring.roles["root"])
+    r = fleet.client.put("/tuf/director/root", content=canonical_bytes(root), headers=fleet.admin_h)
+    assert r.status_code == 200 and r.json() == {"version": 1}, r.text
+    r = fleet.client.put("/tuf/director/root", content=canonical_bytes(root), headers=fleet.admin_h)
+    assert r.status_code == 409 and r.json()["field"] == "signed.version"
+
+    now = [datetime.now(UTC)]
+    setattr(fleet.client.app.state, DIRECTOR_KEY, DirectorRepository(
+        fleet.state.sessions, load_online_keys(fleet.settings.data_dir), clock=lambda: now[0]))
+    device = fleet.device()
+    bundle = make_bundle(tmp_path / "b", "digits", "2.0.0")
+    assert fleet.upload(bundle).status_code == 201
+    assert fleet.client.put(f"/api/v1/devices/{device.id}/models/digits", json={"version": "2.0.0"},
+                            headers=fleet.admin_h).status_code == 200
+
+    def versions() -> tuple[int, int, int]:
+        r = fleet.client.get(f"/tuf/director/{device.id}/timestamp.json", headers=device.headers)
+        assert r.status_code == 200, r.text
+        ts = Metadata.from_bytes(r.content).signed
+        assert isinstance(ts, Timestamp) and ts.expires > now[0]
+        sn = Metadata.from_bytes(fleet.client.get(
+            f"/tuf/director/{device.id}/{ts.snapshot_meta.version}.snapshot.json", headers=device.headers).content)
+        return sn.signed.meta["targets.json"].version, ts.snapshot_meta.version, ts.version
+
+    assert versions() == (1, 1, 1)
+    assert versions() == (1, 1, 1)
+    now[0] += timedelta(hours=13)  # past half the timestamp's day
+    assert versions() == (1, 1, 2)
+    now[0] += timedelta(days=1, hours=12)  # past half the targets' and snapshot's three days
+    assert versions() == (2, 2, 3)
