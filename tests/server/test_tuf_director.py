@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,11 +21,14 @@ from typing import Any
 import httpx
 import pytest
 from _fleet import CLI, Server, SimDevice, enroll, make_bundle
+from sqlalchemy import delete
 from test_tuf_image import BearerFetcher
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
+from edgefleet.server.db import make_engine
+from edgefleet.server.models import TufMetadata
 from edgefleet.server.tuf import load_online_keys
 from edgefleet.server.tuf.director import DirectorRepository
 from edgefleet.server.tuf.routes import DIRECTOR_KEY
@@ -276,3 +280,31 @@ def test_director_roles_are_resigned_before_they_expire_and_a_root_without_the_d
     assert versions() == (1, 1, 2)
     now[0] += timedelta(days=1, hours=12)  # past half the targets' and snapshot's three days
     assert versions() == (2, 2, 3)
+
+
+def test_keys_init_on_a_keyring_from_before_the_director_publishes_only_the_director_root(
+    live: Fleet, clean_db: str
+) -> None:
+    token = live.admin.headers["authorization"].split()[1]
+    env = {**os.environ, "EDGEFLEET_TOKEN": token}
+    cmd = [*CLI, "keys", "init", "--keys", str(live.keys), "--server", live.srv.url]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert again.returncode != 0 and again.stderr.count("\n") == 1 and "already published" in again.stderr
+
+    # a server and keyring from before the director: no director root on either side
+    engine = make_engine(clean_db)
+    with engine.begin() as c:
+        c.execute(delete(TufMetadata).where(TufMetadata.repo == "director"))
+    engine.dispose()
+    shutil.rmtree(live.keys / "director")
+    image_before = live.admin.get("/tuf/image/keys").json()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "director root file" in r.stdout
+    new_root = Metadata.from_file(str(live.keys / "director" / "1.root.json")).signed
+    assert new_root.roles["root"].keyids == Keyring.load(live.keys).roles["root"]  # the same offline root keys
+    assert live.admin.get("/tuf/director/no-such/1.root.json").status_code == 200
+    after = live.admin.get("/tuf/image/keys").json()
+    assert after["director_root_version"] == 1
+    assert (after["root_version"], after["targets_version"]) == (image_before["root_version"],
+                                                                 image_before["targets_version"])
