@@ -30,7 +30,7 @@ from edgefleet.server.tuf.keys import OnlineKeys
 from edgefleet.server.tuf.repository import ImageRepository, NotFound
 from edgefleet.tufmeta import check_root_update, expiry_from, parse_metadata, target_path
 
-__all__ = ["DIRECTOR", "DIRECTOR_EXPIRY", "DirectorRepository", "assigned_targets"]
+__all__ = ["DIRECTOR", "DIRECTOR_EXPIRY", "DirectorRepository", "assigned_targets", "is_assigned"]
 
 DIRECTOR = "director"  # the shared root's repo; each device's is "director/<device_id>"
 # Online roles only (root comes from the operator): short, and re-signed once half is gone.
@@ -55,6 +55,15 @@ def assigned_targets(s: Session, device_id: str) -> dict[str, TargetFile]:
         out[path] = TargetFile(length=size, hashes={"sha256": sha}, path=path,
                                unrecognized_fields={"custom": {"model": name, "role": SERVE}})
     return out
+
+
+def is_assigned(s: Session, device_id: str, sha256: str) -> bool:
+    """Whether a committed assignment of the device names a bundle with this sha256 (what any route that
+    sends bundle bytes to a device must check: its director targets name exactly these)."""
+    return s.scalar(
+        select(Assignment.model_name).join(ModelVersion, ModelVersion.id == Assignment.version_id)
+        .where(Assignment.device_id == device_id, ModelVersion.sha256 == sha256).limit(1)
+    ) is not None
 
 
 def _same(signed: dict[str, TargetFile], wanted: dict[str, TargetFile]) -> bool:

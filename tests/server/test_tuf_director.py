@@ -180,6 +180,16 @@ def test_a_device_gets_403_for_an_image_target_its_director_does_not_name(live: 
     assert Path(image.download_target(mine)).read_bytes() == live.bundles["1.0.0"].read_bytes()
     assert live.admin.get(f"/tuf/image/targets/{sha}.digits-1.1.0.efb").status_code == 200  # operators: any
 
+    # unassigned: the director lists nothing, and the bytes it named before are refused too
+    assert live.admin.delete(f"/api/v1/devices/{device.id}/models/digits").status_code == 204
+    director = _director(live, device, tmp_path)
+    director.refresh()
+    assert director.get_targetinfo("digits-1.0.0.efb") is None
+    assert Metadata.from_file(str(tmp_path / "director" / device.id / "targets.json")).signed.targets == {}
+    with pytest.raises(DownloadHTTPError) as e:
+        image.download_target(mine, str(tmp_path / "again.efb"))
+    assert e.value.status_code == 403
+
 
 def test_director_versions_never_go_down_across_a_server_restart(live: Fleet, tmp_path: Path) -> None:
     device = live.device()
