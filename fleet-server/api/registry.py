@@ -31,7 +31,7 @@ from edgefleet.server.errors import ApiError
 from edgefleet.server.models import Device, ModelVersion, utcnow
 from edgefleet.server.state import ServerState, audit
 
-__all__ = ["collect_orphans", "require_reader", "router", "send_blob"]
+__all__ = ["collect_orphans", "require_assigned", "require_reader", "router", "send_blob"]
 
 router = APIRouter(prefix="/api/v1", tags=["registry"])
 
@@ -287,18 +287,30 @@ def delete_version(
     return Response(status_code=204)
 
 
-def require_reader(request: Request, state: ServerState) -> None:
-    """Operators (viewer and up) and enrolled, non-revoked devices may download."""
+def require_reader(request: Request, state: ServerState) -> str | None:
+    """Operators (viewer and up) and enrolled, non-revoked devices may download: returns the calling
+    device's id, or None for an operator. A device may then fetch only bundles assigned to it
+    (:func:`require_assigned`)."""
     raw = bearer(request) or ""
     if raw.startswith("efo_"):
         with state.sessions() as s:
             require("viewer")(request, s)
-        return
+        return None
     who = device_caller(request, state)
     with state.sessions() as s:
         d = s.get(Device, who.device_id)
         if d is None or d.revoked_at is not None or d.cert_serial != who.cert_serial:
             raise ApiError(403, "device: not enrolled, revoked, or its certificate was replaced", "authorization")
+    return who.device_id
+
+
+def require_assigned(s: Session, device_id: str | None, sha256: str) -> None:
+    """Confidentiality: a device downloads only the bundles its committed assignments (its director
+    targets) name, so one extracted device key leaks no other model's bytes. Operators (None) pass."""
+    from edgefleet.server.tuf.director import is_assigned  # the TUF package imports this module
+
+    if device_id is not None and not is_assigned(s, device_id, sha256):
+        raise ApiError(403, f"sha256: not assigned to device {device_id}", "sha256")
 
 
 def send_blob(request: Request, state: ServerState, sha: str) -> Response:
@@ -336,16 +348,18 @@ def _check_range(rng: str, size: int) -> None:
 def download_blob(sha256: Annotated[str, Path(pattern=SHA256)], request: Request, state: StateDep) -> Response:
     """A bundle by content hash, with ``Range`` (206/416), ``ETag`` = sha256 and immutable caching.
     Only blobs of committed versions are served (404 otherwise)."""
-    require_reader(request, state)
+    device = require_reader(request, state)
     with state.sessions() as s:
         if _unreferenced(s, sha256):
             raise ApiError(404, f"sha256: no blob {sha256}", "sha256")
+        require_assigned(s, device, sha256)
     return send_blob(request, state, sha256)
 
 
 @router.get("/models/{name}/{version}/bundle", responses={206: {"description": "partial content"}, 304: {}, 416: {}})
 def download_version(name: NamePath, version: VersionPath, request: Request, state: StateDep) -> Response:
-    require_reader(request, state)
+    device = require_reader(request, state)
     with state.sessions() as s:
         sha = _find(s, name, version).sha256
+        require_assigned(s, device, sha)
     return send_blob(request, state, sha)

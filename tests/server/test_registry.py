@@ -94,11 +94,18 @@ def test_delete_is_refused_while_a_device_is_assigned_the_version(fleet, tmp_pat
     assert delete["before"]["sha256"] == sha and delete["after"] is None and "admin" in delete["actor"]
 
 
-def test_devices_download_their_bundles_with_their_token(fleet, tmp_path: Path) -> None:
+def test_devices_download_only_the_bundles_assigned_to_them(fleet, tmp_path: Path) -> None:
+    """Confidentiality: one extracted device key must not leak other models' bytes, whatever route."""
     sha = fleet.upload(make_bundle(tmp_path)).json()["sha256"]
-    d = fleet.device()
+    d, other = fleet.device(), fleet.device()
+    put = fleet.client.put(f"/api/v1/devices/{d.id}/models/digits", json={"version": "1.0.0"}, headers=fleet.admin_h)
+    assert put.status_code == 200
     r = fleet.client.get(f"/api/v1/blobs/{sha}", headers={**d.headers, "Range": "bytes=0-9"})
     assert r.status_code == 206 and len(r.content) == 10
+    assert fleet.client.get("/api/v1/models/digits/1.0.0/bundle", headers=d.headers).status_code == 200
+    for url in (f"/api/v1/blobs/{sha}", "/api/v1/models/digits/1.0.0/bundle"):
+        refused = fleet.client.get(url, headers=other.headers)
+        assert refused.status_code == 403 and refused.json()["field"] == "sha256", refused.text
     assert fleet.client.get(f"/api/v1/blobs/{sha}").status_code == 401
 
 
