@@ -140,20 +140,11 @@ class Keyring:
 
     def root(self, version: int) -> Metadata[Root] | None:
         """Root ``version`` as this keyring signed it (None when it has no such file)."""
-        path = self.root_file(version)
-        if not path.is_file():
-            return None
-        try:
-            return parse_metadata(path.read_bytes(), Root.type, Root, str(path))
-        except TrustError as e:
-            raise ConfigError(str(e)) from e
+        return _read_root(self.root_file(version))
 
     def save_root(self, md: Metadata[Root]) -> Path:
         """Write ``md`` as ``image/N.root.json`` (canonical JSON, so its sha256 is the fingerprint)."""
-        private_folder(self.folder / "image")
-        path = self.root_file(md.signed.version)
-        atomic_write_bytes(path, canonical_bytes(md), mode=0o644)
-        return path
+        return _write_root(self.root_file(md.signed.version), md)
 
     def fingerprint(self) -> str | None:
         md = self.latest_root()
@@ -182,20 +173,11 @@ class Keyring:
 
     def director_root(self, version: int) -> Metadata[Root] | None:
         """Director root ``version`` as this keyring signed it (None when it has no such file)."""
-        path = self.director_root_file(version)
-        if not path.is_file():
-            return None
-        try:
-            return parse_metadata(path.read_bytes(), Root.type, Root, str(path))
-        except TrustError as e:
-            raise ConfigError(str(e)) from e
+        return _read_root(self.director_root_file(version))
 
     def save_director_root(self, md: Metadata[Root]) -> Path:
         """Write ``md`` as ``director/N.root.json`` (canonical JSON)."""
-        private_folder(self.folder / "director")
-        path = self.director_root_file(md.signed.version)
-        atomic_write_bytes(path, canonical_bytes(md), mode=0o644)
-        return path
+        return _write_root(self.director_root_file(md.signed.version), md)
 
     def build_director_root(self, now: datetime, previous: Root | None = None) -> Root:
         """The director root ``previous.version + 1`` (1 without ``previous``): this keyring's root keys,
@@ -252,3 +234,20 @@ class Keyring:
         out["roles"] = roles
         out["expiry_days"] = {r: EXPIRY[r].days for r in EXPIRY}
         return out
+
+
+def _read_root(path: Path) -> Metadata[Root] | None:
+    """A root file this keyring wrote (None when there is none). Raises ConfigError naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        return parse_metadata(path.read_bytes(), Root.type, Root, str(path))
+    except TrustError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _write_root(path: Path, md: Metadata[Root]) -> Path:
+    """Write ``md`` to ``path`` as canonical JSON (its sha256 is the fingerprint), its folder private."""
+    private_folder(path.parent)
+    atomic_write_bytes(path, canonical_bytes(md), mode=0o644)
+    return path
