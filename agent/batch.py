@@ -60,7 +60,7 @@ from edgefleet.agent._batch_inputs import count_samples as _count
 from edgefleet.agent._batch_inputs import csv_samples as _csv_samples
 from edgefleet.agent._batch_inputs import jsonl_samples as _jsonl_samples
 from edgefleet.agent._batch_inputs import npz_samples as _npz_samples
-from edgefleet.agent.pipeline import Pipeline, decode_image, postprocess
+from edgefleet.agent.pipeline import Pipeline, decode_image
 from edgefleet.agent.runtime import Model
 from edgefleet.errors import ConfigError, EdgefleetError
 
@@ -226,15 +226,7 @@ class _Runner:
         p = self.pipeline
         if p is None:
             return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
-        res: dict[str, Any] = {}
-        raw = p.raw_outputs or (() if p.spec.postprocess else tuple(outputs))
-        if raw:
-            res["outputs"] = {k: outputs[k].tolist() for k in raw}
-        out = outputs[p.output]
-        if out.ndim >= 1 and out.shape[0] == 1:
-            out = out[0]
-        res.update(postprocess(out, p.spec.postprocess, p.labels))
-        return res
+        return p.finish(outputs, p.raw_outputs or (() if p.spec.postprocess else tuple(outputs)))
 
     def prepare(self, item: _Item) -> None:
         """Load the item's feeds and check them against the model (so that an error lands on its sample);

@@ -335,7 +335,12 @@ class Pipeline:
         """
         raw = self.raw_outputs if raw_outputs is None else self._raw(raw_outputs)
         outputs = self.model.predict(self.prepare(data))
-        result: dict[str, Any] = {"model": self.model.name}
+        return {"model": self.model.name, **self.finish(outputs, raw)}
+
+    def finish(self, outputs: Mapping[str, np.ndarray[Any, Any]], raw: Sequence[str] = ()) -> dict[str, Any]:
+        """The post-processed result of one sample's model outputs (a batch of one is unwrapped), with
+        ``"outputs"`` holding the ``raw`` ones as lists."""
+        result: dict[str, Any] = {}
         if raw:
             result["outputs"] = {k: outputs[k].tolist() for k in raw}
         out = outputs[self.output]

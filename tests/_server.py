@@ -40,11 +40,20 @@ def running_api(
         max_image_pixels=max_image_pixels,
         recent_predictions=recent_predictions,
     )
+    limits.setdefault("max_json_bytes", max_body_bytes)
+    try:
+        with serving(app, Limits(max_body_bytes=max_body_bytes, api_token=token, **limits)) as url:
+            yield url, app
+    finally:
+        app.close()
+
+
+@contextmanager
+def serving(app: Any, limits: Limits | None = None) -> Iterator[str]:
+    """Yield "127.0.0.1:PORT" with ``app`` on the agent's HTTP server, on a free loopback port, in a thread."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    limits.setdefault("max_json_bytes", max_body_bytes)
-    server = HttpServer(app, Limits(max_body_bytes=max_body_bytes, api_token=token, **limits))
+    server = HttpServer(app, limits or Limits())
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -59,10 +68,10 @@ def running_api(
     if not started.wait(10):
         raise RuntimeError("test API server did not start")
     try:
-        yield f"127.0.0.1:{port}", app
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(5), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
-        app.close()
+        loop.close()
         sock.close()

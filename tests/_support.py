@@ -112,3 +112,16 @@ def digits_bundle(out: Path, top_k: int = 3) -> Path:
         pipeline=spec,
     )
     return path
+
+
+def raw_tflite(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The bare LiteRT interpreter's first output for ``x`` as its first input, resized to ``x``'s shape."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    idx = it.get_input_details()[0]["index"]
+    it.resize_tensor_input(idx, x.shape)
+    it.allocate_tensors()
+    it.set_tensor(idx, x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])  # type: ignore[no-any-return]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _support import MODELS, digits_input
+from _support import MODELS, digits_input, raw_tflite
 from ai_edge_litert.interpreter import Interpreter
 
 from edgefleet.agent import ModelError, load_model
@@ -96,14 +96,6 @@ def test_loading_a_dynamic_model_logs_no_warning(caplog):
 # --- TFLite with dynamic input dims ---------------------------------------------------------------
 
 
-def raw_tflite_at(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    it = Interpreter(model_path=str(path))
-    idx = it.get_input_details()[0]["index"]
-    it.resize_tensor_input(idx, x.shape)
-    it.allocate_tensors()
-    it.set_tensor(idx, x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
 
 
 def test_dynamic_tflite_loads_and_matches_the_raw_runtime_at_several_sizes():
@@ -115,7 +107,7 @@ def test_dynamic_tflite_loads_and_matches_the_raw_runtime_at_several_sizes():
         x = image(h, w)
         got = model.predict({"image": x})["logits"]
         assert got.shape == (1, w // 2 - 2, 12)
-        np.testing.assert_array_equal(got, raw_tflite_at(path, x))
+        np.testing.assert_array_equal(got, raw_tflite(path, x))
 
 
 def test_dynamic_tflite_shape_the_runtime_refuses_is_a_model_error_and_the_next_request_works():
@@ -126,7 +118,7 @@ def test_dynamic_tflite_shape_the_runtime_refuses_is_a_model_error_and_the_next_
     assert type(info.value) is ModelError and info.value.__cause__ is not None
     assert str(path) in str(info.value) and "[1, 1, 1, 3]" in str(info.value)
     x = image(24, 40)
-    np.testing.assert_array_equal(model.predict({"image": x})["logits"], raw_tflite_at(path, x))
+    np.testing.assert_array_equal(model.predict({"image": x})["logits"], raw_tflite(path, x))
 
 
 def test_dynamic_tflite_bundle_warms_up_with_its_golden_sample(tmp_path, caplog):
@@ -139,7 +131,7 @@ def test_dynamic_tflite_bundle_warms_up_with_its_golden_sample(tmp_path, caplog)
     assert not any("warm-up" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert model.example_inputs is not None and model.example_inputs["image"].shape == (1, 32, 64, 3)
     np.testing.assert_array_equal(
-        model.predict({"image": x[1]})["logits"], raw_tflite_at(MODELS / "ocr_dynamic.tflite", x[1])
+        model.predict({"image": x[1]})["logits"], raw_tflite(MODELS / "ocr_dynamic.tflite", x[1])
     )
 
 

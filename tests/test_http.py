@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gzip
 import json
 import shutil
 import socket
 import subprocess
-import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _server import running_api
-
-from edgefleet.agent.http import HttpServer, Limits
+from _server import running_api, serving
 
 BODY = json.dumps(
     {
@@ -162,32 +157,6 @@ def test_a_gzip_body_of_several_mib_is_decoded_whole(models_dir: Path) -> None:
 # still gets a clean JSON 500 ------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """``app`` on the agent's HTTP server, on a free loopback port, in a thread."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = HttpServer(app, Limits())
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start([sock]))
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(5), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        sock.close()
 
 
 def _app(fail_after_start: bool = False, body: bool = True) -> Any:

@@ -14,8 +14,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _support import MODELS
-from ai_edge_litert.interpreter import Interpreter
+from _support import MODELS, raw_tflite
 
 from edgefleet.agent import Pipeline, PipelineError, load_model
 from edgefleet.agent.pipeline import postprocess, preprocess
@@ -45,14 +44,6 @@ def spec(raw: dict[str, Any]) -> PipelineSpec:
     return PipelineSpec.model_validate(raw)
 
 
-def raw_tflite(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    it = Interpreter(model_path=str(path))
-    idx = it.get_input_details()[0]["index"]
-    it.resize_tensor_input(idx, x.shape)
-    it.allocate_tensors()
-    it.set_tensor(idx, x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
 
 
 def raw_onnx(path: Path, feeds: dict[str, Any]) -> np.ndarray[Any, Any]:
