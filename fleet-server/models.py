@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -94,7 +94,8 @@ class EnrollmentToken(Base):
 
 
 class Device(Base):
-    """An enrolled device: its certificate (CN = id), tags, what it reported, and its desired state's ETag."""
+    """An enrolled device: its certificate (CN = id), tags, what it reported (running versions, the update
+    block: state, target, last failure), and its check-in ETag (see :mod:`edgefleet.server.desired`)."""
 
     __tablename__ = "devices"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -110,7 +111,10 @@ class Device(Base):
     agent_version: Mapped[str | None] = mapped_column(String(64))
     hardware_profile: Mapped[str | None] = mapped_column(String(128))
     running: Mapped[list[Any]] = mapped_column(default=list)
-    desired_etag: Mapped[str] = mapped_column(String(64))  # hash of the desired state, updated on change
+    # "ts-N": the director timestamp version N signed with the current assignments; a hash of the desired
+    # state while the server has no director root (or no online keys). Written with every change.
+    desired_etag: Mapped[str] = mapped_column(String(64))
+    update_state: Mapped[dict[str, Any] | None]  # the last reported update block (ReportIn.update)
     __table_args__ = (Index("ix_devices_last_seen", "last_seen"),)
 
 
@@ -141,16 +145,26 @@ class Assignment(Base):
     updated_at: Mapped[datetime]
 
 
+_HAS_SEQ = text("seq IS NOT NULL")
+
+
 class DeviceEvent(Base):
-    """An update lifecycle event a device reported."""
+    """An update lifecycle event a device reported. ``seq`` is the device's own event number (None from
+    agents before it): each (device, seq) is stored at most once, so a report retried after a lost
+    answer adds nothing. ``data``: model, version, target, sha256, reason, detail."""
 
     __tablename__ = "device_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
     at: Mapped[datetime]
     received_at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]]
+    __table_args__ = (
+        Index("uq_device_events_device_seq", "device_id", "seq", unique=True, sqlite_where=_HAS_SEQ,
+              postgresql_where=_HAS_SEQ),
+    )
 
 
 class AuditEntry(Base):

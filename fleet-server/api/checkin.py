@@ -1,27 +1,32 @@
 """Device check-in: the desired state (ETag/304, cheap when nothing changed) and reports.
 
+The ETag is the device's director timestamp version (``"ts-N"``, see :mod:`edgefleet.server.desired`),
+stored on the device row with every assignment change: a new ETag means new director metadata to fetch.
 The unchanged path costs one indexed read of the device row (identity, revocation, ETag, last seen)
 and, at most once per ``last_seen_granularity`` seconds per device, one small UPDATE. They run on one
 of the database workers (:class:`edgefleet.server.db.AutocommitDB`, each with an autocommit connection
 kept open), never on the event loop: a database that blocks (a held SQLite lock, an unreachable
 PostgreSQL) stalls that check-in, which ends in a 503 with ``Retry-After`` once the bounded wait runs
-out; the token check before it is CPU only. Reports are plain functions, run on FastAPI's thread pool.
+out; the token check before it is CPU only. Reports are plain functions, run on FastAPI's thread pool:
+their events are inserted ignoring a (device, seq) already stored, so a report sent again after a lost
+answer adds nothing (``INSERT ... ON CONFLICT DO NOTHING``, which SQLite and PostgreSQL both speak).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edgefleet.server.api.deps import DeviceCaller, StateDep, device_caller
 from edgefleet.server.api.identity import live_device
-from edgefleet.server.api.schemas import DEVICE_ID, ReportIn
-from edgefleet.server.desired import desired_state, etag_of
+from edgefleet.server.api.schemas import DEVICE_ID, ReportIn, UpdateEvent
+from edgefleet.server.desired import desired_state
 from edgefleet.server.errors import ApiError
 from edgefleet.server.models import Device, DeviceEvent, utcnow
 from edgefleet.server.state import ServerState
@@ -61,7 +66,7 @@ async def get_desired(device_id: DevicePath, request: Request) -> Response:
         state.metrics.checkins.labels("304").inc()
         return Response(status_code=304, headers={"etag": etag, "cache-control": "no-cache"})
     state.metrics.checkins.labels("200").inc()
-    return JSONResponse(body, headers={"etag": f'"{etag_of(body)}"', "cache-control": "no-cache"})
+    return JSONResponse(body, headers={"etag": etag, "cache-control": "no-cache"})
 
 
 def _check_in(
@@ -81,12 +86,14 @@ def _check_in(
     if _matches(if_none_match, etag):
         return etag, None
     with Session(bind=conn) as s:
-        return etag, desired_state(s, who.device_id)
+        return etag, desired_state(s, who.device_id, row.desired_etag)
 
 
 @router.post("/devices/{device_id}/reports", status_code=204)
 def post_report(device_id: DevicePath, body: ReportIn, request: Request, state: StateDep) -> Response:
-    """The device's running versions, update events, agent version and hardware profile."""
+    """The device's running versions, update events, update state, agent version and hardware profile.
+    Events with a ``seq`` already stored for this device are ignored (a retried report); an absent
+    ``update`` block leaves the last one in place."""
     who = device_caller(request, state)
     now = utcnow()
     with state.sessions.begin() as s:
@@ -94,8 +101,26 @@ def post_report(device_id: DevicePath, body: ReportIn, request: Request, state: 
         d.agent_version = body.agent_version
         d.hardware_profile = body.hardware_profile
         d.running = [m.model_dump(mode="json") for m in body.running]
+        if body.update is not None:
+            d.update_state = body.update.model_dump(mode="json")
         d.reported_at = d.last_seen = now
-        for e in body.events:
-            data = e.model_dump(mode="json", exclude={"at", "kind"})
-            s.add(DeviceEvent(device_id=device_id, at=e.at, received_at=now, kind=e.kind, data=data))
+        s.flush()
+        _insert_events(s, device_id, body.events, now)
     return Response(status_code=204)
+
+
+def _insert_events(s: Session, device_id: str, events: list[UpdateEvent], now: datetime) -> None:
+    """One INSERT of ``events``, skipping any whose (device_id, seq) is stored already (or repeated in the
+    batch). Events without a seq (older agents) are always added."""
+    if not events:
+        return
+    rows = [
+        {"device_id": device_id, "seq": e.seq, "at": e.at, "received_at": now, "kind": e.kind,
+         "data": e.model_dump(mode="json", exclude={"seq", "at", "kind"})}
+        for e in events
+    ]
+    dialect = s.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert  # make_engine allows only these
+    stmt = insert(DeviceEvent).on_conflict_do_nothing(index_elements=[DeviceEvent.device_id, DeviceEvent.seq],
+                                                      index_where=DeviceEvent.seq.isnot(None))
+    s.execute(stmt, rows)

@@ -1,36 +1,100 @@
-"""The operator's view of devices: list, show, tag, revoke, and assign model versions."""
+"""The operator's view of devices: list, show (with the update state and last events), events, tag,
+revoke, and assign model versions.
+
+An assignment change signs the device's director metadata in its own transaction and stores the new
+timestamp version as the device's check-in ETag (see :mod:`edgefleet.server.desired`): the device's
+next check-in is a 200 naming exactly the director timestamp it then fetches.
+"""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from edgefleet.server.api.deps import Actor, SessionDep, StateDep, require
-from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, TAG, AssignIn, DeviceOut, TagsIn
+from edgefleet.server.api.deps import Actor, SessionDep, StateDep, device_caller, require
+from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, SEQ_MAX, TAG, AssignIn, DeviceOut, EventOut, TagsIn
 from edgefleet.server.desired import desired_state, refresh_etag
 from edgefleet.server.errors import ApiError
-from edgefleet.server.models import Assignment, Device, ModelVersion, utcnow
+from edgefleet.server.models import Assignment, Device, DeviceEvent, ModelVersion, utcnow
 from edgefleet.server.state import ServerState, audit
+from edgefleet.server.tuf.director import DirectorRepository
+from edgefleet.server.tuf.routes import director_repository
 
-__all__ = ["router"]
+__all__ = ["SHOWN_EVENTS", "recent_events", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 DevicePath = Annotated[str, Path(pattern=DEVICE_ID)]
+SHOWN_EVENTS = 20  # events on device show
+MAX_EVENTS = 500  # events per page of GET /devices/{id}/events
+
+
+def recent_events(s: Session, device_id: str, limit: int, before_seq: int | None = None) -> list[EventOut]:
+    """The device's events, newest first: those with a ``seq`` by seq (below ``before_seq`` if given),
+    then those from older agents without one, by arrival. Two index reads, each at most ``limit`` rows.
+    Events without a seq cannot be paged past: at most ``limit`` of them follow the numbered ones."""
+    numbered = select(DeviceEvent).where(DeviceEvent.device_id == device_id, DeviceEvent.seq.isnot(None))
+    if before_seq is not None:
+        numbered = numbered.where(DeviceEvent.seq < before_seq)
+    rows = list(s.scalars(numbered.order_by(DeviceEvent.seq.desc()).limit(limit)))
+    if len(rows) < limit:
+        rows += s.scalars(
+            select(DeviceEvent).where(DeviceEvent.device_id == device_id, DeviceEvent.seq.is_(None))
+            .order_by(DeviceEvent.id.desc()).limit(limit - len(rows))
+        )
+    return [_event_out(e) for e in rows]
+
+
+def _event_out(e: DeviceEvent) -> EventOut:
+    data = e.data or {}
+    return EventOut(
+        seq=e.seq, at=e.at, received_at=e.received_at, kind=e.kind, model=data.get("model"),
+        version=data.get("version"), target=data.get("target"), sha256=data.get("sha256"),
+        reason=data.get("reason"), detail=data.get("detail") or "",
+    )
 
 
 def _out(d: Device, state: ServerState, s: Session | None = None) -> DeviceOut:
+    """The device as operators see it; with ``s`` (device show) also its desired state and last events."""
     window = timedelta(seconds=state.settings.online_window)
     return DeviceOut(
         id=d.id, tags=list(d.tags), online=d.last_seen is not None and utcnow() - d.last_seen < window,
         revoked=d.revoked_at is not None, enrolled_at=d.enrolled_at, last_seen=d.last_seen,
         reported_at=d.reported_at, agent_version=d.agent_version, hardware_profile=d.hardware_profile,
         running=list(d.running), cert_serial=d.cert_serial, cert_not_after=d.cert_not_after,
-        desired=desired_state(s, d.id) if s is not None else None,
+        desired=desired_state(s, d.id, d.desired_etag) if s is not None else None,
+        update=d.update_state, events=recent_events(s, d.id, SHOWN_EVENTS) if s is not None else None,
     )
+
+
+def _director(request: Request) -> DirectorRepository | None:
+    """The app's director repositories, or None on a server without online TUF keys (hash ETags then)."""
+    try:
+        return director_repository(request)
+    except ApiError:  # 503: initialised before TUF
+        return None
+
+
+_viewer = require("viewer")
+
+
+def events_reader(request: Request, s: SessionDep, state: StateDep) -> Actor:
+    """Operators with a viewer token and up. A device's own credentials are a 403 (it is known, and
+    events are for operators), not the 401 of a token that proves nothing."""
+    try:
+        return _viewer(request, s)
+    except ApiError as refused:
+        if refused.status != 401:
+            raise
+        try:
+            who = device_caller(request, state)
+        except ApiError:
+            raise refused from None
+        raise ApiError(403, f"authorization: device {who.device_id} may not read device events; they are for "
+                       "operators (viewer and up)", "authorization") from None
 
 
 def _get(s: Session, device_id: str) -> Device:
@@ -67,6 +131,21 @@ def show_device(
     return _out(_get(s, device_id), state, s)
 
 
+@router.get("/devices/{device_id}/events", response_model=list[EventOut])
+def list_events(
+    device_id: DevicePath,
+    s: SessionDep,
+    _: Annotated[Actor, Depends(events_reader)],
+    limit: Annotated[int, Query(ge=1, le=MAX_EVENTS, description="events per page")] = 100,
+    before_seq: Annotated[int | None, Query(ge=1, le=SEQ_MAX, description="only events with a lower seq: the "
+                                            "last seq of the previous page")] = None,
+) -> list[EventOut]:
+    """The device's update events, newest first (by the device's own ``seq``; events from agents without
+    one come last). Operators only: a device's token is a 403."""
+    _get(s, device_id)
+    return recent_events(s, device_id, limit, before_seq)
+
+
 @router.put("/devices/{device_id}/tags", response_model=DeviceOut)
 def set_tags(
     device_id: DevicePath, body: TagsIn, state: StateDep, actor: Annotated[Actor, Depends(require("operator"))]
@@ -98,10 +177,13 @@ def assign(
     device_id: DevicePath,
     name: Annotated[str, Path(pattern=MODEL_NAME)],
     body: AssignIn,
+    request: Request,
     state: StateDep,
     actor: Annotated[Actor, Depends(require("operator"))],
 ) -> DeviceOut:
-    """Pin a version of model ``name`` on the device (rollouts will set these too)."""
+    """Pin a version of model ``name`` on the device (rollouts will set these too). Its director metadata
+    is signed in the same transaction; the new timestamp version is its check-in ETag."""
+    director = _director(request)
     with state.sessions.begin() as s:
         d = _get(s, device_id)
         v = s.scalar(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == body.version))
@@ -116,7 +198,7 @@ def assign(
             before = {"version_id": a.version_id, "source": a.source}
             a.version_id, a.source, a.updated_at = v.id, "operator", utcnow()
         s.flush()
-        refresh_etag(s, device_id)
+        refresh_etag(s, device_id, director)
         audit(s, actor.label, "device.assign", f"device:{device_id}/model:{name}", before,
               {"version": v.version, "sha256": v.sha256})
         s.refresh(d)
@@ -127,13 +209,16 @@ def assign(
 def unassign(
     device_id: DevicePath,
     name: Annotated[str, Path(pattern=MODEL_NAME)],
+    request: Request,
     state: StateDep,
     actor: Annotated[Actor, Depends(require("operator"))],
 ) -> Response:
+    """Stop running model ``name`` on the device: new director targets without it, a new ETag."""
+    director = _director(request)
     with state.sessions.begin() as s:
         _get(s, device_id)
         gone = s.execute(delete(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == name))
         if gone.rowcount:  # type: ignore[attr-defined]
-            refresh_etag(s, device_id)
+            refresh_etag(s, device_id, director)
             audit(s, actor.label, "device.unassign", f"device:{device_id}/model:{name}", {"model": name}, None)
     return Response(status_code=204)

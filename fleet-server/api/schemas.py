@@ -6,15 +6,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from edgefleet.bundle.manifest import NAME_PATTERN, VERSION_PATTERN
 
 __all__ = [
     "DEVICE_ID",
     "MODEL_NAME",
+    "REASON",
+    "SEQ_MAX",
     "SHA256",
     "TAG",
+    "TARGET_PATH",
     "VERSION",
     "AssignIn",
     "AuditOut",
@@ -27,11 +30,15 @@ __all__ = [
     "EnrollOut",
     "EnrollTokenIn",
     "EnrollTokenOut",
+    "EventOut",
     "RenewIn",
     "ReportIn",
     "TagsIn",
     "TokenIn",
     "TokenOut",
+    "UpdateEvent",
+    "UpdateFailure",
+    "UpdateStatus",
     "VersionOut",
 ]
 
@@ -40,6 +47,10 @@ VERSION = VERSION_PATTERN
 DEVICE_ID = r"^[a-z0-9][a-z0-9-]{0,63}$"
 SHA256 = r"^[0-9a-f]{64}$"
 TAG = r"^[A-Za-z0-9][A-Za-z0-9._:=/-]{0,63}$"
+WORD = r"^[a-z][a-z0-9_.-]{0,63}$"  # a machine-friendly word: event kinds, update states
+REASON = WORD  # why an update step ended as it did: hash_mismatch, selftest_failed, ...
+TARGET_PATH = rf"^{MODEL_NAME[1:-1]}-{VERSION[1:-1]}\.efb$"  # a TUF target path, NAME-VERSION.efb
+SEQ_MAX = 2**63 - 1  # event numbers are BIGINT
 
 Tag = Annotated[str, Field(pattern=TAG)]
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -163,11 +174,42 @@ class RunningModel(_In):
 
 
 class UpdateEvent(_In):
-    at: datetime
-    kind: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$", description="e.g. download.started, install.ok")
+    """One step of the device's update state machine, as the device saw it."""
+
+    seq: int | None = Field(
+        default=None, ge=1, le=SEQ_MAX,
+        description="the device's own event number, growing by one per event across restarts; the server keeps "
+        "each (device, seq) once, so a report sent again adds nothing. Optional for older agents",
+    )
+    at: AwareDatetime = Field(description="when it happened, on the device's clock (RFC 3339 with a zone)")
+    kind: str = Field(pattern=WORD, description="e.g. download.started, install.ok, rollback")
     model: str | None = Field(default=None, pattern=MODEL_NAME)
     version: str | None = Field(default=None, pattern=VERSION)
+    target: str | None = Field(default=None, pattern=TARGET_PATH, max_length=256,
+                               description="the TUF target path, NAME-VERSION.efb")
+    sha256: str | None = Field(default=None, pattern=SHA256, description="the target's sha256")
+    reason: str | None = Field(default=None, pattern=REASON,
+                               description="a short word saying why: hash_mismatch, selftest_failed, ...")
+    detail: str = Field(default="", max_length=2048, pattern=r"^[^\x00]*$", description="a sentence for people")
+
+
+class UpdateFailure(_In):
+    """The last update attempt that failed, kept until one succeeds."""
+
+    reason: str = Field(pattern=REASON)
     detail: str = Field(default="", max_length=2048, pattern=r"^[^\x00]*$")
+    at: AwareDatetime | None = None
+    target: str | None = Field(default=None, pattern=TARGET_PATH, max_length=256)
+    sha256: str | None = Field(default=None, pattern=SHA256)
+
+
+class UpdateStatus(_In):
+    """Where the device's update state machine is: what operators see on ``device show``."""
+
+    state: str = Field(pattern=WORD, description="the state machine's state, e.g. idle, downloading, probation")
+    target: str | None = Field(default=None, pattern=TARGET_PATH, max_length=256,
+                               description="the target being installed, NAME-VERSION.efb")
+    last_failure: UpdateFailure | None = None
 
 
 class ReportIn(_In):
@@ -175,6 +217,23 @@ class ReportIn(_In):
     hardware_profile: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     running: list[RunningModel] = Field(default_factory=list, max_length=64)
     events: list[UpdateEvent] = Field(default_factory=list, max_length=256)
+    update: UpdateStatus | None = Field(
+        default=None, description="the update state machine now; kept on the device row (absent: unchanged)")
+
+
+class EventOut(BaseModel):
+    """An update event as stored: ``seq`` is None for events from agents without event numbers."""
+
+    seq: int | None
+    at: datetime
+    received_at: datetime
+    kind: str
+    model: str | None = None
+    version: str | None = None
+    target: str | None = None
+    sha256: str | None = None
+    reason: str | None = None
+    detail: str = ""
 
 
 class DeviceOut(BaseModel):
@@ -190,7 +249,11 @@ class DeviceOut(BaseModel):
     running: list[Any]
     cert_serial: str
     cert_not_after: datetime
-    desired: dict[str, Any] | None = None
+    desired: dict[str, Any] | None = Field(default=None, description="what it should run (device show only)")
+    update: dict[str, Any] | None = Field(
+        default=None, description="the update block it last reported: state, target, last_failure")
+    events: list[EventOut] | None = Field(default=None, description="its last 20 events, newest first (device "
+                                          "show only; all of them: GET /devices/{id}/events)")
 
 
 class AuditOut(BaseModel):

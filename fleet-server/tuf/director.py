@@ -7,9 +7,13 @@
   assignments (``NAME-VERSION.efb``, length, sha256, ``custom: {"model": NAME, "role": "serve"}``), signed
   online by the director-targets key, then **snapshot** and **timestamp** as in the image repository.
 
-Signing is lazy: when a device's ``timestamp.json`` is read, the targets are re-signed if the assignment
-set differs from the newest signed targets or they are past half their lifetime; snapshot and timestamp
-follow. The check is repeated under the repository's lock (PostgreSQL advisory lock, SQLite's write
+Signing happens in the transaction that changes a device's assignments
+(:meth:`DirectorRepository.sign_assignments`, called by ``desired.refresh_etag``), and lazily when a
+device's ``timestamp.json`` is read: the targets are re-signed if the assignment set differs from the
+newest signed targets (assignments made before the director root existed) or they are past half their
+lifetime; snapshot and timestamp follow. Whenever a timestamp is signed, its version becomes the
+device's check-in ETag (``ts-N``, on the device row) in the same transaction, so check-in and metadata
+agree. The check is repeated under the repository's lock (PostgreSQL advisory lock, SQLite's write
 lock), and versions are ``max + 1`` of what the database holds (the primary key refuses a duplicate), so
 versions only grow, across restarts and replicas. Methods are blocking: call them from a thread pool.
 """
@@ -25,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp  # type: ignore[attr-defined]
 
+from edgefleet.server.desired import store_etag, timestamp_etag
 from edgefleet.server.models import Assignment, Device, ModelVersion, TufMetadata, utcnow
 from edgefleet.server.state import audit
 from edgefleet.server.tuf.keys import OnlineKeys
@@ -142,6 +147,18 @@ class DirectorRepository:
                 return ts
             return self._resign(s, repo, device_id).data.encode()
 
+    def sign_assignments(self, s: Session, device_id: str) -> int | None:
+        """In the caller's transaction ``s``, right after it changed the device's assignments (flushed,
+        not committed): take the device repository's lock, sign targets from the assignments as ``s``
+        sees them, then snapshot and timestamp, and store ``ts-N`` as the device's check-in ETag; all of
+        it commits or rolls back with the change. Returns the timestamp version N, or None when the
+        director root is not published yet (nothing signed; the caller keeps a hash ETag)."""
+        if self.root_repo._latest(s, Root.type) is None:
+            return None
+        repo = self.device_repo(device_id)
+        repo._lock(s)
+        return self._resign(s, repo, device_id).version
+
     def current_targets_version(self, device_id: str) -> int:
         return self.device_repo(device_id).current_version(Targets.type)
 
@@ -167,7 +184,8 @@ class DirectorRepository:
         return ts.data.encode()
 
     def _resign(self, s: Session, repo: ImageRepository, device_id: str) -> TufMetadata:
-        """Under the lock: sign what is stale and return the newest timestamp row."""
+        """Under the lock: sign what is stale, store the newest timestamp's version as the device's
+        check-in ETag, and return that timestamp row."""
         now = self.clock()
         ts, sn, targets = (repo._latest(s, r) for r in (Timestamp.type, Snapshot.type, Targets.type))
         wanted = assigned_targets(s, device_id)
@@ -186,6 +204,7 @@ class DirectorRepository:
         assert sn is not None
         if new_snapshot or ts is None or repo._stale(ts, Timestamp.type, now):
             ts = repo._sign_timestamp(s, sn, (ts.version if ts else 0) + 1, now)
+        store_etag(s, device_id, timestamp_etag(ts.version))  # also when nothing was new: a hash ETag goes
         return ts
 
     def names(self, device_id: str, path: str, sha256: str) -> bool:

@@ -223,7 +223,11 @@ def test_two_replicas_answering_many_devices_at_once_sign_one_targets_per_change
     replica.start()
     try:
         for d in devices:
-            live.assign(d, "1.1.0")  # nothing signed yet: every first read below finds the targets stale
+            live.assign(d, "1.1.0")  # signed by the assignment itself, then forgotten below
+        engine = make_engine(live.srv.db)
+        with engine.begin() as c:  # as for assignments made before the director root: nothing signed yet,
+            c.execute(delete(TufMetadata).where(TufMetadata.repo.in_([f"director/{d.id}" for d in devices])))
+        engine.dispose()  # so every first read below finds the targets missing and races to sign them
         go = threading.Barrier(12)
         seen: list[tuple[str, int, int]] = []
 
@@ -245,6 +249,7 @@ def test_two_replicas_answering_many_devices_at_once_sign_one_targets_per_change
             r = live.admin.get(f"/tuf/director/{d.id}/1.targets.json")
             assert list(Metadata.from_bytes(r.content).signed.targets) == ["digits-1.1.0.efb"]
             assert live.admin.get(f"/tuf/director/{d.id}/2.targets.json").status_code == 404
+            assert d.client.get(f"/api/v1/devices/{d.id}/desired", headers=d.headers).headers["etag"] == '"ts-1"'
     finally:
         logged = replica.stop()
     assert "Traceback" not in logged, logged[-3000:]
