@@ -1,5 +1,11 @@
 """The operator's side of the CLI, against a fleet server: ``device``, ``token``, the registry commands
-for ``model`` (``push``, ``list``, ``show``), and the ``server`` group.
+for ``model`` (``push``, ``list``, ``show``, and ``sign``, ``withdraw``), and the ``server`` group.
+
+Pushing is a signing protocol: ``model push BUNDLE --keys DIR`` uploads the bundle, then lists it in the
+image repository's targets signed with the operator's release key (:func:`edgefleet.cli.keys.
+change_targets`); devices install only what those targets list. ``model sign`` lists a bundle already in
+the registry, ``model withdraw`` signs targets without it. ``--keys`` also comes from
+``$EDGEFLEET_KEYS``; ``device enroll-token --keys DIR`` pins the token to the keyring's image root.
 
 The server URL comes from ``--server``, ``$EDGEFLEET_SERVER`` or the CLI config file; the API token from
 ``$EDGEFLEET_TOKEN`` or the config file (``~/.config/edgefleet/cli.toml``, or ``$EDGEFLEET_CLI_CONFIG``)::
@@ -24,19 +30,26 @@ import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import typer
 
 from edgefleet.bundle.manifest import shown
 from edgefleet.errors import ConfigError, EdgefleetError
 
-__all__ = ["WAIT_FOR_SERVER", "ApiClientError", "device_app", "list_models", "push", "register", "show", "token_app"]
+__all__ = ["WAIT_FOR_SERVER", "ApiClientError", "device_app", "list_models", "push", "register", "show", "sign",
+           "token_app", "withdraw"]
 
 device_app = typer.Typer(help="Enrolled devices: list, show, tag, revoke; enrollment tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=True)
 
 _SERVER = typer.Option(None, "--server", "-s", help="fleet server URL [env: EDGEFLEET_SERVER, or the config file]")
 _JSON = typer.Option(False, "--json", help="print JSON")
+_SIGN_KEYS = typer.Option(None, "--keys", envvar="EDGEFLEET_KEYS",
+                          help="the operator's keyring (`edgefleet keys init`): sign with its release key "
+                               "[env: EDGEFLEET_KEYS]")
+_KEYS_REQUIRED = typer.Option(..., "--keys", envvar="EDGEFLEET_KEYS",
+                              help="the operator's keyring (`edgefleet keys init`) [env: EDGEFLEET_KEYS]")
 _CHUNK = 1 << 20  # upload chunk, bytes
 WAIT_FOR_SERVER = 10.0  # seconds a command retries a refused connection (a server that is starting)
 _SCHEME = re.compile(r"\Ahttps?://[^/]", re.IGNORECASE)
@@ -174,62 +187,202 @@ def _echo(data: Any, as_json: bool, columns: list[str] | None = None, title: str
 # ---------------------------------------------------------------- model (registered by cli/model.py)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def push(
     bundle: Path = typer.Argument(..., exists=True, dir_okay=False, help="the .efb bundle to upload"),
+    keys: Path | None = _SIGN_KEYS,
     server: str | None = _SERVER,
     as_json: bool = _JSON,
 ) -> None:
-    """Upload a bundle to the registry (streamed, with a progress bar); the server validates it.
+    """Upload a bundle to the registry (streamed, with a progress bar); with --keys, sign it into the
+    image targets so devices may install it.
 
     The bundle is checked here first, then the server is asked, with no body (a dry run), whether it
     would take it: a bad token, a role that may not push, or a version that exists with other content
-    is refused before any of the body is sent, and the same bytes pushed again are a no-op."""
+    is refused before any of the body is sent, and the same bytes pushed again are a no-op. With --keys
+    the keyring is checked before the upload; after it, the entry NAME-VERSION.efb (the length and
+    sha256 hashed here) is added to the current image targets, signed with the release key and
+    published (retried when another operator published in between); already listed, nothing is signed.
+    Without --keys devices will not install it until `model sign` lists it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     from edgefleet.bundle import read_manifest
+    from edgefleet.cli.keys import signing_keyring
 
     manifest = read_manifest(bundle)
+    signing = signing_keyring(keys) if keys is not None else None  # a bad keyring fails before the upload
     size = bundle.stat().st_size
-    digest = hashlib.sha256()
-    with bundle.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    sha = digest.hexdigest()
+    sha = _sha256(bundle)
     headers = {"X-Content-SHA256": sha, "X-Model-Name": manifest.name, "X-Model-Version": manifest.version}
     with _client(server) as c:
         # A dry run first: the token, the role and the version are checked with no body sent; 200 means
         # these bytes are already this version.
         check = _send(c, "POST", "/api/v1/models", params={"dry_run": "true"}, headers=headers)
         if check.status_code == 200:
-            _pushed(_result(check), as_json, unchanged=True)
-            return
-        if check.status_code != 204:
+            out, unchanged = _result(check), True
+        elif check.status_code != 204:
             _result(check)  # 401, 403, 409, ...: raises
             raise ApiClientError(f"POST /api/v1/models?dry_run=true: unexpected {check.status_code}")
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), disable=as_json, transient=True) as progress:
-            task = progress.add_task(f"push {bundle.name}", total=size)
+        else:
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), disable=as_json, transient=True) as progress:
+                task = progress.add_task(f"push {bundle.name}", total=size)
 
-            def chunks() -> Iterator[bytes]:
-                progress.reset(task)
-                with bundle.open("rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        progress.advance(task, len(chunk))
-                        yield chunk
+                def chunks() -> Iterator[bytes]:
+                    progress.reset(task)
+                    with bundle.open("rb") as f:
+                        while chunk := f.read(_CHUNK):
+                            progress.advance(task, len(chunk))
+                            yield chunk
 
-            headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-            r = _send(c, "POST", "/api/v1/models", body=chunks, headers=headers, timeout=None)
-    _pushed(_result(r), as_json, unchanged=r.status_code == 200)
+                headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+                r = _send(c, "POST", "/api/v1/models", body=chunks, headers=headers, timeout=None)
+            out, unchanged = _result(r), r.status_code == 200
+        change = None
+        if signing is not None:
+            try:
+                change = _sign_into_targets(c, signing, manifest.name, manifest.version, size, sha)
+            except EdgefleetError as e:
+                raise ApiClientError(
+                    f"{manifest.name} {manifest.version} is in the registry but not signed ({e}); finish with "
+                    f"`edgefleet model sign {manifest.name} {manifest.version} --keys {keys}`") from e
+    _pushed(out, as_json, unchanged, change)
 
 
-def _pushed(out: dict[str, Any], as_json: bool, unchanged: bool) -> None:
+def _sign_into_targets(c: Any, signing: tuple[Any, Any], name: str, version: str, size: int, sha: str) -> Any:
+    """List bundle NAME-VERSION (``size`` bytes, ``sha``) in the image targets; a TargetsChange."""
+    from edgefleet.cli.keys import change_targets
+    from edgefleet.tufmeta.roles import bundle_target
+
+    ring, root = signing
+    return change_targets(c, ring, root.signed, _listing(bundle_target(name, version, size, sha)))
+
+
+def _listing(entry: Any) -> Callable[[Any], bool]:
+    """An edit for :func:`~edgefleet.cli.keys.change_targets` that lists ``entry`` (a TargetFile): nothing
+    to do when the targets list that path with the same length and sha256; refused (ConfigError) when
+    they list it with other bytes, since a signed version's bytes never change."""
+
+    def edit(targets: Any) -> bool:
+        have = targets.targets.get(entry.path)
+        if have is not None:
+            if (have.length, have.hashes.get("sha256")) == (entry.length, entry.hashes["sha256"]):
+                return False
+            name, version = entry.custom["model"], entry.custom["version"]
+            raise ConfigError(
+                f"signed.targets.{entry.path}: image targets {targets.version} already list it with sha256 "
+                f"{have.hashes.get('sha256')} ({have.length} bytes), not {entry.hashes['sha256']} ({entry.length} "
+                f"bytes); a signed version's bytes never change: push a new version, or withdraw this one first "
+                f"(`edgefleet model withdraw {name} {version} --keys DIR`)")
+        targets.targets[entry.path] = entry
+        return True
+
+    return edit
+
+
+def _unlisting(path: str) -> Callable[[Any], bool]:
+    """An edit that removes target ``path`` (nothing to do when it is not listed)."""
+
+    def edit(targets: Any) -> bool:
+        return targets.targets.pop(path, None) is not None
+
+    return edit
+
+
+def _signed_json(change: Any) -> dict[str, Any]:
+    if change is None:
+        return {"signed": False, "targets_version": None, "targets_changed": False}
+    return {"signed": True, "targets_version": change.version, "targets_changed": change.changed}
+
+
+def _signed_line(name: str, version: str, change: Any) -> str:
+    if change is None:
+        return (f"not signed: devices will not install {name} {version} until the image targets list it; sign it "
+                f"with `edgefleet model sign {name} {version} --keys DIR` (or push with --keys DIR)")
+    if change.changed:
+        return f"signed {name} {version} into image targets {change.version}: devices may install it"
+    return f"{name} {version} is already in image targets {change.version} with these hashes: nothing signed"
+
+
+def _pushed(out: dict[str, Any], as_json: bool, unchanged: bool, change: Any) -> None:
     if as_json:
-        _echo({**out, "unchanged": unchanged}, True)
-    elif unchanged:
+        _echo({**out, "unchanged": unchanged, **_signed_json(change)}, True)
+        return
+    if unchanged:
         typer.echo(f"{out['name']} {out['version']} is already in the registry with these bytes (sha256 "
                    f"{out['sha256']}): nothing to push")
     else:
         typer.echo(f"pushed {out['name']} {out['version']} ({out['size']} bytes, sha256 {out['sha256']})")
+    typer.echo(_signed_line(out["name"], out["version"], change))
+
+
+def _model_path(name: str, version: str) -> str:
+    return f"/api/v1/models/{quote(name, safe='')}/{quote(version, safe='')}"
+
+
+def sign(
+    name: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="version (already in the registry)"),
+    keys: Path = _KEYS_REQUIRED,
+    bundle: Path | None = typer.Option(None, "--bundle", exists=True, dir_okay=False,
+                                       help="the operator's copy of the bundle: sign only if the registry's "
+                                            "bytes are these"),
+    server: str | None = _SERVER,
+    as_json: bool = _JSON,
+) -> None:
+    """List a registry bundle in the image targets, signed with the release key, so devices may install it.
+
+    The length and sha256 are the registry's (printed); --bundle FILE checks them against your own copy
+    first. Already listed with these hashes: nothing is signed."""
+    from edgefleet.cli.keys import signing_keyring
+
+    signing = signing_keyring(keys)
+    with _client(server) as c:
+        rec = _result(_send(c, "GET", _model_path(name, version)))
+        size, sha = int(rec["size"]), str(rec["sha256"])
+        if bundle is not None and (bundle.stat().st_size, _sha256(bundle)) != (size, sha):
+            raise ConfigError(f"--bundle: {bundle} is not the registry's {name} {version} (sha256 {sha}, {size} "
+                              "bytes); nothing signed")
+        change = _sign_into_targets(c, signing, name, version, size, sha)
+    if as_json:
+        _echo({"name": name, "version": version, "size": size, "sha256": sha, **_signed_json(change)}, True)
+    else:
+        typer.echo(f"{name} {version}: {size} bytes, sha256 {sha}")
+        typer.echo(_signed_line(name, version, change))
+
+
+def withdraw(
+    name: str = typer.Argument(..., help="model name"),
+    version: str = typer.Argument(..., help="version to withdraw"),
+    keys: Path = _KEYS_REQUIRED,
+    server: str | None = _SERVER,
+    as_json: bool = _JSON,
+) -> None:
+    """Withdraw a version: publish image targets without it, signed with the release key.
+
+    Devices stop installing it (the device installs only what the image targets still list); the bundle
+    stays in the registry. Not listed: nothing is signed."""
+    from edgefleet.cli.keys import change_targets, signing_keyring
+    from edgefleet.tufmeta import target_path
+
+    ring, root = signing_keyring(keys)
+    with _client(server) as c:
+        change = change_targets(c, ring, root.signed, _unlisting(target_path(name, version)))
+    out = {"name": name, "version": version, "withdrawn": change.changed, "targets_version": change.version}
+    if as_json:
+        _echo(out, True)
+    elif change.changed:
+        typer.echo(f"withdrew {name} {version}: image targets {change.version} no longer list it (the bundle stays "
+                   "in the registry)")
+    else:
+        typer.echo(f"{name} {version} is not listed in image targets {change.version}: nothing to withdraw")
 
 
 def list_models(
@@ -315,17 +468,45 @@ def enroll_token(
     tag: list[str] = typer.Option([], "--tag", help="tag given to devices enrolling with it (repeatable)"),
     expires_in_hours: float = typer.Option(24.0, help="hours until the token stops working"),
     max_uses: int = typer.Option(1, min=1, help="how many devices may enroll with it"),
+    keys: Path | None = typer.Option(None, "--keys", envvar="EDGEFLEET_KEYS",
+                                     help="the operator's keyring: the token carries its image root's fingerprint "
+                                          "[env: EDGEFLEET_KEYS]"),
     server: str | None = _SERVER,
     as_json: bool = _JSON,
 ) -> None:
-    """Create an enrollment token for `edgefleet agent enroll` (printed once)."""
+    """Create an enrollment token for `edgefleet agent enroll` (printed once).
+
+    With --keys the token is pinned, TOKEN.N.SHA256: image root N of your own keyring and its
+    fingerprint, so the device trusts the root you signed and not whatever the server sends. Without,
+    the device needs the root file instead (`agent enroll --image-root FILE`)."""
+    pin = None
+    if keys is not None:  # read before the server makes a token, so a bad keyring wastes none
+        from edgefleet.tufmeta.keyring import Keyring
+
+        ring = Keyring.load(keys)
+        root, fp = ring.latest_root(), ring.fingerprint()
+        if root is None or fp is None:
+            raise ConfigError(f"--keys: {keys} has published no image root; run `edgefleet keys init --keys {keys} "
+                              "--server URL` first")
+        pin = (root.signed.version, fp)
     body = {"tags": tag, "expires_in_hours": expires_in_hours, "max_uses": max_uses}
     out = _call("POST", "/api/v1/enrollment-tokens", server, json=body)
+    if pin is not None:
+        from edgefleet.tufmeta.pin import pin_token
+
+        out = {**out, "token": pin_token(out["token"], *pin), "image_root_version": pin[0],
+               "image_root_fingerprint": pin[1]}
+    out["pinned"] = pin is not None
     if as_json:
         _echo(out, True)
+        return
+    typer.echo(f"enrollment token (shown once; {max_uses} use(s), until {out['expires_at']}):")
+    typer.echo(f"  {out['token']}")
+    if pin is not None:
+        typer.echo(f"it pins image root {pin[0]} (sha256 {pin[1]}) from {keys}")
     else:
-        typer.echo(f"enrollment token (shown once; {max_uses} use(s), until {out['expires_at']}):")
-        typer.echo(f"  {out['token']}")
+        typer.echo("it pins no image root: the device then needs `edgefleet agent enroll --image-root FILE` (the "
+                   "root file `edgefleet keys show` names), or make the token with --keys DIR")
 
 
 # ---------------------------------------------------------------- token
@@ -363,8 +544,13 @@ def token_revoke(token_id: str = typer.Argument(...), server: str | None = _SERV
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``device``, ``token`` and ``server`` groups to the root CLI."""
+    """Add the ``device``, ``token`` and ``server`` groups to the root CLI, and ``model sign`` and
+    ``model withdraw`` to the model group (cli/model.py registers push, list and show)."""
+    from edgefleet.cli import model as model_cmd
     from edgefleet.cli import server as server_cmd
+
+    model_cmd.app.command("sign")(sign)
+    model_cmd.app.command("withdraw")(withdraw)
 
     app.add_typer(device_app, name="device")
     app.add_typer(token_app, name="token")

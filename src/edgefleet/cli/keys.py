@@ -8,13 +8,23 @@ root 1 (signed by the root keys, naming the server's online director-targets, sn
 keys; one for every device). ``show`` prints key
 ids, roles, thresholds, the root's fingerprint and expiries. ``rotate --role root|targets`` makes new
 keys and a new root signed by the old AND the new root keys, publishes it, and (for targets) re-signs
-the current targets with the new release key. Every failure is one ``error: ...`` line.
+the current targets with the new release key; a root rotation also publishes a new director root
+signed by the old AND the new root keys (devices follow it as they follow the image root).
+
+:func:`change_targets` is the signing protocol ``model push|sign|withdraw`` use: fetch the current
+image targets (checked against this keyring's root), change them, version + 1, sign with the release
+key, PUT; on a 409 (another operator published in between) fetch again and redo the change, a bounded
+number of times. A change that is already there signs nothing. Every failure is one ``error: ...`` line.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,16 +39,20 @@ if TYPE_CHECKING:  # tuf is imported by the commands that use it: `edgefleet --h
 
     from edgefleet.tufmeta.keyring import Keyring
 
-__all__ = ["app", "current_targets", "publish"]
+__all__ = ["TARGETS_TRIES", "TargetsChange", "app", "change_targets", "current_targets", "publish", "signing_keyring"]
 
 app = typer.Typer(help="The operator's offline TUF keys: root and release keys, the image root.",
                   no_args_is_help=True)
 
-_KEYS = typer.Option(..., "--keys", help="keyring folder (made 0700; private keys 0600; keep it offline)")
+_KEYS = typer.Option(..., "--keys", envvar="EDGEFLEET_KEYS",
+                     help="keyring folder (made 0700; private keys 0600; keep it offline)")
 _SERVER = typer.Option(None, "--server", "-s", help="fleet server URL [env: EDGEFLEET_SERVER; default: the "
                        "keyring's]; the operator token comes from EDGEFLEET_TOKEN")
 _JSON = typer.Option(False, "--json", help="print JSON")
 _IMAGE = "/tuf/image"
+TARGETS_TRIES = 10  # attempts of one targets change while other operators keep publishing (409)
+_PAUSE = 0.1  # seconds before the second attempt; doubled each time up to _MAX_PAUSE, jittered by +-50 %
+_MAX_PAUSE = 2.0  # seconds
 
 
 def _now() -> datetime:
@@ -91,6 +105,88 @@ def current_targets(c: Any, root: Root) -> Metadata[Targets]:
                              f"{targets.signed.version}")
     result: Metadata[Targets] = targets
     return result
+
+
+def signing_keyring(keys: Path) -> tuple[Keyring, Metadata[Root]]:
+    """The keyring in ``keys`` and its newest image root, for a command that will sign targets: the
+    root must be published and the release key readable (checked now, before anything is sent).
+    Raises ConfigError."""
+    from edgefleet.tufmeta.keyring import Keyring
+
+    ring = Keyring.load(keys)
+    root = ring.latest_root()
+    if root is None:
+        raise ConfigError(f"{keys}: this keyring has published no image root; run `edgefleet keys init --keys "
+                          f"{keys} --server URL` first")
+    ring.release_signers()
+    return ring, root
+
+
+@dataclass(frozen=True)
+class TargetsChange:
+    """What :func:`change_targets` did: ``version`` is the image targets version that holds the change;
+    ``changed`` is False when the targets already were as wanted (nothing signed); ``tries`` counts the
+    PUTs (1 without a conflict)."""
+
+    version: int
+    changed: bool
+    tries: int
+
+
+def _conflict(r: Any) -> bool:
+    """A 409 for a targets version that is not the next (someone published in between), as opposed to
+    another 409 (no root yet)."""
+    if r.status_code != 409:
+        return False
+    try:
+        return bool(r.json().get("field") == "signed.version")
+    except (ValueError, AttributeError):
+        return False
+
+
+def _pause(attempt: int, retry_after: str | None = None) -> None:
+    """Wait before attempt ``attempt + 1``: exponential from :data:`_PAUSE`, jittered so that operators
+    who collided do not collide again, at most :data:`_MAX_PAUSE` (or the server's Retry-After, capped)."""
+    base = min(_PAUSE * 2 ** attempt, _MAX_PAUSE)
+    if retry_after and retry_after.isdigit():
+        base = min(float(retry_after), _MAX_PAUSE)
+    time.sleep(base * random.uniform(0.5, 1.5))
+
+
+def change_targets(c: Any, ring: Keyring, root: Root, edit: Callable[[Targets], bool],
+                   tries: int = TARGETS_TRIES) -> TargetsChange:
+    """Apply ``edit`` to the image repository's current targets and publish them signed by the release key.
+
+    ``edit`` changes the Targets it is given in place and returns True, or returns False when they are
+    already as wanted (then nothing is signed); it may raise to refuse. It runs again on fresh targets
+    after every 409 (another operator's targets landed first) and after a PUT whose answer was lost, at
+    most ``tries`` times, with jittered pauses; a 503 (the database is busy) is retried the same way.
+    Raises ApiClientError (the server's reason, or still conflicting after ``tries``), ConfigError."""
+    from edgefleet.tufmeta import canonical_bytes, expiry_from
+
+    lost: ApiClientError | None = None
+    for attempt in range(tries):
+        current = current_targets(c, root)
+        targets = copy.deepcopy(current.signed)
+        if not edit(targets):
+            return TargetsChange(current.signed.version, lost is not None, attempt)
+        targets.version = current.signed.version + 1
+        targets.expires = expiry_from(_now(), "targets")
+        body = canonical_bytes(ring.sign_targets(targets))
+        try:
+            r = _send(c, "PUT", f"{_IMAGE}/targets", content=body, headers={"content-type": "application/json"})
+        except ApiClientError as e:  # the server may have taken it: the next attempt's fetch says
+            lost = e
+            _pause(attempt)
+            continue
+        if _conflict(r) or r.status_code == 503:
+            _pause(attempt, r.headers.get("retry-after"))
+            continue
+        return TargetsChange(int(_result(r)["version"]), True, attempt + 1)
+    if lost is not None:
+        raise ApiClientError(f"PUT {_IMAGE}/targets: {lost}") from lost
+    raise ApiClientError(f"PUT {_IMAGE}/targets: other targets kept landing first ({tries} tries); nothing of "
+                         "this change is published: run the command again")
 
 
 def _echo(out: dict[str, Any], as_json: bool) -> None:
@@ -150,22 +246,83 @@ def _publish_first(ring: Keyring, server: str | None) -> None:
 
 
 def _publish_director_root(c: Any, ring: Keyring, info: dict[str, Any]) -> bool:
-    """Publish director root 1 unless the server has one; returns whether it did. A root 1 this keyring
-    signed earlier (a run cut before the upload) is sent again as it is, so its bytes never change."""
+    """Send the director roots this keyring signed that the server lacks, oldest first (a run cut before
+    their upload: sent again as they are, so their bytes never change); with none on either side, sign
+    director root 1 with the current root keys and send it. Returns whether it sent any. Raises
+    ConfigError when the server has a newer director root than this keyring signed."""
+    on_server = int(info.get("director_root_version", 0))
+    local = ring.latest_director_root()
+    if local is None and on_server == 0:
+        if "director-targets" not in ring.online:
+            ring.online = dict(info["keys"])
+            ring.save()
+        local = ring.sign_root(ring.build_director_root(_now()), ring.roles["root"])
+        ring.save_director_root(local)
+    newest = 0 if local is None else local.signed.version
+    if newest < on_server:
+        raise ConfigError(f"{ring.folder}: the server has director root {on_server}, this keyring signed only up to "
+                          f"{newest}; use the keyring copy that signed it")
+    for version in range(on_server + 1, newest + 1):
+        md = ring.director_root(version)
+        if md is None:
+            raise ConfigError(f"{ring.director_root_file(version)}: missing (the server has director root "
+                              f"{on_server}, this keyring {newest})")
+        _put_director_root(c, md)
+    return newest > on_server
+
+
+def _put_director_root(c: Any, md: Metadata[Root]) -> None:
     from edgefleet.tufmeta import canonical_bytes
 
-    if int(info.get("director_root_version", 0)) != 0:
-        return False
+    r = _send(c, "PUT", "/tuf/director/root", content=canonical_bytes(md), headers={"content-type": "application/json"})
+    _result(r)
+
+
+def _director_base(c: Any, ring: Keyring) -> Metadata[Root]:
+    """The director root a root rotation starts from: this keyring's newest, after sending the server
+    any it lacks (director root 1 signed now with the current root keys, if neither side has one)."""
+    info = _result(_send(c, "GET", f"{_IMAGE}/keys"))
     if "director-targets" not in ring.online:
         ring.online = dict(info["keys"])
         ring.save()
-    md = ring.director_root(1)
-    if md is None:
-        md = ring.sign_root(ring.build_director_root(_now()), ring.roles["root"])
-        ring.save_director_root(md)
-    r = _send(c, "PUT", "/tuf/director/root", content=canonical_bytes(md), headers={"content-type": "application/json"})
-    _result(r)
-    return True
+    _publish_director_root(c, ring, info)
+    previous = ring.latest_director_root()
+    assert previous is not None  # there is one now, on both sides
+    return previous
+
+
+def _next_director_root(ring: Keyring, previous: Metadata[Root], now: datetime,
+                        signers_before: list[str]) -> Metadata[Root]:
+    """Director root N+1 for a root rotation: this keyring's (new) root keys, signed by the old root keys
+    (``signers_before``) and the new ones, checked here against director root N as a device will check
+    it. Raises ConfigError when the old keys cannot sign it (director root N names root keys this keyring
+    no longer holds)."""
+    md = ring.sign_root(ring.build_director_root(now, previous.signed), signers_before + ring.roles["root"])
+    check = md.signed.get_root_verification_result(previous.signed, md.signed_bytes, md.signatures)
+    if not check.verified:
+        raise ConfigError(
+            f"director root {md.signed.version}: signed by {len(check.first.signed)} of the root keys director root "
+            f"{previous.signed.version} names (threshold {check.first.threshold}); this keyring no longer holds "
+            "them, so the director root cannot be rotated with it")
+    return md
+
+
+def _send_director_root(c: Any, ring: Keyring, md: Metadata[Root]) -> None:
+    """Upload the rotated director root (already saved in the keyring); an upload whose answer was lost
+    counts when the server now has that version. Raises ApiClientError saying how to finish."""
+    try:
+        _put_director_root(c, md)
+        return
+    except ApiClientError as e:
+        try:
+            if int(_result(_send(c, "GET", f"{_IMAGE}/keys")).get("director_root_version", 0)) >= md.signed.version:
+                return
+        except ApiClientError:
+            pass
+        raise ApiClientError(
+            f"image root is rotated, but director root {md.signed.version} is not published ({e}); it is signed and "
+            f"kept in {ring.director_root_file(md.signed.version)}: run `edgefleet keys init --keys {ring.folder} "
+            "--server URL` to send it") from e
 
 
 def _served_root(c: Any, version: int) -> Metadata[Root] | None:
@@ -295,7 +452,8 @@ def rotate(
 ) -> None:
     """Replace ROLE's keys with new ones and publish a new root signed by the old AND the new root keys.
 
-    For targets, the current targets are then re-signed with the new release key (version + 1).
+    For root, a new director root (the same new root keys) is published too, signed the same way. For
+    targets, the current targets are then re-signed with the new release key (version + 1).
     """
     from edgefleet.tufmeta import expiry_from
     from edgefleet.tufmeta.keyring import Keyring
@@ -317,20 +475,34 @@ def rotate(
                     _echo({**ring.describe(), "finished_earlier_rotation": True}, as_json)
                     return
                 raise
+        director_base = _director_base(c, ring) if role == "root" else None
         before = list(ring.roles[role])
         signers_before = list(ring.roles["root"])
         added = [ring.new_key(role) for _ in before]
         ring.roles[role] = added
         now = _now()
-        new_root = ring.sign_root(ring.build_root(now, old.signed), signers_before + ring.roles["root"])
+        director = None
+        try:
+            new_root = ring.sign_root(ring.build_root(now, old.signed), signers_before + ring.roles["root"])
+            if director_base is not None:  # the director root names the same root keys: rotated with them
+                director = _next_director_root(ring, director_base, now, signers_before)
+        except BaseException:
+            for keyid in added:
+                ring.retire(keyid)
+            ring.roles[role] = before
+            raise
         try:
             publish(c, "root", new_root)
         except BaseException as e:
             _unless_taken(c, ring, new_root, role, before, added, e)
         ring.save_root(new_root)
+        if director is not None:
+            ring.save_director_root(director)
         for keyid in before:
             ring.retire(keyid)
         ring.save()
+        if director is not None:
+            _send_director_root(c, ring, director)
         if current is not None:
             targets = copy.deepcopy(current.signed)
             targets.version += 1

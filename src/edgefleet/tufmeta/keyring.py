@@ -133,9 +133,7 @@ class Keyring:
 
     def latest_root(self) -> Metadata[Root] | None:
         """The newest root this keyring signed (None before ``keys init --server``)."""
-        folder = self.folder / "image"
-        versions = sorted(int(p.name.split(".")[0]) for p in folder.glob("*.root.json")
-                          if p.name.split(".")[0].isdigit()) if folder.is_dir() else []
+        versions = _versions(self.folder / "image")
         return self.root(versions[-1]) if versions else None
 
     def root(self, version: int) -> Metadata[Root] | None:
@@ -171,6 +169,11 @@ class Keyring:
     def director_root_file(self, version: int) -> Path:
         return self.folder / "director" / f"{version}.root.json"
 
+    def latest_director_root(self) -> Metadata[Root] | None:
+        """The newest director root this keyring signed (None before ``keys init --server``)."""
+        versions = _versions(self.folder / "director")
+        return self.director_root(versions[-1]) if versions else None
+
     def director_root(self, version: int) -> Metadata[Root] | None:
         """Director root ``version`` as this keyring signed it (None when it has no such file)."""
         return _read_root(self.director_root_file(version))
@@ -205,11 +208,19 @@ class Keyring:
             md.sign(self.signer(keyid), append=True)
         return md
 
+    def release_signers(self) -> list[CryptoSigner]:
+        """The release (targets) key signers, read now: a command that will sign targets calls this
+        before it changes anything on the server, so a missing or loose key file fails first. Raises
+        ConfigError naming the file, or when this keyring holds no release key."""
+        if not self.roles[Targets.type]:
+            raise ConfigError(f"{self.folder / KEYS_FILE}: no release (targets) key in this keyring")
+        return [self.signer(keyid) for keyid in self.roles[Targets.type]]
+
     def sign_targets(self, targets: Targets) -> Metadata[Targets]:
         """``targets`` signed with the release key(s)."""
         md = Metadata(targets)
-        for keyid in self.roles[Targets.type]:
-            md.sign(self.signer(keyid), append=True)
+        for signer in self.release_signers():
+            md.sign(signer, append=True)
         return md
 
     def describe(self) -> dict[str, Any]:
@@ -228,12 +239,18 @@ class Keyring:
                                "where": "offline (this keyring)" if name in OFFLINE_ROLES else "online (the server)"}
             out.update(root_version=root.version, fingerprint=self.fingerprint(), root_expires=root.expires.isoformat(),
                        root_file=str(self.root_file(root.version).resolve()))
-        director = sorted(int(p.name.split(".")[0]) for p in (self.folder / "director").glob("*.root.json")
-                          if p.name.split(".")[0].isdigit()) if (self.folder / "director").is_dir() else []
+        director = _versions(self.folder / "director")
         out["director_root_file"] = str(self.director_root_file(director[-1]).resolve()) if director else None
         out["roles"] = roles
         out["expiry_days"] = {r: EXPIRY[r].days for r in EXPIRY}
         return out
+
+
+def _versions(folder: Path) -> list[int]:
+    """The versions of the ``N.root.json`` files in ``folder``, ascending (pending files are not counted)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name.split(".")[0]) for p in folder.glob("*.root.json") if p.name.split(".")[0].isdigit())
 
 
 def _read_root(path: Path) -> Metadata[Root] | None:

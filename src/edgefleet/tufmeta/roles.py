@@ -11,7 +11,15 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from securesystemslib.formats import encode_canonical
-from tuf.api.metadata import Metadata, Root, Signed, Snapshot, Targets, Timestamp  # type: ignore[attr-defined]
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    Metadata,
+    Root,
+    Signed,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 from tuf.api.serialization import DeserializationError
 
 from edgefleet.errors import EdgefleetError
@@ -21,6 +29,7 @@ __all__ = [
     "ONLINE_ROLES",
     "TOP_ROLES",
     "TrustError",
+    "bundle_target",
     "canonical_bytes",
     "check_root_update",
     "check_targets_update",
@@ -104,6 +113,14 @@ def needs_resign(signed: Signed, now: datetime, lifetime: timedelta) -> bool:
 def target_path(name: str, version: str) -> str:
     """The TUF target path of a bundle: ``NAME-VERSION.efb``."""
     return f"{name}-{version}.efb"
+
+
+def bundle_target(name: str, version: str, length: int, sha256: str) -> TargetFile:
+    """The image targets entry of bundle NAME-VERSION: its length and sha256, and ``custom`` fields
+    ``{"model": NAME, "version": VERSION}`` (what the operator's CLI signs and a device may read back).
+    Raises ValueError for a negative length or an empty hash (tuf's own checks)."""
+    return TargetFile(length=length, hashes={"sha256": sha256}, path=target_path(name, version),
+                      unrecognized_fields={"custom": {"model": name, "version": version}})
 
 
 def check_root_update(
