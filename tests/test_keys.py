@@ -9,7 +9,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from tuf.api.metadata import Metadata, Root, Targets
 from edgefleet.tufmeta import canonical_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "server"))
-from _fleet import CLI, Server
+from _fleet import CLI, Server, enroll
+from test_tuf_image import BearerFetcher
+from tuf.ngclient import Updater
 
 
 def _mode(p: Path) -> int:
@@ -270,3 +272,85 @@ def test_a_targets_rotation_cut_before_the_targets_is_finished_by_the_next_rotat
     assert shown["finished_earlier_rotation"] is True and shown["root_version"] == 2
     targets = _served(server, "2.targets.json")
     root2.signed.verify_delegate("targets", targets.signed_bytes, targets.signatures)
+
+
+def _director_device(srv: Server, keys: Path, tmp: Path, capsys: Any) -> Callable[[], Updater]:
+    """A freshly enrolled device: each call makes a stock ngclient Updater over its director repository,
+    as that device (its access token), trusting what the previous one stored (director root 1 from the
+    keyring the first time), as a device does between runs."""
+    code, out, err = run_cli(capsys, "device", "enroll-token", "--server", srv.url, "--json")
+    assert code == 0, err
+    device = enroll(httpx.Client(base_url=srv.url, timeout=30), json.loads(out)["token"])
+    device.authenticate()
+    (tmp / "meta").mkdir(parents=True)
+    (tmp / "targets").mkdir()
+
+    def updater() -> Updater:
+        first = not (tmp / "meta" / "root.json").exists()
+        return Updater(str(tmp / "meta"), f"{srv.url}/tuf/director/{device.id}/", str(tmp / "targets"),
+                       f"{srv.url}/tuf/image/targets/", BearerFetcher(device.client, device.headers),
+                       bootstrap=(keys / "director" / "1.root.json").read_bytes() if first else None)
+
+    return updater
+
+
+def test_rotate_root_publishes_a_director_root_signed_by_old_and_new_root_keys_that_a_device_follows(
+    capsys: Any, tmp_path: Path, server: Server
+) -> None:
+    keys = tmp_path / "keys"
+    code, out, err = run_cli(capsys, "keys", "init", "--keys", keys, "--root-keys", "2", "--root-threshold", "2",
+                             "--server", server.url, "--json")
+    assert code == 0, err
+    old_ids = json.loads(out)["roles"]["root"]["keyids"]
+    device = _director_device(server, keys, tmp_path / "device", capsys)
+    device().refresh()
+    assert Metadata.from_file(str(tmp_path / "device" / "meta" / "root.json")).signed.version == 1
+    h = {"Authorization": f"Bearer {os.environ['EDGEFLEET_TOKEN']}"}
+    image_before = httpx.get(f"{server.url}/tuf/image/keys", headers=h).json()
+
+    code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "root", "--json")
+    assert code == 0, err
+    new_ids = json.loads(out)["roles"]["root"]["keyids"]
+    r = httpx.get(f"{server.url}/tuf/director/any/2.root.json", headers=h)
+    assert r.status_code == 200, r.text
+    served = Metadata[Root].from_bytes(r.content)
+    assert canonical_bytes(served) == (keys / "director" / "2.root.json").read_bytes()
+    assert sorted(served.signed.roles["root"].keyids) == sorted(new_ids) and served.signed.roles["root"].threshold == 2
+    assert set(served.signatures) == set(old_ids) | set(new_ids)  # every old and new root key signed
+    director1 = Metadata[Root].from_file(str(keys / "director" / "1.root.json"))
+    check = served.signed.get_root_verification_result(director1.signed, served.signed_bytes, served.signatures)
+    assert check.first.verified and check.second.verified
+    for role in ("targets", "snapshot", "timestamp"):  # the online keys are the same as before
+        assert served.signed.roles[role].keyids == director1.signed.roles[role].keyids
+    after = httpx.get(f"{server.url}/tuf/image/keys", headers=h).json()
+    assert after["director_root_version"] == 2 and after["root_version"] == 2
+    assert after["targets_version"] == image_before["targets_version"]
+
+    device().refresh()  # the device, trusting director root 1, follows the rotation to 2
+    assert Metadata.from_file(str(tmp_path / "device" / "meta" / "root.json")).signed.version == 2
+
+    code, out, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "targets", "--json")
+    assert code == 0, err  # a release key rotation leaves the director root alone
+    assert httpx.get(f"{server.url}/tuf/image/keys", headers=h).json()["director_root_version"] == 2
+
+
+def test_a_root_rotation_whose_director_root_upload_fails_is_finished_by_keys_init_server(
+    capsys: Any, tmp_path: Path, server: Server
+) -> None:
+    keys = tmp_path / "keys"
+    assert run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url)[0] == 0
+    proxy = _LosesAnswers(server.url, "/tuf/director/root", forward=False)
+    try:
+        code, _, err = run_cli(capsys, "keys", "rotate", "--keys", keys, "--role", "root", "--server", proxy.url)
+    finally:
+        proxy.close()
+    assert_one_line_error(code, err, "director root 2 is not published", "keys init --keys")
+    assert proxy.dropped == 1
+    h = {"Authorization": f"Bearer {os.environ['EDGEFLEET_TOKEN']}"}
+    assert httpx.get(f"{server.url}/tuf/image/keys", headers=h).json()["director_root_version"] == 1
+    assert (keys / "director" / "2.root.json").is_file()  # signed while the old root keys existed, kept
+
+    code, _, err = run_cli(capsys, "keys", "init", "--keys", keys, "--server", server.url, "--json")
+    assert code == 0, err
+    r = httpx.get(f"{server.url}/tuf/director/any/2.root.json", headers=h)
+    assert r.status_code == 200 and r.content == (keys / "director" / "2.root.json").read_bytes()
