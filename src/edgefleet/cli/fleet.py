@@ -46,10 +46,9 @@ token_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=Tru
 _SERVER = typer.Option(None, "--server", "-s", help="fleet server URL [env: EDGEFLEET_SERVER, or the config file]")
 _JSON = typer.Option(False, "--json", help="print JSON")
 _SIGN_KEYS = typer.Option(None, "--keys", envvar="EDGEFLEET_KEYS",
-                          help="the operator's keyring (`edgefleet keys init`): sign with its release key "
-                               "[env: EDGEFLEET_KEYS]")
+                          help="the operator's keyring (`edgefleet keys init`): sign with its release key")
 _KEYS_REQUIRED = typer.Option(..., "--keys", envvar="EDGEFLEET_KEYS",
-                              help="the operator's keyring (`edgefleet keys init`) [env: EDGEFLEET_KEYS]")
+                              help="the operator's keyring (`edgefleet keys init`)")
 _CHUNK = 1 << 20  # upload chunk, bytes
 WAIT_FOR_SERVER = 10.0  # seconds a command retries a refused connection (a server that is starting)
 _SCHEME = re.compile(r"\Ahttps?://[^/]", re.IGNORECASE)
@@ -469,8 +468,7 @@ def enroll_token(
     expires_in_hours: float = typer.Option(24.0, help="hours until the token stops working"),
     max_uses: int = typer.Option(1, min=1, help="how many devices may enroll with it"),
     keys: Path | None = typer.Option(None, "--keys", envvar="EDGEFLEET_KEYS",
-                                     help="the operator's keyring: the token carries its image root's fingerprint "
-                                          "[env: EDGEFLEET_KEYS]"),
+                                     help="the operator's keyring: the token carries its image root's fingerprint"),
     server: str | None = _SERVER,
     as_json: bool = _JSON,
 ) -> None:
