@@ -8,7 +8,7 @@ Everything is the real thing, run as a user would run it:
   ``/healthz`` answers; plain-http devices are allowed (loopback). Its output goes to ``server.log``.
 * :class:`Fleet` - the server plus the operator: ``edgefleet keys init --keys DIR --server URL``,
   :meth:`Fleet.push` (upload, then sign the bundle into the image targets with the release key),
-  :meth:`Fleet.withdraw`, :meth:`Fleet.assign`, :meth:`Fleet.enroll` (an enrollment token, then
+  :meth:`Fleet.sign`, :meth:`Fleet.withdraw`, :meth:`Fleet.image_targets`, :meth:`Fleet.assign`, :meth:`Fleet.enroll` (an enrollment token, then
   ``edgefleet agent enroll --allow-http``), :meth:`Fleet.agent`, and the server's view of a device.
   Operator commands run the CLI as a subprocess with ``EDGEFLEET_SERVER`` / ``EDGEFLEET_TOKEN`` (the
   admin token from ``server init``).
@@ -21,10 +21,11 @@ Everything is the real thing, run as a user would run it:
 * :func:`wait_for` - poll a condition the processes do not signal; on timeout an AssertionError says
   what was awaited, the last value or exception, and the tails of the logs.
 
-Features other engineers are adding are used as soon as the CLI shows them (``--help`` is read once
-per session, :func:`cli_has_option`): ``model push --keys`` signs (until then :meth:`Fleet.push`
-signs with :class:`edgefleet.tufmeta.keyring.Keyring` here), ``device enroll-token --keys`` pins the
-image root and ``agent enroll --image-root`` takes the root file (see :meth:`Fleet.enroll`).
+The operator's signing goes through the CLI where it exists (``--help`` is read once per session,
+:func:`cli_has_option`): ``model push --keys``, ``model sign``, ``model withdraw``; on a checkout
+without them the same targets are signed here with :class:`edgefleet.tufmeta.keyring.Keyring`.
+Likewise ``device enroll-token --keys`` pins the image root and ``agent enroll --image-root`` takes
+the root file (see :meth:`Fleet.enroll`).
 
 Cleanup: :meth:`Fleet.close` (the ``fleet`` fixture calls it, pass or fail) stops load threads, kills
 every agent's process group and stops the server; an ``atexit`` hook kills any process group still
@@ -635,23 +636,48 @@ class Fleet:
                                       headers={"Authorization": f"Bearer {self.server.admin_token}"})
         return self._http
 
-    def push(self, bundle: Path) -> dict[str, Any]:
-        """Upload ``bundle`` to the registry and sign it into the image targets (its target path is the
-        file name, ``NAME-VERSION.efb``). Returns the registry's answer."""
+    def push(self, bundle: Path, sign: bool = True) -> dict[str, Any]:
+        """Upload ``bundle`` to the registry and (unless ``sign`` is false: uploaded, not installable)
+        sign it into the image targets, target path ``NAME-VERSION.efb``. Returns the registry's answer."""
+        if not sign:
+            out: dict[str, Any] = self.cli("model", "push", bundle)
+            return out
         if cli_has_option(("model", "push"), "--keys"):
-            out: dict[str, Any] = self.cli("model", "push", bundle, "--keys", self.keys)
+            out = self.cli("model", "push", bundle, "--keys", self.keys)
             return out
         out = self.cli("model", "push", bundle)
         self.sign_targets(add=[bundle])
         return out
 
-    def withdraw(self, target: str) -> int:
-        """Sign image targets without ``target`` (``NAME-VERSION.efb``): the operator's withdrawal."""
-        return self.sign_targets(remove=[target])
+    def sign(self, bundle: Path) -> None:
+        """List an uploaded bundle in the image targets (``model sign NAME VERSION --bundle FILE``)."""
+        m = read_manifest(bundle)
+        if cli_has_option(("model", "sign"), "--keys"):
+            self.cli("model", "sign", m.name, m.version, "--bundle", bundle, "--keys", self.keys)
+        else:
+            self.sign_targets(add=[bundle])
+
+    def withdraw(self, name: str, version: str) -> None:
+        """Sign image targets without ``NAME-VERSION.efb`` (``model withdraw``): devices stop installing it."""
+        if cli_has_option(("model", "withdraw"), "--keys"):
+            self.cli("model", "withdraw", name, version, "--keys", self.keys)
+        else:
+            self.sign_targets(remove=[f"{name}-{version}.efb"])
+
+    def image_targets(self) -> dict[str, Any]:
+        """The image repository's current targets (path -> ``TargetFile``), verified against the
+        keyring's latest root."""
+        from edgefleet.cli.keys import current_targets
+        from edgefleet.tufmeta.keyring import Keyring
+
+        root = Keyring.load(self.keys).latest_root()
+        assert root is not None, f"{self.keys}: no image root published"
+        return dict(current_targets(self.http, root.signed).signed.targets)
 
     def sign_targets(self, add: Sequence[Path] = (), remove: Sequence[str] = ()) -> int:
-        """Sign the next image targets with the release key, from the current ones (verified against the
-        keyring's root) plus ``add`` (bundle files) minus ``remove`` (target paths); returns its version."""
+        """Sign the next image targets with the release key here (:class:`Keyring`, no CLI), from the
+        current ones (verified against the keyring's root) plus ``add`` (bundle files) minus ``remove``
+        (target paths); returns its version. For targets the CLI would not sign."""
         from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 
         from edgefleet.cli.keys import current_targets, publish

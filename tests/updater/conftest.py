@@ -7,6 +7,9 @@
   built once per (kind, version) and session.
 * ``fleet`` (per test): a started :class:`Fleet` (server process on SQLite, keyring published) in the
   test's folder; everything it started is stopped after the test, pass or fail.
+
+Import the harness as ``from updater._fleet import ...`` (``tests/`` is on the path): a bare
+``_fleet`` is ``tests/server/_fleet.py``, which some tests here put on ``sys.path`` too.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from updater._fleet import Fleet, models, wait_for
 from edgefleet.agent.runtime import load_model
 from edgefleet.agent.selftest import verify_bundle
 from edgefleet.bundle import BundleReader, read_manifest
-from edgefleet.cli.keys import current_targets
 from edgefleet.errors import ModelError
 from edgefleet.tufmeta import canonical_bytes
 
@@ -114,8 +113,7 @@ def test_a_fleet_serves_a_pushed_signed_bundle_to_an_enrolled_agent_that_survive
     pushed = fleet.push(v1)
     digest = hashlib.sha256(v1.read_bytes()).hexdigest()
     assert pushed["sha256"] == digest
-    root = Metadata[Root].from_bytes(ours).signed
-    target = current_targets(fleet.http, root).signed.targets[v1.name]
+    target = fleet.image_targets()[v1.name]
     assert (target.length, target.hashes["sha256"]) == (v1.stat().st_size, digest)
 
     # a device enrolled by the real CLI, running the real agent process with v1 from its config
@@ -142,10 +140,19 @@ def test_a_fleet_serves_a_pushed_signed_bundle_to_an_enrolled_agent_that_survive
     assert set(load.versions()) == {"1.0.0"}
     assert "=== start 2 ===" in agent.log.read_text()
 
-    # assignments reach the server (a device with no agent running: this test leaves updates alone)
-    other = fleet.enroll(fleet.root / "devices" / "idle" / "state")
+    # assignments reach the server (a device with no agent running: this test leaves updates alone);
+    # enrollment with the root file instead of a pin; upload without signing, sign, withdraw
+    other = fleet.enroll(fleet.root / "devices" / "idle" / "state", trust="file")
     fleet.assign(other, "digits", "1.0.0")
     assert fleet.device(other)["desired"]["models"][0]["version"] == "1.0.0"
+    v2 = update_models["good2"]
+    fleet.push(v2, sign=False)
+    assert v2.name not in fleet.image_targets()
+    fleet.sign(v2)
+    fleet.withdraw("digits", "1.0.0")
+    assert set(fleet.image_targets()) == {v2.name}
+    fleet.sign_targets(add=[v1])  # the harness's own signing, for targets the CLI would not sign
+    assert set(fleet.image_targets()) == {v1.name, v2.name}
 
     # SIGTERM is a clean stop; close() leaves no process behind
     assert agent.stop() == 0
