@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import secrets
 import time
 from typing import Annotated
@@ -35,7 +34,9 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Path, Request
 from sqlalchemy import update
 from sqlalchemy.orm import Session
+from tuf.api.metadata import Root  # type: ignore[attr-defined]
 
+from edgefleet.renewal import renewal_message
 from edgefleet.server.api.deps import DEVICE_TOKEN, DeviceCaller, StateDep, device_caller
 from edgefleet.server.api.schemas import (
     DEVICE_ID,
@@ -53,17 +54,13 @@ from edgefleet.server.errors import ApiError
 from edgefleet.server.models import Device, EnrollmentToken, utcnow
 from edgefleet.server.state import ServerState, audit
 from edgefleet.server.tokens import open_signed, parse_token, seal, secret_matches
+from edgefleet.server.tuf.routes import director_repository, image_repository
 
 __all__ = ["live_device", "renewal_message", "require_transport", "router"]
 
 router = APIRouter(prefix="/api/v1", tags=["device identity"])
 _CHALLENGE = "chal"  # purpose claim of challenges for /device-auth/token
 _RENEW = "renew"  # purpose claim of challenges for certificate renewal
-
-
-def renewal_message(challenge: str, csr_pem: str) -> bytes:
-    """The bytes a device signs with its current key to renew: ties the server's challenge to this CSR."""
-    return f"edgefleet-renew-v1.{challenge}.{hashlib.sha256(csr_pem.encode()).hexdigest()}".encode()
 
 
 def _signature(text: str) -> bytes:
@@ -90,9 +87,21 @@ def live_device(s: Session, who: DeviceCaller, device_id: str) -> Device:
     return d
 
 
-@router.post("/enroll", status_code=201, response_model=EnrollOut)
+def require_roots(request: Request) -> None:
+    """Refuse (409 naming ``tuf``) while the image repository or the director has no root: a device
+    enrolled then could not check what it is sent against anything the operator signed."""
+    image = image_repository(request)  # 503 naming tuf on a server initialised before TUF
+    if image.current_version(Root.type) == 0 or director_repository(request).root_repo.current_version(Root.type) == 0:
+        raise ApiError(409, "tuf: no image root yet: the operator runs `edgefleet keys init --server URL` first",
+                       "tuf")
+
+
+@router.post("/enroll", status_code=201, response_model=EnrollOut,
+             responses={409: {"description": "no image or director root published yet (field tuf)"}})
 def enroll(body: EnrollIn, request: Request, state: StateDep) -> EnrollOut:
-    """Enroll a device: a valid enrollment token and a CSR of the device's own key give a certificate."""
+    """Enroll a device: a valid enrollment token and a CSR of the device's own key give a certificate.
+    Refused with 409 (``tuf``) until the operator has published the image and director roots; the token
+    is not used up then."""
     require_transport(request, state)
     parsed = parse_token(body.token, "efe")
     with state.sessions.begin() as s:
@@ -101,6 +110,7 @@ def enroll(body: EnrollIn, request: Request, state: StateDep) -> EnrollOut:
             raise ApiError(401, "token: unknown enrollment token", "token")
         if tok.revoked_at is not None or tok.expires_at <= utcnow():
             raise ApiError(401, "token: this enrollment token has expired or was revoked", "token")
+        require_roots(request)
         taken = s.execute(
             update(EnrollmentToken)
             .where(EnrollmentToken.id == tok.id, EnrollmentToken.uses < EnrollmentToken.max_uses)

@@ -87,7 +87,51 @@ class SimDevice:
         return {"Authorization": f"Bearer {self.token}"}
 
 
+def publish_roots(client: Any, headers: dict[str, str], keys: Path) -> Any:
+    """What ``edgefleet keys init --keys KEYS --server URL`` does, over ``client`` (httpx or TestClient)
+    with an operator's ``headers``, for whichever root the server lacks: image root 1 with an empty
+    targets 1, and director root 1, signed by the keyring in ``keys`` (made with one root key when there
+    is none). A server refuses enrollment until both roots exist. Returns the
+    :class:`~edgefleet.tufmeta.keyring.Keyring`; ``pinned(ring, token)`` makes a token devices accept."""
+    from tuf.api.metadata import Targets
+
+    from edgefleet.tufmeta import canonical_bytes, expiry_from
+    from edgefleet.tufmeta.keyring import KEYS_FILE, Keyring
+
+    r = client.get("/tuf/image/keys", headers=headers)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    ring = Keyring.load(keys) if (keys / KEYS_FILE).exists() else Keyring.create(keys, 1, 1)
+    ring.online = dict(info["keys"])
+    ring.save()
+    now = datetime.now(UTC)
+    uploads: list[tuple[str, Any]] = []
+    if int(info.get("root_version", 0)) == 0:
+        root = ring.sign_root(ring.build_root(now), ring.roles["root"])
+        ring.save_root(root)
+        uploads += [("/tuf/image/root", root),
+                    ("/tuf/image/targets", ring.sign_targets(Targets(version=1, expires=expiry_from(now, "targets"))))]
+    if int(info.get("director_root_version", 0)) == 0:
+        director = ring.sign_root(ring.build_director_root(now), ring.roles["root"])
+        ring.save_director_root(director)
+        uploads.append(("/tuf/director/root", director))
+    for path, md in uploads:
+        r = client.put(path, content=canonical_bytes(md), headers={**headers, "content-type": "application/json"})
+        assert r.status_code == 200, f"PUT {path}: {r.text}"
+    return ring
+
+
+def pinned(ring: Any, enrollment_token: str) -> str:
+    """``enrollment_token`` with the pin of ``ring``'s newest image root (what `device enroll-token --keys`
+    prints)."""
+    from edgefleet.tufmeta.pin import pin_token
+
+    root = ring.latest_root()
+    return pin_token(enrollment_token, root.signed.version, ring.fingerprint())
+
+
 def enroll(client: Any, enrollment_token: str) -> SimDevice:
+    """Enroll a simulated device (the server must have its roots: :func:`publish_roots`)."""
     key = new_key()
     r = client.post("/api/v1/enroll", json={"token": enrollment_token, "csr": csr_pem(key)})
     assert r.status_code == 201, r.text

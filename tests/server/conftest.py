@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file (_fleet.py)
-from _fleet import SimDevice, enroll
+from _fleet import SimDevice, enroll, publish_roots
 
 warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -84,6 +84,7 @@ class Fleet:
     state: ServerState
     settings: Settings
     admin: str
+    keyring: Any = None  # the operator keyring that published the roots enrollment needs (see enrollment_token)
 
     def auth(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -99,6 +100,9 @@ class Fleet:
         return token
 
     def enrollment_token(self, **body: Any) -> str:
+        """A new enrollment token; first publishes the image and director roots the server lacks (it
+        refuses enrollment without them), so a test that publishes its own keeps them."""
+        self.keyring = publish_roots(self.client, self.admin_h, self.settings.data_dir.parent / "fleet-keyring")
         r = self.client.post("/api/v1/enrollment-tokens", json=body, headers=self.admin_h)
         assert r.status_code == 201, r.text
         token: str = r.json()["token"]

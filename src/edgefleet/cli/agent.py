@@ -162,7 +162,10 @@ def check_config(
 @app.command()
 def enroll(
     server: str | None = typer.Option(None, "--server", help="fleet server URL [default: server_url from --config]"),
-    token: str = typer.Option(..., "--token", envvar="EDGEFLEET_ENROLL_TOKEN", help="enrollment token (efe_...)"),
+    token: str = typer.Option(..., "--token", envvar="EDGEFLEET_ENROLL_TOKEN",
+                              help="enrollment token, pinned: efe_....N.SHA256 (`device enroll-token --keys DIR`)"),
+    image_root: Path | None = typer.Option(None, "--image-root", help="the image root file the operator gave "
+                                           "(for a token without a pin); its fingerprint is what this device trusts"),
     config: Path | None = typer.Option(None, "--config", "-c", help="agent.toml (gives state_dir and server_url)"),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="where the identity goes [default: config's]"),
     ca: Path | None = typer.Option(None, "--ca", help="CA to verify an https server with [default: system CAs]"),
@@ -170,9 +173,12 @@ def enroll(
     force: bool = typer.Option(False, "--force", help="replace an existing identity"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Enroll this device: make its own key (0600, never sent), send a CSR with the token, and keep the
-    certificate and the fleet CA the server returns under STATE_DIR/identity/."""
-    import ssl
+    """Enroll this device: make its own key (0600, never sent), send a CSR with the token, keep the
+    certificate and the fleet CA the server returns, and the image and director TUF roots, under
+    STATE_DIR/identity/.
+
+    The image root is the one the token pins (or --image-root FILE): the server's copy must have that
+    fingerprint and the director root must be signed by its root keys, else nothing is written."""
     import urllib.error
     import urllib.request
 
@@ -182,8 +188,10 @@ def enroll(
     from cryptography.x509.oid import NameOID
 
     from edgefleet.agent.config import identity_path
+    from edgefleet.agent.updater.bootstrap import fetch_roots, install_roots
     from edgefleet.durable import atomic_write_bytes
     from edgefleet.errors import ConfigError
+    from edgefleet.tufmeta import TrustError
 
     cfg = None
     if config is not None:
@@ -199,24 +207,22 @@ def enroll(
     folder = state_dir or (cfg.state_dir if cfg else None)
     if not url or folder is None:
         raise ConfigError("enroll: give --server and --state-dir, or --config with server_url and state_dir")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"--server: {url[:100]!r} is not a URL; add http:// or https:// (e.g. https://{url[:80]})")
-    if url.startswith("http://") and not allow_http:
-        raise ConfigError(f"--server: {url} is plain http; use https (or --allow-http on a trusted loopback)")
+    _check_url(url, allow_http)
     identity = folder / "identity"
     if ((identity / "device.key").exists() or identity_path(folder).exists()) and not force:
         raise ConfigError(f"{identity}: this device is already enrolled (--force replaces its identity)")
+    server_token, pin = _trust_anchor(token, image_root)  # refused here, before anything is sent
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet-device")]))
         .sign(key, hashes.SHA256())
     )
-    body = json.dumps({"token": token, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}).encode()
+    body = json.dumps({"token": server_token, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}).encode()
     request = urllib.request.Request(
         url.rstrip("/") + "/api/v1/enroll", data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
-    context = ssl.create_default_context(cafile=str(ca) if ca else None) if url.startswith("https") else None
+    context = _tls(url, ca)
     try:
         out = _post_waiting(request, context)
     except urllib.error.HTTPError as e:
@@ -228,11 +234,21 @@ def enroll(
         out_id, out_cert, out_ca = str(out["device_id"]), str(out["certificate"]), str(out["ca_certificate"])
     except (KeyError, TypeError) as e:
         raise ConfigError(f"enroll: {url} answered without a device id, certificate and CA ({e})") from e
+    try:
+        roots = fetch_roots(url, out_id, key, pin, context)  # with the new certificate; nothing written yet
+    except (TrustError, ConfigError) as e:
+        note = f" (nothing was written here; the server enrolled {out_id}: `edgefleet device revoke {out_id}` drops it)"
+        if isinstance(e, TrustError):
+            raise TrustError(f"{e}{note}", e.field) from e
+        raise ConfigError(f"{e}{note}") from e
     _private_dir(folder, identity)
+    if force:
+        identity_path(folder).unlink(missing_ok=True)  # a cut below leaves "not enrolled", never a mixed identity
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     atomic_write_bytes(identity / "device.key", pem, mode=0o600)
     atomic_write_bytes(identity / "device.crt", out_cert.encode(), mode=0o600)
     atomic_write_bytes(identity / "ca.crt", out_ca.encode(), mode=0o600)
+    install_roots(folder, roots.image, roots.director)
     info = {
         "schema": 1,
         "device_id": out_id,
@@ -245,9 +261,129 @@ def enroll(
     # Written last: its presence says the enrollment is complete, and `agent run` takes it from here.
     atomic_write_bytes(identity_path(folder), json.dumps(info, indent=2).encode() + b"\n", mode=0o600)
     if as_json:
-        typer.echo(json.dumps({**info, "identity": str(identity)}, indent=2))
+        typer.echo(json.dumps({**info, "identity": str(identity), **_roots_json(roots)}, indent=2))
     else:
-        typer.echo(f"enrolled as {out_id}; `edgefleet agent run` reads the identity from {identity_path(folder)}")
+        typer.echo(f"enrolled as {out_id}, trusting image root {roots.image_version} ({roots.image_fingerprint}); "
+                   f"`edgefleet agent run` reads the identity from {identity_path(folder)}")
+
+
+@app.command()
+def trust(
+    state_dir: Path = typer.Option(..., "--state-dir", help="the enrolled device's state folder"),
+    image_root: Path | None = typer.Option(None, "--image-root", help="the image root file the operator gave"),
+    pin: str | None = typer.Option(None, "--pin", help="N.SHA256: image root N and its fingerprint (`edgefleet keys "
+                                   "show --keys DIR`)"),
+    server: str | None = typer.Option(None, "--server", help="fleet server URL [default: the identity's]"),
+    ca: Path | None = typer.Option(None, "--ca", help="CA to verify an https server with [default: the identity's "
+                                   "fleet CA]"),
+    allow_http: bool = typer.Option(False, "--allow-http", help="allow a plain-http server (tests on loopback)"),
+    force: bool = typer.Option(False, "--force", help="replace trust roots this device already has"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Give a device enrolled without TUF roots (before signed updates) its image and director roots,
+    checked as `agent enroll` checks them, with its existing key; the identity is kept."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgefleet.agent.config import identity_path
+    from edgefleet.agent.updater.bootstrap import fetch_roots, has_roots, install_roots
+    from edgefleet.errors import ConfigError
+
+    if (image_root is None) == (pin is None):
+        raise ConfigError("trust: give --image-root FILE or --pin N.SHA256 (one of them)")
+    path = identity_path(state_dir)
+    try:
+        ident = json.loads(path.read_bytes())
+        device_id, url, key_file = str(ident["device_id"]), str(server or ident["server_url"]), Path(ident["key"])
+        fleet_ca = Path(ident["ca_cert"]) if ident.get("ca_cert") else None
+    except FileNotFoundError as e:
+        raise ConfigError(f"--state-dir: {path} does not exist: this device is not enrolled (`edgefleet agent "
+                          "enroll` gets the roots itself)") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a device identity ({type(e).__name__}: {e})") from e
+    if has_roots(state_dir) and not force:
+        raise ConfigError(f"{state_dir / 'identity'}: this device already has its trust roots (--force replaces "
+                          "them)")
+    _check_url(url, allow_http)
+    _, root_pin = _trust_anchor(f"x.{pin}" if pin is not None else "x", image_root, "--pin")
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: key: cannot read the device key {key_file}: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path}: key: {key_file} is not an ECDSA key")
+    roots = fetch_roots(url, device_id, key, root_pin, _tls(url, ca or fleet_ca))
+    install_roots(state_dir, roots.image, roots.director)
+    if as_json:
+        typer.echo(json.dumps({"device_id": device_id, "identity": str(state_dir / "identity"), **_roots_json(roots)},
+                              indent=2))
+    else:
+        typer.echo(f"{device_id}: trusting image root {roots.image_version} ({roots.image_fingerprint}) and director "
+                   f"root {roots.director_version}")
+
+
+def _check_url(url: str, allow_http: bool) -> None:
+    from edgefleet.errors import ConfigError
+
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--server: {url[:100]!r} is not a URL; add http:// or https:// (e.g. https://{url[:80]})")
+    if url.startswith("http://") and not allow_http:
+        raise ConfigError(f"--server: {url} is plain http; use https (or --allow-http on a trusted loopback)")
+
+
+def _tls(url: str, ca: Path | None) -> Any:
+    """The TLS context for an https ``url`` (verified against ``ca``, else the system CAs); None for http."""
+    import ssl
+
+    from edgefleet.errors import ConfigError
+
+    if not url.startswith("https"):
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--ca: cannot use {ca}: {e}") from e
+
+
+def _trust_anchor(token: str, image_root: Path | None, pin_option: str = "--token") -> tuple[str, Any]:
+    """The server's token and the image root pin the device will trust: the token's pin, or the
+    fingerprint of the ``--image-root`` file (validly self-signed; it must agree with a pin the token
+    also carries). Raises ConfigError/TrustError naming the option before anything is sent."""
+    from edgefleet.agent.updater.bootstrap import MAX_ROOT_BYTES, check_root_file
+    from edgefleet.errors import ConfigError
+    from edgefleet.tufmeta import fingerprint
+    from edgefleet.tufmeta.pin import RootPin, split_pin
+
+    try:
+        server_token, pin = split_pin(token)
+    except ConfigError as e:
+        if pin_option == "--token":
+            raise
+        raise ConfigError(f"--pin: {token[2:][:100]!r} is not N.SHA256 (root version, sha256 of its canonical "
+                          "JSON, as `edgefleet keys show` prints them)") from e
+    if image_root is not None:
+        try:
+            with image_root.open("rb") as f:
+                data = f.read(MAX_ROOT_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"--image-root: cannot read {image_root}: {e.strerror or e}") from e
+        if len(data) > MAX_ROOT_BYTES:
+            raise ConfigError(f"--image-root: {image_root} is larger than {MAX_ROOT_BYTES} bytes; not a root file")
+        md = check_root_file(data, f"--image-root {image_root}")
+        given = RootPin(md.signed.version, fingerprint(data))
+        if pin is not None and pin != given:
+            raise ConfigError(f"--image-root: {image_root} is root {given.version} ({given.fingerprint}), but the "
+                              f"token pins root {pin.version} ({pin.fingerprint}); give the root the operator pinned")
+        pin = given
+    if pin is None:
+        raise ConfigError("token: the token carries no image root pin: make it with `edgefleet device enroll-token "
+                          "--keys DIR` (it appends .N.SHA256), or give --image-root FILE")
+    return server_token, pin
+
+
+def _roots_json(roots: Any) -> dict[str, Any]:
+    return {"image_root": {"version": roots.image_version, "fingerprint": roots.image_fingerprint},
+            "director_root": {"version": roots.director_version}}
 
 
 WAIT_FOR_SERVER = 10.0  # seconds a refused connection is retried: a server that is still starting
