@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
@@ -25,12 +26,22 @@ __all__ = [
     "ServerSecret",
     "TufMetadata",
     "UTCDateTime",
+    "upsert_insert",
     "utcnow",
 ]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def upsert_insert(s: Session, model: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into ``model``'s table that takes ``on_conflict_do_nothing`` / ``on_conflict_do_update``
+    (``INSERT ... ON CONFLICT``, which both databases the server runs on speak): one statement, safe
+    against a concurrent insert of the same key, where select-then-insert would be a 409 race."""
+    if s.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(model)
+    return sqlite.insert(model)  # make_engine allows only these two
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -20,7 +20,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import Connection, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edgefleet.server.api.deps import DeviceCaller, StateDep, device_caller
@@ -28,7 +27,7 @@ from edgefleet.server.api.identity import live_device
 from edgefleet.server.api.schemas import DEVICE_ID, ReportIn, UpdateEvent
 from edgefleet.server.desired import desired_state
 from edgefleet.server.errors import ApiError
-from edgefleet.server.models import Device, DeviceEvent, utcnow
+from edgefleet.server.models import Device, DeviceEvent, upsert_insert, utcnow
 from edgefleet.server.state import ServerState
 
 __all__ = ["router"]
@@ -119,8 +118,6 @@ def _insert_events(s: Session, device_id: str, events: list[UpdateEvent], now: d
          "data": e.model_dump(mode="json", exclude={"seq", "at", "kind"})}
         for e in events
     ]
-    dialect = s.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert  # make_engine allows only these
-    stmt = insert(DeviceEvent).on_conflict_do_nothing(index_elements=[DeviceEvent.device_id, DeviceEvent.seq],
-                                                      index_where=DeviceEvent.seq.isnot(None))
+    stmt = upsert_insert(s, DeviceEvent).on_conflict_do_nothing(
+        index_elements=[DeviceEvent.device_id, DeviceEvent.seq], index_where=DeviceEvent.seq.isnot(None))
     s.execute(stmt, rows)

@@ -19,7 +19,7 @@ from edgefleet.server.api.deps import Actor, SessionDep, StateDep, device_caller
 from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, SEQ_MAX, TAG, AssignIn, DeviceOut, EventOut, TagsIn
 from edgefleet.server.desired import desired_state, refresh_etag
 from edgefleet.server.errors import ApiError
-from edgefleet.server.models import Assignment, Device, DeviceEvent, ModelVersion, utcnow
+from edgefleet.server.models import Assignment, Device, DeviceEvent, ModelVersion, upsert_insert, utcnow
 from edgefleet.server.state import ServerState, audit
 from edgefleet.server.tuf.director import DirectorRepository
 from edgefleet.server.tuf.routes import director_repository
@@ -190,14 +190,14 @@ def assign(
         if v is None:
             raise ApiError(404, f"version: no model {name} version {body.version}", "version")
         a = s.get(Assignment, (device_id, name))
-        before = None
-        if a is None:
-            s.add(Assignment(device_id=device_id, model_name=name, version_id=v.id, source="operator",
-                             updated_at=utcnow()))
-        else:
-            before = {"version_id": a.version_id, "source": a.source}
-            a.version_id, a.source, a.updated_at = v.id, "operator", utcnow()
-        s.flush()
+        before = None if a is None else {"version_id": a.version_id, "source": a.source}
+        # one upsert: two operators assigning the same model at once both succeed (the later wins)
+        now, row = utcnow(), {"version_id": v.id, "source": "operator"}
+        s.execute(upsert_insert(s, Assignment).values(device_id=device_id, model_name=name, updated_at=now, **row)
+                  .on_conflict_do_update(index_elements=[Assignment.device_id, Assignment.model_name],
+                                         set_={**row, "updated_at": now}))
+        if a is not None:
+            s.expire(a)
         refresh_etag(s, device_id, director)
         audit(s, actor.label, "device.assign", f"device:{device_id}/model:{name}", before,
               {"version": v.version, "sha256": v.sha256})
