@@ -317,8 +317,6 @@ def test_withdraw_signs_targets_without_the_version_and_the_bundle_stays_in_the_
     assert json.loads(out)["targets_version"] == 5 and "digits-6.0.0.efb" in _served_targets(server).targets
 
 
-@pytest.mark.xfail(strict=True, reason="needs the server change reported for fleet-server/api/registry.py: "
-                   "DELETE of a version the image targets list is a 409")
 def test_deleting_a_registry_version_the_image_targets_still_list_is_a_409(
     capsys: Any, tmp_path: Path, server: Server
 ) -> None:

@@ -276,6 +276,14 @@ def delete_version(
             why = version_in_use(s, v.id)
             if why:
                 raise ApiError(409, f"version: {name} {version} is in use: {why}", "version")
+            from edgefleet.server.tuf.repository import IMAGE, listing_version, lock_repo
+            from edgefleet.tufmeta import target_path
+
+            lock_repo(s, IMAGE)  # a targets upload naming this bundle waits for us, or we see it
+            listed = listing_version(s, target_path(name, version))
+            if listed is not None:
+                raise ApiError(409, f"version: {name} {version} is listed in image targets {listed}; withdraw it "
+                               f"first: edgefleet model withdraw {name} {version} --keys DIR", "version")
             s.delete(v)
             audit(s, actor.label, "model.delete", f"model:{name}@{version}", {"sha256": sha, "size": v.size}, None)
             s.flush()

@@ -37,7 +37,7 @@ from edgefleet.tufmeta import (
     target_path,
 )
 
-__all__ = ["IMAGE", "ImageRepository", "NotFound", "RegistryMismatch"]
+__all__ = ["IMAGE", "ImageRepository", "NotFound", "RegistryMismatch", "listing_version", "lock_repo"]
 
 IMAGE = "image"
 _BATCH = 500  # content hashes per registry query
@@ -197,11 +197,28 @@ class ImageRepository:
 
     def _lock(self, s: Session) -> None:
         """Serialize changes to this repository until the transaction ends (its first statement)."""
-        if s.get_bind().dialect.name == "postgresql":
-            s.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"),
-                      {"a": 0x7475, "b": zlib.crc32(self.repo.encode()) - (1 << 31)})
-        else:  # SQLite: a write statement takes the database's single write lock until commit
-            s.execute(text("UPDATE tuf_metadata SET version = version WHERE 0 = 1"))
+        lock_repo(s, self.repo)
+
+
+def lock_repo(s: Session, repo: str) -> None:
+    """Serialize changes to repository ``repo`` until ``s``'s transaction ends (PostgreSQL: an advisory
+    transaction lock; SQLite: its single write lock)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                  {"a": 0x7475, "b": zlib.crc32(repo.encode()) - (1 << 31)})
+    else:  # SQLite: a write statement takes the database's single write lock until commit
+        s.execute(text("UPDATE tuf_metadata SET version = version WHERE 0 = 1"))
+
+
+def listing_version(s: Session, path: str) -> int | None:
+    """The version of the newest image targets when they list ``path`` (NAME-VERSION.efb), else None."""
+    import json
+
+    row = s.scalars(select(TufMetadata).where(TufMetadata.repo == IMAGE, TufMetadata.role == Targets.type)
+                    .order_by(TufMetadata.version.desc()).limit(1)).first()
+    if row is None or path not in json.loads(row.data)["signed"]["targets"]:
+        return None
+    return int(row.version)
 
 
 def _check_registry(s: Session, targets: Targets) -> None:
