@@ -40,6 +40,7 @@ __all__ = [
     "ApiConfig",
     "HardwareConfig",
     "ModelConfig",
+    "UpdatesConfig",
     "apply_identity",
     "config_from_dict",
     "identity_path",
@@ -189,6 +190,39 @@ class HardwareConfig(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="profile fields to override")
 
 
+class UpdatesConfig(_Strict):
+    """``[updates]``: how an enrolled agent follows its fleet server (ignored without an identity)."""
+
+    enabled: bool = Field(
+        default=True, description="check in and install what the server assigns (needs enrollment)"
+    )
+    checkin_interval: float = Field(default=60.0, ge=0.1, le=86400, description="seconds between check-ins")
+    max_metadata_age: float = Field(
+        default=3600.0, ge=1, le=20 * 3600,
+        description="refresh TUF metadata at least this often (seconds), whatever the check-in says; below the "
+        "timestamp's 1-day expiry, so a server answering 304 forever cannot hide a freeze",
+    )
+    probation_inferences: int = Field(default=50, ge=0, le=10**7, description="runtime calls a new version must serve")
+    probation_seconds: float = Field(default=30.0, ge=0, le=86400, description="and for at least this long (seconds)")
+    probation_max_seconds: float = Field(
+        default=600.0, ge=0, le=7 * 86400,
+        description="commit after this long even with fewer inferences (an idle device does not wait forever)",
+    )
+    max_error_rate: float = Field(default=0.02, ge=0, le=1, description="runtime errors per call allowed in probation")
+    max_latency_ratio: float = Field(
+        default=2.0, ge=1, le=1000, description="p95 latency bound vs the previous version"
+    )
+    latency_slack_ms: float = Field(
+        default=2.0, ge=0, le=60000, description="absolute slack added to the latency bound (noise at microseconds)"
+    )
+    max_attempts: int = Field(default=8, ge=1, le=1000, description="transient failures before a target is given up")
+    backoff_max: float = Field(default=300.0, ge=0.1, le=86400, description="longest pause between retries (seconds)")
+    renew_days_before: float = Field(default=30.0, ge=0, le=3650, description="renew the certificate this early (days)")
+    max_probation_restarts: int = Field(
+        default=3, ge=1, le=100, description="agent restarts during one probation before the version is rolled back"
+    )
+
+
 class AgentConfig(_Strict):
     device_id: str = Field(default="", max_length=128, description="this device's id (set at enrollment)")
     state_dir: Path = Field(default=Path("/var/lib/edgefleet"), description="models, queues and keys live here")
@@ -200,6 +234,7 @@ class AgentConfig(_Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     models: list[ModelConfig] = Field(default_factory=list)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     # FlowConfig objects after parse_config: validated there, so that the sources' and sinks' modules
     # are imported only by an agent that has flows.
     flows: list[Any] = Field(default_factory=list, description="sources -> model -> sinks")

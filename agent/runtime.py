@@ -34,7 +34,7 @@ from edgefleet.errors import ModelError
 if TYPE_CHECKING:  # the bundle format (and pydantic) is imported only when a bundle is loaded
     from edgefleet.bundle.manifest import Manifest
 
-__all__ = ["Model", "dequantize", "detect_runtime", "load_model", "quantize"]
+__all__ = ["Model", "Watch", "dequantize", "detect_runtime", "load_model", "quantize"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,45 @@ def dequantize(x: np.ndarray[Any, Any], q: Quantization) -> np.ndarray[Any, Any]
     t -= np.float32(q.zero_point)
     t *= np.float32(q.scale)
     return t
+
+
+class Watch:
+    """Runtime calls, runtime errors and the latencies of the last ``window`` calls of one model (what
+    the updater's probation compares between two versions). Only the runtime call is counted: a
+    request refused before it (a wrong shape, a bad dtype) is the client's error, not the model's.
+    Recording is two list operations and an addition; a race between threads loses a sample at worst."""
+
+    __slots__ = ("_i", "_lat", "calls", "errors", "started")
+
+    def __init__(self, window: int = 512) -> None:
+        self._lat: list[float] = [0.0] * window
+        self._i = 0
+        self.calls = 0
+        self.errors = 0
+        self.started = time.monotonic()
+
+    def record(self, seconds: float) -> None:
+        i = self._i
+        self._lat[i % len(self._lat)] = seconds
+        self._i = i + 1
+        self.calls += 1
+
+    def failed(self) -> None:
+        self.calls += 1
+        self.errors += 1
+
+    def latencies(self) -> list[float]:
+        """The recorded latencies (seconds), at most ``window`` of the most recent."""
+        return list(self._lat[: min(self._i, len(self._lat))])
+
+    def p95(self) -> float | None:
+        lat = sorted(self.latencies())
+        if not lat:
+            return None
+        return lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
 
 
 class Model:
@@ -109,6 +148,8 @@ class Model:
         cost, cpu = self._warm_up() if warmup else (None, None)
         backend.adapt(cpu)  # e.g. ONNX Runtime picks its threads from the CPU cost (see its backend)
         self.cost: float | None = cost
+        self.watch: Watch | None = None
+        """When set, every runtime call is counted there (the updater's probation); None costs nothing."""
         """Seconds one runtime call takes: measured at warm-up, then a moving average over every
         ``predict`` (the runtime call alone: no checks, no waiting for a lock or a thread). None
         until measured. What a server needs to decide whether a call may run on its event loop."""
@@ -218,15 +259,23 @@ class Model:
         by name. Raises :class:`ModelError` naming the tensor, what was expected and what was given.
         """
         feeds, raw = self.prepare(inputs)
-        if self._lock is None:
-            t0 = time.perf_counter()
-            result = self.backend.run(feeds)
-            took = time.perf_counter() - t0
-        else:
-            with self._lock:
+        watch = self.watch
+        try:
+            if self._lock is None:
                 t0 = time.perf_counter()
                 result = self.backend.run(feeds)
                 took = time.perf_counter() - t0
+            else:
+                with self._lock:
+                    t0 = time.perf_counter()
+                    result = self.backend.run(feeds)
+                    took = time.perf_counter() - t0
+        except Exception:
+            if watch is not None:
+                watch.failed()
+            raise
+        if watch is not None:
+            watch.record(took)
         cost = self.cost  # a race between threads loses one sample at worst
         self.cost = took if cost is None else cost + _COST_WEIGHT * (took - cost)
         if outputs is not None:

@@ -22,12 +22,12 @@ from typing import Any
 
 from edgefleet.agent import hardware
 from edgefleet.agent.api import InferenceApp
-from edgefleet.agent.config import MIN_TOKEN_LENGTH, AgentConfig, ApiConfig, ModelConfig
+from edgefleet.agent.config import MIN_TOKEN_LENGTH, AgentConfig, ApiConfig, ModelConfig, identity_path
 from edgefleet.agent.hardware import HardwareProfile
 from edgefleet.agent.http import HttpServer
 from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.registry import ModelRegistry
-from edgefleet.agent.runtime import Model, detect_runtime, load_model
+from edgefleet.agent.runtime import Model, Watch, detect_runtime, load_model
 from edgefleet.agent.sdnotify import Notifier
 from edgefleet.errors import ConfigError, EdgefleetError, ModelError
 
@@ -101,6 +101,28 @@ def read_token(api: ApiConfig) -> bytes | None:
     return token
 
 
+class _Host:
+    """The running agent as the update machine sees it: load a bundle as served, swap a served model."""
+
+    def __init__(self, service: AgentService) -> None:
+        self.service = service
+
+    def load(self, path: Path) -> Model:
+        return self.service._load(ModelConfig(path=path))
+
+    def swap(self, name: str, model: Model, version: str) -> Model | None:
+        old = self.service.registry.get(name)
+        if model.watch is None:
+            model.watch = Watch()
+        self.service.registry.put(name, model, version)
+        self.service.registry.expected.add(name)
+        return old.model if old is not None else None
+
+    def served(self, name: str) -> Model | None:
+        s = self.service.registry.get(name)
+        return s.model if s is not None else None
+
+
 class AgentService:
     """The agent process. ``run()`` blocks until SIGTERM/SIGINT and returns the exit code."""
 
@@ -124,6 +146,7 @@ class AgentService:
         self.flows: list[Any] = []  # edgefleet.agent.flow.Flow, imported only when flows are configured
         self._sockets: list[socket.socket] = []
         self.profile = self._hardware_profile()
+        self.updater: Any = None  # edgefleet.agent.updater.machine.UpdateMachine, for an enrolled agent
 
     def _hardware_profile(self) -> HardwareProfile:
         hw = self.config.hardware
@@ -165,8 +188,43 @@ class AgentService:
             self.registry.put(name, model)
             names[name] = mc.path
             log.info("serving %s (%s) from %s", name, model.backend.name, mc.path)
+        self.updater = self._make_updater()
+        if self.updater is not None:
+            # What the updater installed and committed wins over agent.toml's model of the same name.
+            for name, inst in self.updater.startup_models().items():
+                path = self.config.state_dir / inst.path
+                self.notifier.status(f"loading {path}")
+                try:
+                    model = self._load(ModelConfig(path=path))
+                except EdgefleetError as e:
+                    log.error("installed %s %s does not load (%s); serving what agent.toml gives", name,
+                              inst.version, e)
+                    continue
+                self.registry.put(name, model, inst.version)
+                names[name] = path
+                log.info("serving %s %s (installed) from %s", name, inst.version, path)
+        for served in self.registry.all():
+            served.model.watch = Watch()  # the baseline a new version's probation is compared with
         self.registry.expected = set(names)
         self.metrics.models_loaded = len(names)
+
+    def _make_updater(self) -> Any:
+        """The update machine, for an enrolled agent with ``[updates] enabled`` (None otherwise)."""
+        cfg = self.config
+        ident_file = identity_path(cfg.state_dir)
+        if not cfg.updates.enabled or not cfg.device_id or not cfg.server_url or not ident_file.is_file():
+            return None
+        import json
+
+        from edgefleet import __version__
+        from edgefleet.agent.updater.client import DeviceClient
+        from edgefleet.agent.updater.machine import UpdateMachine
+
+        ident = json.loads(ident_file.read_bytes())
+        client = DeviceClient(cfg.server_url, cfg.device_id, Path(ident["key"]), Path(ident["certificate"]),
+                              cfg.ca_cert)
+        return UpdateMachine(cfg.state_dir, cfg.updates, client, _Host(self), cfg.device_id, cfg.server_url,
+                             agent_version=__version__, hardware_profile=self.profile.name)
 
     def start_flows(self) -> None:
         """Start every configured flow (after the models are loaded; a flow names a served model)."""
@@ -251,6 +309,8 @@ class AgentService:
             if server is not None:
                 await server.start(self._sockets)
             self.on_listening()
+            if self.updater is not None:
+                self.updater.start()
             # The watchdog is fed from the event loop that serves requests: a hung loop gets restarted.
             interval = self.watchdog_interval
             while not stop.is_set():
@@ -261,6 +321,8 @@ class AgentService:
             if server is not None:
                 await server.stop(self.config.shutdown_timeout)
         finally:
+            if self.updater is not None:
+                await asyncio.to_thread(self.updater.stop)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             self.stop_flows()

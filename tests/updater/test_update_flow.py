@@ -1,0 +1,31 @@
+"""The fleet updater end to end: an operator signs and pushes a model, assigns it, and a real agent
+process fetches, verifies, self-tests, switches and commits it while it keeps serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from updater._fleet import Fleet
+
+FAST = {"checkin_interval": 0.5, "probation_inferences": 20, "probation_seconds": 1.0}
+
+
+def test_an_assigned_version_is_fetched_verified_switched_and_committed_while_the_agent_serves(
+    fleet: Fleet, update_models: dict[str, Path]
+) -> None:
+    v1, v2 = update_models["good"], update_models["good2"]
+    fleet.push(v1)
+    fleet.push(v2)
+    agent = fleet.agent(v1, updates=FAST)
+    assert agent.device_id is not None
+    with agent.load(rate=50) as load:
+        fleet.assign(agent.device_id, "digits", "2.0.0")
+        fleet.wait_event(agent.device_id, "update.committed", timeout=60, version="2.0.0")
+        assert agent.served_version() == "2.0.0"
+    assert not load.failures(), load.failures()[:3]
+    assert {"1.0.0", "2.0.0"} <= set(load.versions())
+    kinds = [e["kind"] for e in fleet.events(agent.device_id)]
+    assert kinds[:1] == ["update.started"] and "switch.ok" in kinds and "probation.ok" in kinds, kinds
+    # A restart serves the committed version, not agent.toml's.
+    agent.restart()
+    assert agent.served_version() == "2.0.0"
