@@ -207,7 +207,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def test_enroll_records_the_identity_where_agent_run_finds_it_and_it_wins(fleet: Fleet, tmp_path: Path) -> None:
-    token = json.loads(fleet.cli("device", "enroll-token", "--json", EDGEFLEET_TOKEN=fleet.admin))["token"]  # type: ignore[attr-defined]
+    keys = str(tmp_path / "keys")  # the operator publishes the TUF roots; the token pins the image root
+    fleet.cli("keys", "init", "--keys", keys, "--server", fleet.url, EDGEFLEET_TOKEN=fleet.admin)  # type: ignore[attr-defined]
+    token = json.loads(fleet.cli("device", "enroll-token", "--keys", keys, "--json", EDGEFLEET_TOKEN=fleet.admin))["token"]  # type: ignore[attr-defined]
     device = tmp_path / "device"
     device.mkdir()
     config = _config(device, f'server_url = "{fleet.url}"')

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from _fleet import MIB, PeakRSS, Server, enroll, make_bundle
+from _fleet import MIB, PeakRSS, Server, enroll, make_bundle, publish_roots
 from _support import wait_until
 
 from edgefleet.server.metrics import METHODS
@@ -58,6 +58,7 @@ class Fleet:
         return {"Authorization": f"Bearer {self.admin}"}
 
     def device(self) -> Any:
+        publish_roots(self.client, self.admin_h, self.server.data.parent / "fleet-keyring")  # enrollment needs them
         r = self.client.post("/api/v1/enrollment-tokens", json={}, headers=self.admin_h)
         assert r.status_code == 201, r.text
         d = enroll(self.client, r.json()["token"])
