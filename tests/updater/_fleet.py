@@ -398,10 +398,16 @@ class Load:
         """Requests sent while the agent was down (connection refused or cut)."""
         return [s for s in self.samples if s.status is None]
 
-    def wait_answers(self, n: int, timeout: float = 30.0, version: str | None = None) -> None:
-        """Wait until ``n`` answers (of ``version``, if given) were recorded."""
-        wait_for(lambda: sum(1 for s in self.samples if s.ok and version in (None, s.version)) >= n, timeout,
-                 f"{n} answers{f' from {version}' if version else ''} under load", [self.agent.log])
+    def wait_answers(self, n: int, timeout: float = 30.0, version: str | None = None,
+                     after: float | None = None) -> None:
+        """Wait until ``n`` answers were recorded (of ``version`` only, and sent after ``after``, a
+        ``time.monotonic()``, if given)."""
+        def count() -> int:
+            return sum(1 for s in self.samples
+                       if s.ok and version in (None, s.version) and (after is None or s.at > after))
+
+        wait_for(lambda: count() >= n, timeout, f"{n} answers{f' from {version}' if version else ''} under load",
+                 [self.agent.log])
 
 
 def _toml(value: Any) -> str:
