@@ -59,7 +59,7 @@ def assigned_targets(s: Session, device_id: str) -> dict[str, TargetFile]:
     for name, version, sha, size in rows:
         path = target_path(name, version)
         out[path] = TargetFile(length=size, hashes={"sha256": sha}, path=path,
-                               unrecognized_fields={"custom": {"model": name, "role": SERVE}})
+                               unrecognized_fields={"custom": {"model": name, "role": SERVE, "device": device_id}})
     return out
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _fleet import CLI, Server, enroll, make_bundle
+from _fleet import CLI, Server, enroll, make_bundle, publish_roots
 from sqlalchemy import delete
 from test_tuf_image import BearerFetcher
-from tuf.api.metadata import Metadata, Targets, Timestamp
+from tuf.api.metadata import Metadata, Timestamp
 from tuf.ngclient import Updater
 
 from edgefleet.server.db import make_engine
@@ -28,28 +28,15 @@ from edgefleet.server.models import TufMetadata
 from edgefleet.server.tuf import load_online_keys
 from edgefleet.server.tuf.director import DirectorRepository
 from edgefleet.server.tuf.routes import DIRECTOR_KEY, REPO_KEY
-from edgefleet.tufmeta import canonical_bytes, expiry_from
+from edgefleet.tufmeta import canonical_bytes
 from edgefleet.tufmeta.keyring import Keyring
 
 
-def _roots(fleet: Any, keys: Path) -> Keyring:
-    """The operator's keyring with the image and director roots published (what `edgefleet keys init
-    --server` does; the fleet fixture may have done it already)."""
-    ring: Keyring | None = getattr(fleet, "keyring", None)
-    if ring is not None and ring.latest_director_root() is not None:
-        return ring
-    ring = Keyring.create(keys, 1, 1)
-    ring.online = fleet.client.get("/tuf/image/keys", headers=fleet.admin_h).json()["keys"]
-    ring.save()
-    now = datetime.now(UTC)
-    root = ring.sign_root(ring.build_root(now), ring.roles["root"])
-    director = ring.sign_root(ring.build_director_root(now), ring.roles["root"])
-    targets = ring.sign_targets(Targets(version=1, expires=expiry_from(now, "targets")))
-    for path, md in (("/tuf/image/root", root), ("/tuf/image/targets", targets), ("/tuf/director/root", director)):
-        r = fleet.client.put(path, content=canonical_bytes(md), headers=fleet.admin_h)
-        assert r.status_code == 200, f"PUT {path}: {r.text}"
-    ring.save_root(root)
-    ring.save_director_root(director)
+def _roots(fleet: Any) -> Keyring:
+    """The operator's keyring, with the image and director roots published (what `edgefleet keys init
+    --server` does; the fleet's own keyring, which its first enrollment token would publish anyway)."""
+    fleet.keyring = publish_roots(fleet.client, fleet.admin_h, fleet.settings.data_dir.parent / "fleet-keyring")
+    ring: Keyring = fleet.keyring
     return ring
 
 
@@ -91,7 +78,7 @@ def _trusted_timestamp(tmp: Path) -> int:
 def test_the_etag_changes_exactly_when_an_assignment_changes_and_names_the_timestamp_the_device_fetches(
     fleet: Any, tmp_path: Path
 ) -> None:
-    ring = _roots(fleet, tmp_path / "keys")
+    ring = _roots(fleet)
     _push(fleet, tmp_path, "1.0.0", "1.1.0")
     device = fleet.device()
     _assign(fleet, device.id, "1.0.0")
@@ -105,7 +92,7 @@ def test_the_etag_changes_exactly_when_an_assignment_changes_and_names_the_times
     updater.refresh()
     assert _trusted_timestamp(tmp_path) == version  # the ETag names exactly what the device then trusts
     info = updater.get_targetinfo("digits-1.0.0.efb")
-    assert info is not None and info.custom == {"model": "digits", "role": "serve"}
+    assert info is not None and info.custom == {"model": "digits", "role": "serve", "device": device.id}
 
     # nothing that is not an assignment change moves it: 304, the ETag sent back unchanged
     etag = first.headers["etag"]
@@ -141,7 +128,7 @@ def test_the_etag_changes_exactly_when_an_assignment_changes_and_names_the_times
 def test_re_signing_past_half_the_timestamps_lifetime_moves_the_etag_to_the_new_version(
     fleet: Any, tmp_path: Path
 ) -> None:
-    _roots(fleet, tmp_path / "keys")
+    _roots(fleet)
     now = [datetime.now(UTC)]
     setattr(fleet.client.app.state, DIRECTOR_KEY, DirectorRepository(
         fleet.state.sessions, load_online_keys(fleet.settings.data_dir), clock=lambda: now[0]))
@@ -162,7 +149,7 @@ def test_re_signing_past_half_the_timestamps_lifetime_moves_the_etag_to_the_new_
 def test_without_a_director_root_the_etag_is_the_hash_until_the_first_director_read_signs(
     fleet: Any, tmp_path: Path
 ) -> None:
-    ring = _roots(fleet, tmp_path / "keys")
+    ring = _roots(fleet)
     _push(fleet, tmp_path, "1.0.0", "1.1.0")
     device = fleet.device()
     engine = make_engine(fleet.settings.database_url())

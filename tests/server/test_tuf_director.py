@@ -123,7 +123,7 @@ def test_a_device_finds_its_assignment_in_its_director_and_a_new_assignment_is_a
     assert info is not None
     assert info.length == bundle.stat().st_size
     assert info.hashes["sha256"] == TargetFile.from_file(bundle.name, str(bundle), ["sha256"]).hashes["sha256"]
-    assert info.custom == {"model": "digits", "role": "serve"}
+    assert info.custom == {"model": "digits", "role": "serve", "device": device.id}
     first = _trusted(tmp_path, device, Targets.type)
 
     live.assign(device, "1.1.0")
@@ -132,7 +132,7 @@ def test_a_device_finds_its_assignment_in_its_director_and_a_new_assignment_is_a
     assert _trusted(tmp_path, device, Targets.type) > first
     assert director.get_targetinfo("digits-1.0.0.efb") is None
     new = director.get_targetinfo("digits-1.1.0.efb")
-    assert new is not None and new.custom == {"model": "digits", "role": "serve"}
+    assert new is not None and new.custom == {"model": "digits", "role": "serve", "device": device.id}
 
     # the image repository agrees, and the device may download what its director names
     image = _image(live, device, tmp_path)
