@@ -26,6 +26,11 @@ def test_an_assigned_version_is_fetched_verified_switched_and_committed_while_th
     assert {"1.0.0", "2.0.0"} <= set(load.versions())
     kinds = [e["kind"] for e in fleet.events(agent.device_id)]
     assert kinds[:1] == ["update.started"] and "switch.ok" in kinds and "probation.ok" in kinds, kinds
+    status = fleet.cli("agent", "status", "--state-dir", agent.state_dir)
+    # 1.0.0 came from agent.toml (the operator's file, not the updater's to keep): no previous install
+    assert status["running"]["digits"]["version"] == "2.0.0" and status["previous"] == {}
+    assert status["update"] is None and status["trust"]["director"]["targets"]["version"] >= 1
+    assert status["trust"]["image"]["timestamp"]["expires"]
     # A restart serves the committed version, not agent.toml's.
     agent.restart()
     assert agent.served_version() == "2.0.0"

@@ -434,3 +434,12 @@ def _register_hardware() -> None:
 
 
 _register_hardware()
+
+
+def _register_status() -> None:
+    from edgefleet.cli.agent_status import status
+
+    app.command("status")(status)
+
+
+_register_status()
