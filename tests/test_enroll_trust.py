@@ -11,7 +11,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
+import ssl
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _support import assert_one_line_error, run_cli
+from _support import assert_one_line_error, free_port, run_cli, wait_until
 from cryptography.hazmat.primitives import serialization
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, Root
@@ -360,6 +363,54 @@ def test_agent_trust_gives_a_device_enrolled_before_roots_its_roots_with_its_exi
     assert_one_line_error(code, err, "already has its trust roots", "--force")
     code, _, err = run_cli(capsys, "agent", "trust", "--state-dir", tmp_path / "nobody", "--pin", pin)
     assert_one_line_error(code, err, "not enrolled")
+
+
+def test_enroll_and_trust_over_https_verify_the_server_with_the_fleet_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    admin = init_server(Settings(data_dir=data))
+    code, out, err = run_cli(capsys, "server", "tls", "--data", data, "--hostname", "127.0.0.1", "--json")
+    assert code == 0, err
+    issued = json.loads(out)
+    port = free_port()
+    env = {**os.environ, "EDGEFLEET_SERVER_TLS_CERTFILE": issued["tls_certfile"],
+           "EDGEFLEET_SERVER_TLS_KEYFILE": issued["tls_keyfile"]}
+    proc = subprocess.Popen([sys.executable, "-c", "from edgefleet.cli.main import main; main()", "server", "run",
+                             "--data", str(data), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url, ca = f"https://127.0.0.1:{port}", data / "ca" / "ca.crt"
+    try:
+        with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
+                          headers={"Authorization": f"Bearer {admin}"}) as c:
+
+            def up() -> bool:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                try:
+                    return c.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            assert wait_until(up, 30), "the server did not answer over TLS"
+            ring = publish_roots(c, {}, tmp_path / "keys")
+            r = c.post("/api/v1/enrollment-tokens", json={})
+            assert r.status_code == 201, r.text
+            token = pinned(ring, r.json()["token"])
+        state = tmp_path / "state"
+        code, _, err = run_cli(capsys, "agent", "enroll", "--server", url, "--token", token, "--state-dir", state)
+        assert_one_line_error(code, err, "--server", "CERTIFICATE_VERIFY_FAILED")  # system CAs: not ours
+        _nothing_written(state)
+        code, _, err = run_cli(capsys, "agent", "enroll", "--server", url, "--token", token, "--state-dir", state,
+                               "--ca", ca)
+        assert code == 0, err
+        for name in (IMAGE_ROOT_FILE, DIRECTOR_ROOT_FILE):
+            (state / "identity" / name).unlink()
+        code, _, err = run_cli(capsys, "agent", "trust", "--state-dir", state, "--image-root", ring.root_file(1))
+        assert code == 0, err  # verified with the identity's fleet CA
+        assert (state / "identity" / IMAGE_ROOT_FILE).read_bytes() == ring.root_file(1).read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def test_the_server_verifies_renewals_with_the_shared_renewal_message() -> None:

@@ -210,6 +210,13 @@ def install_roots(state_dir: Path, image_root_bytes: bytes, director_root_bytes:
 # HTTP ---------------------------------------------------------------------------------------------
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused (an HTTPError): the device's token goes to the server it enrolled with only."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class _DeviceReader:
     """GETs on the fleet server as the device: an access token by challenge/token (the device signs
     the challenge with its key, ECDSA P-256 SHA-256), then Bearer. urllib only: enrollment must not
@@ -217,7 +224,11 @@ class _DeviceReader:
 
     def __init__(self, url: str, device_id: str, key: ec.EllipticCurvePrivateKey,
                  context: ssl.SSLContext | None) -> None:
-        self.url, self.device_id, self.key, self.context = url.rstrip("/"), device_id, key, context
+        self.url, self.device_id, self.key = url.rstrip("/"), device_id, key
+        handlers: list[Any] = [_NoRedirect()]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
         self._token: str | None = None
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes | None:
@@ -229,7 +240,7 @@ class _DeviceReader:
             headers["Authorization"] = f"Bearer {self._token}"
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT, context=self.context) as resp:
+            with self._opener.open(request, timeout=TIMEOUT) as resp:
                 out: bytes = resp.read(MAX_ROOT_BYTES + 1)
         except urllib.error.HTTPError as e:
             if e.code == 404 and method == "GET":
