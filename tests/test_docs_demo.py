@@ -1,8 +1,11 @@
-"""``edgefleet demo`` as a newcomer sees it: what it prints is true (issue 8).
+"""``edgefleet demo`` as a newcomer sees it: what it prints is true (issues 8 and 10).
 
 A wrong prediction is labelled wrong, the latency ratio says what it divides, and no URL is printed
 for a server the demo has already stopped; ``--keep-running`` prints the fleet server's URL while it
-is up and stops it cleanly on Ctrl-C. Real processes throughout.
+is up and stops it cleanly on Ctrl-C. The fleet updater part: a real agent process switches from
+digits 1.0.0 to 2.0.0 under load with no failed inference, refuses the bad 3.0.0 with its reason
+(``selftest_failed``, from the server's events, ``device show`` and ``agent status``) and keeps
+serving 2.0.0; then it is stopped. Real processes throughout.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from _support import wait_until
 EXE = Path(sys.executable).with_name("edgefleet")
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 SERVED = re.compile(r"true (\w+)\s+predicted (\w+) \((right|WRONG)\)")
+ANSWERED_BY = re.compile(r"POST /v2/models/digits/infer .*answered by digits (\S+)")
+LOAD = re.compile(r"load thread (while it updated|while it tried 3\.0\.0 and after): (\d+) inferences, answered by "
+                  r"(.*?); (no inference failed|\d+ inferences failed).*?; the answering version changed (\d+) time")
+PER_VERSION = re.compile(r"(\d+\.\d+\.\d+) × (\d+) \(\d+% right\)")
 
 
 def _cells(line: str) -> list[str]:
@@ -49,16 +56,63 @@ def test_demo_labels_each_prediction_truly_and_prints_no_link_to_a_stopped_serve
     for row in rows:
         true, top1, verdict = row[cols.index("true")], row[cols.index("top-1")], row[cols.index("right?")]
         assert verdict == ("right" if true == top1 else "WRONG"), row
-    # The agent's answers over the Open Inference Protocol, likewise.
+    # The agents' answers over the Open Inference Protocol (3 from agent serve, 2 from agent run), likewise.
     served = SERVED.findall(out)
-    assert len(served) == 3, out
+    assert len(served) == 5, out
     for true, predicted, verdict in served:
         assert verdict == ("right" if true == predicted else "WRONG"), (true, predicted, verdict)
     # The ratio column says what it is.
     assert "agent/bare" in out and "ratio of the two p50s" in out
     # Both servers were stopped before the demo ended: no URL of either is offered.
     assert "http://" not in out and "/docs" in out  # /docs only as a hint to --keep-running
-    assert "fleet server stopped" in out and "agent stopped on SIGTERM (exit 0)" in out
+    assert "fleet server stopped" in out and out.count("agent stopped on SIGTERM (exit 0)") == 2
+    _check_updates(out)
+
+
+def _event(out: str, kind: str, version: str) -> re.Match[str] | None:
+    """The timeline line of an update event: ``+0.69 s  switch.ok  digits 2.0.0 ...``."""
+    return re.search(rf"^\s+\+\d+\.\d+ s\s+{re.escape(kind)}\s+digits {re.escape(version)}\b(.*)$", out, re.M)
+
+
+def _check_updates(out: str) -> None:
+    """The fleet updater part of the demo's output says what happened, and it is what should happen."""
+    # Signed from the start: a keyring, signed pushes, a pinned token.
+    assert re.search(r"edgefleet keys init --keys keys .*-> image root 1, fingerprint [0-9a-f]{16}", out), out
+    assert re.search(r"model push digits-1\.0\.0\.efb --keys keys .*signed into the image targets", out), out
+    assert "a token pinning image root 1" in out, out
+    # A real agent process, its pid printed; it is gone once the demo has ended.
+    pid = re.search(r"\$ edgefleet agent run --config agent\.toml\s+-> pid (\d+): ready: 1 model", out)
+    assert pid, out
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid.group(1)), 0)
+    assert re.search(r"update\.committed in \d+\.\d s", out), out  # 1.0.0 from the updater itself
+    # 2.0.0: every step an event from the server, the switch seen by the load thread, committed.
+    for kind in ("update.started", "download.ok", "install.ok", "selftest.ok", "switch.ok", "probation.ok",
+                 "update.committed"):
+        assert _event(out, kind, "2.0.0"), (kind, out)
+    first = re.search(r"load thread\s+first answer from 2\.0\.0 \((\d+) answers before it, from 1\.0\.0\)", out)
+    assert first and int(first.group(1)) > 0, out
+    loads = {m.group(1): m for m in LOAD.finditer(out)}
+    assert set(loads) == {"while it updated", "while it tried 3.0.0 and after"}, out
+    for when, m in loads.items():
+        per = {v: int(n) for v, n in PER_VERSION.findall(m.group(3))}
+        assert m.group(4) == "no inference failed" and sum(per.values()) == int(m.group(2)), (when, m.group(0))
+        if when == "while it updated":  # from 1.0.0 to 2.0.0, once
+            assert list(per) == ["1.0.0", "2.0.0"] and min(per.values()) > 0 and m.group(5) == "1", m.group(0)
+        else:  # 3.0.0 never answered
+            assert list(per) == ["2.0.0"] and m.group(5) == "0", m.group(0)
+    assert "inferences failed" not in out
+    # 3.0.0: refused by its self-test, with the reason, everywhere it is shown; 2.0.0 kept serving.
+    refused = _event(out, "update.refused", "3.0.0")
+    assert refused and "reason selftest_failed" in refused.group(1), out
+    assert not _event(out, "switch.ok", "3.0.0") and not _event(out, "update.committed", "3.0.0"), out
+    assert re.search(r"\$ edgefleet device show \S+\s+-> running digits 2\.0\.0; update\.refused digits 3\.0\.0: "
+                     r"reason selftest_failed", out), out
+    assert re.search(r"detail: self-test: .*differs", out), out
+    assert re.search(r"^\s+running: digits 2\.0\.0 \(sha256 [0-9a-f]{12}…\), previous 1\.0\.0 kept", out, re.M), out
+    assert re.search(r"^\s+refused: digits-3\.0\.0\.efb: selftest_failed$", out, re.M), out
+    assert ANSWERED_BY.findall(out) == ["1.0.0", "2.0.0"], out
+    assert re.search(r"│ dev-\S+\s+│ demo\s+│ True\s+│ False\s+│ digits@2\.0\.0", out), out
 
 
 @pytest.mark.slow

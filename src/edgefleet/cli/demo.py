@@ -476,7 +476,8 @@ def _follow(op: _Operator, device_id: str, version: str, load: _Load, t0: float,
     """Poll the server's events of the device until one ends the update to ``version`` (committed,
     refused, rolled back) and return it, with every new event of this update under ``_all``. With
     ``show``, print each event as the server gets it and the load thread's first answer from
-    ``version``, each at its time since ``t0``. Raises EdgefleetError after ``_STEP_TIMEOUT``."""
+    ``version``, each at its time since ``t0``. Raises EdgefleetError when the agent exits, or after
+    ``_STEP_TIMEOUT``."""
     deadline = time.monotonic() + _STEP_TIMEOUT
     new: list[dict[str, Any]] = []
     first_seen = False
