@@ -167,3 +167,54 @@ def test_demo_keep_running_serves_its_printed_url_until_ctrl_c() -> None:
         return False
 
     assert wait_until(refused, timeout=15), "the fleet server outlived the demo"
+
+
+@pytest.mark.slow
+def test_demo_interrupted_mid_update_stops_its_agent_and_server() -> None:
+    """SIGINT to the demo alone (not its process group, so nothing else stops its children) while the
+    agent is updating to 2.0.0: the demo's own cleanup stops the agent process and the fleet server."""
+    proc = subprocess.Popen(
+        [str(EXE), "demo", "--runs", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+    seen: list[str] = []
+    agent_pid = server_port = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if m := re.search(r"edgefleet server run --data fleet-data --port (\d+)", line):
+                server_port = int(m.group(1))
+            if m := re.search(r"edgefleet agent run --config agent\.toml\s+-> pid (\d+)", line):
+                agent_pid = int(m.group(1))
+            if re.search(r"edgefleet device assign \S+ digits 2\.0\.0", line):
+                os.kill(proc.pid, signal.SIGINT)
+                break
+        else:
+            pytest.fail("the demo ended before assigning 2.0.0:\n" + "".join(seen))
+        rest, _ = proc.communicate(timeout=120)
+        seen.append(rest)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    out = "".join(seen)
+    assert proc.returncode != 0, out
+    assert agent_pid is not None and server_port is not None, out
+    assert "agent stopped on SIGTERM" in rest and "fleet server stopped" in rest, out
+    with pytest.raises(ProcessLookupError):
+        os.kill(agent_pid, 0)
+
+    def refused() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server_port}/healthz", timeout=2).close()
+        except OSError:
+            return True
+        return False
+
+    assert wait_until(refused, timeout=15), "the fleet server outlived the demo"

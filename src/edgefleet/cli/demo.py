@@ -281,6 +281,7 @@ def _fleet(work: Path, src: Path, images: Any, labels: Any, names: list[str], *,
     with log.open("ab") as out:
         server = subprocess.Popen([exe, "server", "run", "--data", str(data), "--port", str(port)], env=env,
                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    finished = False
     try:
         deadline = time.monotonic() + _STEP_TIMEOUT
         while True:
@@ -307,6 +308,7 @@ def _fleet(work: Path, src: Path, images: Any, labels: Any, names: list[str], *,
         console.print(f"$ edgefleet agent enroll --token …   -> device {device_id} (its key never left {device.name}/; "
                       "it trusts the pinned image root and the director root that root signed)")
         _updates(op, exe, work, device_id, updates, images, labels, names)
+        finished = True
         if keep_running:
             try:  # Ctrl-C may come as soon as the URL is out, so the prints are inside the try too
                 console.print(f"the fleet server is running: API docs at {url}/docs (the dashboard comes later)")
@@ -321,10 +323,11 @@ def _fleet(work: Path, src: Path, images: Any, labels: Any, names: list[str], *,
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(30)
-    console.print(
-        f"fleet server stopped ({_exit_status(server.returncode)})"
-        + ("" if keep_running else "; `edgefleet demo --keep-running` leaves it up to browse its API at /docs")
-    )
+        console.print(  # said even when the demo fails or is interrupted; the hint only after a full run
+            f"fleet server stopped ({_exit_status(server.returncode)})"
+            + ("" if keep_running or not finished
+               else "; `edgefleet demo --keep-running` leaves it up to browse its API at /docs")
+        )
 
 
 def _update_bundles(src: Path, out: Path, images: Any) -> dict[str, Path]:
@@ -452,8 +455,8 @@ def _updates(op: _Operator, exe: str, work: Path, device_id: str, bundles: dict[
     finally:
         if load is not None:
             load.stop()
-        code = agent.stop()
-    console.print(f"agent stopped on SIGTERM ({_exit_status(code)})")
+        if agent.proc is not None:  # said even when the demo fails or is interrupted
+            console.print(f"agent stopped on SIGTERM ({_exit_status(agent.stop())})")
 
 
 def _expect(end: dict[str, Any], kinds: str | tuple[str, ...], agent: _Agent) -> None:
