@@ -8,7 +8,14 @@ each keeping ``--connections`` HTTP/1.1 keep-alive connections on loopback, writ
 streams so that the client costs little of the two cores it shares with the server. Goal (issue 5):
 >= 2,000 check-ins/s and >= half the bare handler's rate.
 
-    .venv/bin/python bench/fleet_checkin.py [--devices 10000] [--passes 3] [--db URL]
+``--tuf`` (issue 10) runs it as a fleet with updates: the operator's roots are published (``edgefleet
+keys init --server``), a bundle pushed and signed into the image targets (``model push --keys``) and
+assigned to every device, each assignment signing that device's director metadata in its transaction
+(``desired.refresh_etag``, what the assign route calls, run here in-process 500 devices a
+transaction). Every device's ETag is then its director timestamp version (``ts-N``), and one device's
+``/tuf/director/{id}/timestamp.json`` is read back to check it names that version.
+
+    .venv/bin/python bench/fleet_checkin.py [--devices 10000] [--passes 3] [--db URL] [--tuf]
 """
 
 from __future__ import annotations
@@ -68,8 +75,9 @@ def bare_server(port: int) -> None:
 # ------------------------------------------------------------------ the fleet
 
 
-def prepare(data: Path, db: str | None, n: int) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
-    """Init a server, insert ``n`` devices, mint their tokens: [(id, token, etag)], and the server env."""
+def prepare(data: Path, db: str | None, n: int) -> tuple[list[tuple[str, str, str]], dict[str, str], str]:
+    """Init a server, insert ``n`` devices, mint their tokens: [(id, token, etag)], the server env and
+    the admin token."""
     from sqlalchemy import insert
 
     from edgefleet.server.db import make_engine
@@ -80,7 +88,7 @@ def prepare(data: Path, db: str | None, n: int) -> tuple[list[tuple[str, str, st
     from edgefleet.server.tokens import seal
 
     settings = Settings(data_dir=data, db_url=db, allow_plain_http_devices=True)
-    init_server(settings)
+    admin = init_server(settings)
     state = open_state(settings)
     now = utcnow()
     devices, rows = [], []
@@ -103,7 +111,64 @@ def prepare(data: Path, db: str | None, n: int) -> tuple[list[tuple[str, str, st
     env = {"EDGEFLEET_SERVER_ALLOW_PLAIN_HTTP_DEVICES": "true"}
     if db:
         env["EDGEFLEET_SERVER_DB_URL"] = json.dumps(db)
-    return devices, env
+    return devices, env, admin
+
+
+def publish_tuf(
+    work: Path, data: Path, db: str | None, url: str, admin: str, devices: list[tuple[str, str, str]]
+) -> tuple[list[tuple[str, str, str]], float]:
+    """Roots published, one bundle pushed and signed, assigned to every device with its director metadata
+    signed (see the module docstring): the devices with their new ``ts-N`` ETags, and the seconds the
+    assignments took. Raises RuntimeError when a CLI step fails or an ETag is not a timestamp one."""
+    from sqlalchemy import insert, select
+
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    import make_update_models
+
+    from edgefleet.server.db import make_engine, make_sessionmaker
+    from edgefleet.server.desired import refresh_etag
+    from edgefleet.server.models import Assignment, Device, ModelVersion, utcnow
+    from edgefleet.server.settings import Settings
+    from edgefleet.server.tuf.director import DirectorRepository
+    from edgefleet.server.tuf.keys import load_online_keys
+
+    env = {**os.environ, "EDGEFLEET_SERVER": url, "EDGEFLEET_TOKEN": admin,
+           "EDGEFLEET_CLI_CONFIG": str(work / "no-cli.toml")}
+    bundle = make_update_models.bundle("good", "1.0.0", work / "bundle")
+    for args in (["keys", "init", "--keys", str(work / "keys"), "--server", url],
+                 ["model", "push", str(bundle), "--keys", str(work / "keys")]):
+        r = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"edgefleet {' '.join(args)}: exit {r.returncode}: {r.stderr[-2000:]}")
+    engine = make_engine(Settings(data_dir=data, db_url=db).database_url())
+    sessions = make_sessionmaker(engine)
+    director = DirectorRepository(sessions, load_online_keys(data))
+    t0 = time.perf_counter()
+    with sessions() as s:
+        vid = s.scalar(select(ModelVersion.id).where(ModelVersion.name == make_update_models.MODEL_NAME,
+                                                     ModelVersion.version == "1.0.0"))
+    ids = [d for d, _, _ in devices]
+    for i in range(0, len(ids), 500):
+        with sessions.begin() as s:
+            now = utcnow()
+            s.execute(insert(Assignment), [{"device_id": d, "model_name": make_update_models.MODEL_NAME,
+                                            "version_id": vid, "source": "operator", "updated_at": now}
+                                           for d in ids[i:i + 500]])
+            s.flush()
+            for d in ids[i:i + 500]:
+                refresh_etag(s, d, director)
+    took = time.perf_counter() - t0
+    with sessions() as s:
+        etags = {d: e for d, e in s.execute(select(Device.id, Device.desired_etag))}
+    engine.dispose()
+    bad = [d for d in ids if not str(etags.get(d, "")).startswith("ts-")]
+    if bad:
+        raise RuntimeError(f"{len(bad)} devices have no director ETag (first: {bad[0]} {etags.get(bad[0])!r})")
+    did, token, _ = devices[0]
+    ts = httpx.get(f"{url}/tuf/director/{did}/timestamp.json", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    if ts.status_code != 200 or f"ts-{ts.json()['signed']['version']}" != etags[did]:
+        raise RuntimeError(f"{did}: director timestamp {ts.status_code} {ts.text[:200]} does not match {etags[did]}")
+    return [(d, t, f'"{etags[d]}"') for d, t, _ in devices], took
 
 
 # ------------------------------------------------------------------ the client (raw HTTP/1.1 keep-alive)
@@ -188,6 +253,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--connections", type=int, default=8, help="keep-alive connections per client process")
     ap.add_argument("--db", default=None, help="database URL (default: SQLite in a temp folder)")
+    ap.add_argument("--tuf", action="store_true",
+                    help="roots published and a signed bundle assigned to every device (ETag ts-N); see above")
     ap.add_argument("--bare-server", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_server is not None:
@@ -195,7 +262,7 @@ def main() -> None:
         return
     passes = max(1, min(args.passes, 20))
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-        devices, env = prepare(Path(tmp) / "data", args.db, args.devices)
+        devices, env, admin = prepare(Path(tmp) / "data", args.db, args.devices)
         port, bare_port = free_port(), free_port()
         server = subprocess.Popen(
             [*CLI, "server", "run", "--data", str(Path(tmp) / "data"), "--port", str(port), "--log-level", "warning"],
@@ -205,6 +272,10 @@ def main() -> None:
         try:
             wait_http(f"http://127.0.0.1:{port}/healthz")
             wait_http(f"http://127.0.0.1:{bare_port}/docs")
+            assign_s = None
+            if args.tuf:
+                devices, assign_s = publish_tuf(Path(tmp), Path(tmp) / "data", args.db, f"http://127.0.0.1:{port}",
+                                                admin, devices)
             warm = run_load(port, devices, args.clients, args.connections)  # first check-in: writes last_seen
             fleet = run_load(port, devices * passes, args.clients, args.connections)
             base = run_load(bare_port, devices * passes, args.clients, args.connections)
@@ -215,6 +286,8 @@ def main() -> None:
     result = {
         "devices": args.devices,
         "db": "postgresql" if args.db else "sqlite",
+        "etag": "director timestamp (ts-N)" if args.tuf else "hash of the desired state",
+        **({"assign_and_sign_s": round(assign_s, 1)} if assign_s is not None else {}),
         "clients": f"{args.clients} processes x {args.connections} keep-alive connections",
         "first_checkin_per_s": round(warm["per_s"]),
         "fleet": {k: round(v, 3) for k, v in fleet.items()},
