@@ -217,10 +217,11 @@ class AgentService:
         import json
 
         from edgefleet import __version__
-        from edgefleet.agent.updater.client import DeviceClient
+        from edgefleet.agent.updater.client import DeviceClient, recover_identity
         from edgefleet.agent.updater.machine import UpdateMachine
 
         ident = json.loads(ident_file.read_bytes())
+        recover_identity(Path(ident["key"]), Path(ident["certificate"]))  # finish a renewal a power cut stopped
         client = DeviceClient(cfg.server_url, cfg.device_id, Path(ident["key"]), Path(ident["certificate"]),
                               cfg.ca_cert)
         return UpdateMachine(cfg.state_dir, cfg.updates, client, _Host(self), cfg.device_id, cfg.server_url,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from _support import MODELS, assert_one_line_error, digits_bundle, free_port, run_cli
 
-from edgefleet.agent.config import AgentConfig, ApiConfig, HardwareConfig, ModelConfig
+from edgefleet.agent.config import AgentConfig, ApiConfig, HardwareConfig, ModelConfig, UpdatesConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
@@ -133,8 +133,9 @@ def test_every_variable_the_code_reads_is_in_the_one_table() -> None:
     assert in_code, "no EDGEFLEET_ names found: the scan is broken"
     missing = sorted(n for n in in_code if f"`{n}`" not in table)
     assert not missing, f"variables the code names but docs/environment.md's table does not: {missing}"
-    keys = [f"EDGEFLEET_AGENT__{k.upper()}" for k in AgentConfig.model_fields if k not in ("api", "hardware")]
+    keys = [f"EDGEFLEET_AGENT__{k.upper()}" for k in AgentConfig.model_fields if k not in ("api", "hardware", "updates")]
     keys += [f"EDGEFLEET_AGENT__API__{k.upper()}" for k in ApiConfig.model_fields]
+    keys += [f"EDGEFLEET_AGENT__UPDATES__{k.upper()}" for k in UpdatesConfig.model_fields]
     keys += [f"EDGEFLEET_AGENT__HARDWARE__{k.upper()}" for k in HardwareConfig.model_fields]
     keys += [f"EDGEFLEET_SERVER_{k.upper()}" for k in Settings.model_fields]
     missing = [k for k in keys if f"`{k}`" not in table]
@@ -148,7 +149,8 @@ def test_the_example_config_documents_every_key() -> None:
     from edgefleet.agent.flow import FlowConfig
 
     text = EXAMPLE.read_text()
-    tables = {"": AgentConfig, "api": ApiConfig, "hardware": HardwareConfig, "models": ModelConfig, "flows": FlowConfig}
+    tables = {"": AgentConfig, "api": ApiConfig, "hardware": HardwareConfig, "models": ModelConfig, "flows": FlowConfig,
+              "updates": UpdatesConfig}
     missing = []
     for table, model in tables.items():
         for key in model.model_fields:
