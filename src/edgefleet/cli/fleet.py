@@ -426,8 +426,16 @@ def device_list(
 
 @device_app.command("show")
 def device_show(device_id: str = typer.Argument(...), server: str | None = _SERVER, as_json: bool = _JSON) -> None:
-    """Show a device: identity, last report, desired state."""
-    _echo(_call("GET", f"/api/v1/devices/{device_id}", server), as_json)
+    """Show a device: identity, last report, desired state, update state and its last events."""
+    out = _call("GET", f"/api/v1/devices/{device_id}", server)
+    if as_json or not isinstance(out, dict):
+        _echo(out, as_json)
+        return
+    events = out.pop("events", None) or []
+    _echo(out, False)
+    if events:
+        _echo(events, False, ["seq", "at", "kind", "model", "version", "reason", "detail"],
+              "last events (newest first)")
 
 
 @device_app.command("tag")
