@@ -476,8 +476,11 @@ def bench_rss(work: Path, runs: int) -> None:
                 peak = max(s[1] for s in during)
                 after = statistics.median(s[1] for s in samples[-int(RSS_HZ * 0.5):])
                 by_phase: dict[str, int] = {}
+                started = False  # "idle" after the assign: the check-in wait, then committed (before we saw it)
                 for _, rss, _, phase in during:
-                    by_phase[phase] = max(by_phase.get(phase, 0), rss)
+                    started = started or phase != "idle"
+                    key = phase if phase != "idle" else "committed" if started else "check-in wait"
+                    by_phase[key] = max(by_phase.get(key, 0), rss)
                 rise = (peak - idle) / 1000
                 label = "big 5.0.0" if version == "5.0.0" else "back to good 1.0.0"
                 print(f"  {label}: idle {idle / 1000:.1f} MB, peak {peak / 1000:.1f} MB, peak - idle {rise:.1f} MB"
