@@ -723,7 +723,7 @@ def test_stock_ngclient_refreshes_both_repositories_and_downloads_the_assigned_t
                        fetcher, bootstrap=live.ring.director_root_file(1).read_bytes())
     director.refresh()
     assigned = director.get_targetinfo(live.bundle.name)
-    assert assigned is not None and assigned.custom == {"model": "digits", "role": "serve"}
+    assert assigned is not None and assigned.custom == {"model": "digits", "role": "serve", "device": ident.device_id}
     assert assigned.hashes == info.hashes and assigned.length == info.length
 
     with pytest.raises(DownloadHTTPError) as e:
