@@ -11,18 +11,23 @@ and real ``edgefleet agent run`` processes (the harness of ``tests/updater/_flee
 ``--download`` ``DeviceClient.download`` (Range-resumable, bounded by the signed length, sha256 while it
                writes, fsync every 4 MiB) against a bare ``httpx`` stream written to a file, the same
                ``/tuf/image/targets/...`` URL of a ~64 MB bundle, the same device token, alternating
-               runs; MB/s medians and the ratio (goal >= 0.9x), then where the time goes: sha256 and
-               fsync costs measured alone, and the download with a larger chunk / no fsync (module
-               constants of a copy of ``client.py`` loaded under another name; the file is untouched).
+               runs in a shuffled order; median and best MB/s, the ratio (goal >= 0.9x) and the client's
+               CPU time; then where the time goes: httpx doing the same hash + fsync, the download with
+               1 MiB chunks, fsync every 16 MiB, no sha256 (a copy of ``client.py`` loaded under another
+               name with other module globals; the file is untouched), and sha256 / write / fsync costs
+               measured alone on the same bytes.
 ``--rss``      VmRSS and VmHWM of the agent process (``/proc/PID/status``) at 200 Hz from before the
                assign of the ~5 MB ``big`` model until its commit, with the phase from ``update.json``;
-               idle, peak, peak - idle and its ratio to the bundle size (goal <= 2x), peak per phase.
+               idle, peak, peak - idle and its ratio to the bundle size (goal <= 2x), peak per phase;
+               then ``load_model`` of that bundle traced session by session in fresh processes, as is
+               and with the proposed fixes patched in (first session freed first, ``malloc_trim``).
 ``--checkin``  ``bench/fleet_checkin.py --tuf`` (10,000 devices with director metadata against a bare
                FastAPI 304), printed as it prints it.
 
 No section asserts a figure: each prints what it measured. With no section flag, all run.
 
     .venv/bin/python bench/update.py [--latency] [--download] [--rss] [--checkin] [--runs 10]
+        [--download-runs 7] [--megabytes 64] [--rss-runs 2] [--devices 10000] [--passes 2]
 """
 
 from __future__ import annotations
