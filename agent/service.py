@@ -122,6 +122,9 @@ class _Host:
         s = self.service.registry.get(name)
         return s.model if s is not None else None
 
+    def running(self) -> dict[str, str]:
+        return {s.name: s.version for s in self.service.registry.all()}
+
 
 class AgentService:
     """The agent process. ``run()`` blocks until SIGTERM/SIGINT and returns the exit code."""

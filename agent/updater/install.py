@@ -29,7 +29,7 @@ from edgefleet.agent.updater.errors import Refused, Transient
 from edgefleet.agent.updater.state import Installed
 from edgefleet.durable import atomic_writer, fsync_dir
 
-__all__ = ["bundle_file", "install", "prune", "read_installed", "staged", "staging_part", "verify_staged"]
+__all__ = ["bundle_file", "install", "installed", "prune", "read_installed", "staged", "staging_part", "verify_staged"]
 
 BUNDLE = "bundle.efb"
 TARGET = "target.json"
@@ -54,9 +54,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_staged(state_dir: Path, sha256: str, length: int) -> Path:
-    """Check the finished ``.part`` against the signed length and sha256 and rename it ``.efb``.
-    Raises Refused (``hash_mismatch``, ``length_mismatch``; the bad file is deleted)."""
+def verify_staged(state_dir: Path, sha256: str, length: int, hashed: bool = False) -> Path:
+    """Check the finished ``.part`` against the signed length and sha256 and rename it ``.efb``
+    (``hashed``: the download just hashed these bytes, skip that). Raises Refused (``hash_mismatch``,
+    ``length_mismatch``; the bad file is deleted)."""
     done = staged(state_dir, sha256)
     if done.is_file() and done.stat().st_size == length and _sha256(done) == sha256:
         return done  # a previous run got this far
@@ -65,7 +66,7 @@ def verify_staged(state_dir: Path, sha256: str, length: int) -> Path:
     if size != length:
         part.unlink(missing_ok=True)
         raise Refused(f"download: {size} bytes, the signed target has {length}", "length_mismatch")
-    got = _sha256(part)
+    got = sha256 if hashed else _sha256(part)
     if got != sha256:
         part.unlink(missing_ok=True)
         raise Refused(f"download: sha256 {got}, the signed target's is {sha256}", "hash_mismatch")
@@ -105,8 +106,11 @@ def install(state_dir: Path, name: str, version: str, target: str, sha256: str, 
         shutil.rmtree(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=dest.parent))
     try:
-        with src.open("rb") as f, atomic_writer(tmp / BUNDLE, mode=0o644) as out:
-            shutil.copyfileobj(f, out, _CHUNK)
+        # The staged file moves (same file system: no copy); it was fsynced when it was downloaded. A cut
+        # from here to the final rename leaves neither it nor the version: the download starts again.
+        os.chmod(src, 0o644)
+        os.replace(src, tmp / BUNDLE)
+        fsync_dir(src.parent)
         with atomic_writer(tmp / TARGET, mode=0o644) as out:
             out.write(json.dumps(inst.model_dump(), indent=1).encode())
         os.replace(tmp, dest)
@@ -117,6 +121,14 @@ def install(state_dir: Path, name: str, version: str, target: str, sha256: str, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return inst
+
+
+def installed(state_dir: Path, name: str, version: str, sha256: str) -> Installed | None:
+    """The complete install of ``name`` ``version`` with these bytes, or None."""
+    inst = _read_target(state_dir / "models" / name / version)
+    if inst is None or inst.sha256 != sha256 or not (state_dir / inst.path).is_file():
+        return None
     return inst
 
 

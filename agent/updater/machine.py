@@ -64,6 +64,10 @@ class Host(Protocol):
     def served(self, name: str) -> Model | None:
         ...
 
+    def running(self) -> dict[str, str]:
+        """Every served model's name and version (agent.toml's included)."""
+        ...
+
 
 @dataclass
 class _Live:
@@ -74,6 +78,7 @@ class _Live:
     t0: float = 0.0  # monotonic start of probation
     base_p95: float | None = None
     base_error_rate: float = 0.0
+    hashed: str | None = None  # the sha256 the download just checked (no second pass over the file)
 
 
 class UpdateMachine:
@@ -104,6 +109,7 @@ class UpdateMachine:
         self._next_renew = 0.0
         self._metadata_problem: str | None = None  # the last metadata refusal reported (not repeated)
         self._thread: threading.Thread | None = None
+        self._report_due = True  # the server learns what this device runs at start, events or not
         self.stop_event = threading.Event()
         self._resume_after_restart()
 
@@ -263,8 +269,13 @@ class UpdateMachine:
                 self._download(p)
                 self._enter(p, "install")
             elif p.phase == "install":
-                inst_mod.verify_staged(self.state_dir, p.sha256, p.length)
-                inst_mod.install(self.state_dir, p.name, p.version, p.target, p.sha256, p.length)
+                if inst_mod.installed(self.state_dir, p.name, p.version, p.sha256) is None:
+                    part = inst_mod.staging_part(self.state_dir, p.sha256)
+                    if not part.exists() and not inst_mod.staged(self.state_dir, p.sha256).is_file():
+                        self._enter(p, "download")  # a cut in the middle of the install: fetch it again
+                        continue
+                    inst_mod.verify_staged(self.state_dir, p.sha256, p.length, hashed=self._live.hashed == p.sha256)
+                    inst_mod.install(self.state_dir, p.name, p.version, p.target, p.sha256, p.length)
                 self.st.event("install.ok", model=p.name, version=p.version, target=p.target)
                 self._enter(p, "selftest")
             elif p.phase == "selftest":
@@ -299,9 +310,13 @@ class UpdateMachine:
     def _download(self, p: Pending) -> None:
         if inst_mod.staged(self.state_dir, p.sha256).is_file():
             return
+        if inst_mod.installed(self.state_dir, p.name, p.version, p.sha256) is not None:
+            return  # the previous version kept on disk, assigned again: nothing to fetch
         part = inst_mod.staging_part(self.state_dir, p.sha256)
         had = part.stat().st_size if part.exists() else 0
-        got = self.client.download(f"/tuf/image/targets/{p.sha256}.{p.target}", part, p.length)
+        got = self.client.download(f"/tuf/image/targets/{p.sha256}.{p.target}", part, p.length,
+                                   expected_sha256=p.sha256)
+        self._live.hashed = p.sha256  # the client hashed every byte of the file (resumed part included)
         self.st.event("download.ok", model=p.name, version=p.version, target=p.target,
                       detail=f"{got} bytes received" + (f", resumed at {had}" if had else ""))
 
@@ -391,6 +406,7 @@ class UpdateMachine:
         if gone:
             log.info("updater: deleted %s %s", p.name, ", ".join(gone))
         self._live = _Live()
+        _release_memory()
 
     def _refuse(self, p: Pending, e: Refused) -> None:
         """Give the target up: put the old model back if the candidate was served, remember why."""
@@ -416,6 +432,7 @@ class UpdateMachine:
         inst_mod.prune(self.state_dir, p.name, keep)
         inst_mod.clear_staging(self.state_dir)
         self._live = _Live()
+        _release_memory()
 
     def _reload_current(self, name: str) -> Model | None:
         cur = self.st.current.get(name)
@@ -430,9 +447,17 @@ class UpdateMachine:
     # reports and identity ------------------------------------------------------------------------
 
     def report_body(self) -> dict[str, Any]:
+        import re
+
+        from edgefleet.bundle.manifest import NAME_PATTERN, VERSION_PATTERN
+
         running = []
-        for name, inst in sorted(self.st.current.items()):
-            running.append({"name": name, "version": inst.version, "sha256": inst.sha256})
+        for name, version in sorted(self.host.running().items()):
+            if not (re.match(NAME_PATTERN, name) and re.match(VERSION_PATTERN, version)):
+                continue  # a bare model file's stem may not be a registry name: the server would refuse it all
+            inst = self.st.current.get(name)
+            sha = inst.sha256 if inst is not None and inst.version == version else None
+            running.append({"name": name, "version": version, **({"sha256": sha} if sha else {})})
         p = self.st.pending
         return {
             "agent_version": self.agent_version,
@@ -444,7 +469,7 @@ class UpdateMachine:
         }
 
     def _flush(self) -> None:
-        if not self.st.outbox:
+        if not self.st.outbox and not self._report_due:
             return
         body = self.report_body()
         sent = len(body["events"])
@@ -453,8 +478,10 @@ class UpdateMachine:
         except UpdateError as e:
             log.info("report: %s", e)
             return
-        del self.st.outbox[:sent]
-        self._save()
+        self._report_due = False
+        if sent:
+            del self.st.outbox[:sent]
+            self._save()
 
     def _maybe_renew(self, now: float) -> None:
         if now < self._next_renew:
@@ -475,6 +502,21 @@ class UpdateMachine:
         from edgefleet.agent.updater.status import describe
 
         return describe(self.state_dir, self.st)
+
+
+def _release_memory() -> None:
+    """Give the freed memory of the old model (or the refused one) back to the system: glibc keeps freed
+    heap otherwise, and a device with 1 GB should not carry two models' worth after every update."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    import gc
+
+    gc.collect()
+    trim(0)
 
 
 def _retry_after(e: UpdateError, default: float) -> float:

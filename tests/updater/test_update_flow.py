@@ -18,6 +18,9 @@ def test_an_assigned_version_is_fetched_verified_switched_and_committed_while_th
     fleet.push(v2)
     agent = fleet.agent(v1, updates=FAST)
     assert agent.device_id is not None
+    # the first report says what the device runs, before any update (agent.toml's 1.0.0)
+    fleet.wait_for(lambda: fleet.device(agent.device_id)["running"], 30, "the first report")
+    assert [m["version"] for m in fleet.device(agent.device_id)["running"]] == ["1.0.0"]
     with agent.load(rate=50) as load:
         fleet.assign(agent.device_id, "digits", "2.0.0")
         fleet.wait_event(agent.device_id, "update.committed", timeout=60, version="2.0.0")
@@ -26,6 +29,8 @@ def test_an_assigned_version_is_fetched_verified_switched_and_committed_while_th
     assert {"1.0.0", "2.0.0"} <= set(load.versions())
     kinds = [e["kind"] for e in fleet.events(agent.device_id)]
     assert kinds[:1] == ["update.started"] and "switch.ok" in kinds and "probation.ok" in kinds, kinds
+    running = fleet.device(agent.device_id)["running"]
+    assert [(m["version"], bool(m.get("sha256"))) for m in running] == [("2.0.0", True)], running
     status = fleet.cli("agent", "status", "--state-dir", agent.state_dir)
     # 1.0.0 came from agent.toml (the operator's file, not the updater's to keep): no previous install
     assert status["running"]["digits"]["version"] == "2.0.0" and status["previous"] == {}
