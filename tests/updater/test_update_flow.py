@@ -39,3 +39,25 @@ def test_an_assigned_version_is_fetched_verified_switched_and_committed_while_th
     # A restart serves the committed version, not agent.toml's.
     agent.restart()
     assert agent.served_version() == "2.0.0"
+
+
+def test_an_agent_with_no_model_of_its_own_installs_its_assignment_and_goes_back_to_the_kept_version_offline(
+    fleet: Fleet, update_models: dict[str, Path]
+) -> None:
+    v1, v2 = update_models["good"], update_models["good2"]
+    fleet.push(v1)
+    fleet.push(v2)
+    agent = fleet.agent(None, updates={**FAST, "probation_inferences": 0})
+    assert agent.device_id is not None
+    for version in ("1.0.0", "2.0.0"):
+        fleet.assign(agent.device_id, "digits", version)
+        fleet.wait_event(agent.device_id, "update.committed", timeout=60, version=version)
+    assert agent.served_version() == "2.0.0"
+    installed = sorted(p.name for p in (agent.state_dir / "models" / "digits").iterdir())
+    assert installed == ["1.0.0", "2.0.0"]  # the previous version is kept, nothing older
+    seen = len(fleet.events(agent.device_id))
+    fleet.assign(agent.device_id, "digits", "1.0.0")
+    fleet.wait_event(agent.device_id, "update.committed", timeout=60, version="1.0.0")
+    back = [e["kind"] for e in fleet.events(agent.device_id)[seen:]]
+    assert "download.ok" not in back and "selftest.ok" in back, back  # the kept bytes, tested again
+    assert agent.served_version() == "1.0.0"
