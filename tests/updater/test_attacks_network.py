@@ -230,7 +230,7 @@ def test_bundle_bytes_flipped_in_transit_are_refused_as_hash_mismatch(
     assert sha256(v2) in event["detail"], event
     assert_not_installed(agent, "2.0.0")
     kinds = [e["kind"] for e in net.events(dev)]
-    assert "download.ok" in kinds and "install.ok" not in kinds and "switch.ok" not in kinds, kinds
+    assert "install.ok" not in kinds and "switch.ok" not in kinds, kinds
     st = status(agent)
     assert st["last_failure"]["reason"] == "hash_mismatch", st
     assert st["refused"][sha256(v2)]["reason"] == "hash_mismatch", st
@@ -403,8 +403,12 @@ def test_another_devices_assignment_is_refused_as_other_device(
     theirs = net.http.get(f"/tuf/director/{x}/timestamp.json").json()["signed"]["version"]
     assert theirs > ours["timestamp"]["version"], (theirs, ours)  # not a rollback: a substitution
 
-    admin = {"authorization": f"Bearer {net.server.admin_token}"}
-    proxy.on(rf"/tuf/director/{y}/.*", served_from(rf"^/tuf/director/{y}/", f"/tuf/director/{x}/", admin))
+    # The attacker holds X's credentials (an extracted key) and serves what X may read at Y's URLs.
+    ident = json.loads(identity_path(tmp_path / "x").read_bytes())
+    x_client = DeviceClient(net.server.url, x, Path(ident["key"]), Path(ident["certificate"]))
+    as_x = {"authorization": f"Bearer {x_client.token()}"}
+    x_client.close()
+    proxy.on(rf"/tuf/director/{y}/.*", served_from(rf"^/tuf/director/{y}/", f"/tuf/director/{x}/", as_x))
     with agent.load(rate=20) as load:
         event = net.wait_event(y, "update.refused", reason="other_device", target="digits-2.0.0.efb")
         assert x in event["detail"], event
@@ -460,7 +464,10 @@ def test_a_device_cannot_download_a_target_it_is_not_assigned(
 
 class Clock:
     """A libfaketime clock offset (whole days) in ``path``, which every process started with
-    :meth:`env` reads back within a second; the monotonic clock is left alone (timeouts, probation)."""
+    :meth:`env` reads back within a second; the monotonic clock is left alone (timeouts, probation).
+    Caveat of libfaketime 0.9.10 with a real monotonic clock: ``time.sleep`` fails there with EINVAL
+    (an absolute ``clock_nanosleep``); ``server run`` and ``agent run`` never call it (threads wait on
+    events, asyncio on its selector), which is what these tests rely on."""
 
     def __init__(self, path: Path, days: int = 0) -> None:
         self.path, self.days = path, 0
