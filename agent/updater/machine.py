@@ -129,6 +129,12 @@ class UpdateMachine:
     def _resume_after_restart(self) -> None:
         p = self.st.pending
         if p is None:
+            # A cut after a commit (or a refusal) was saved may have left the older version's folder and
+            # the staging file: finish that cleanup now.
+            for name, cur in self.st.current.items():
+                prev = self.st.previous.get(name)
+                inst_mod.prune(self.state_dir, name, {cur.version} | ({prev.version} if prev else set()))
+            inst_mod.clear_staging(self.state_dir)
             return
         if p.phase in ("selftest", "switch", "probation"):
             p.probation_restarts += 1
@@ -247,6 +253,11 @@ class UpdateMachine:
         try:
             return self._phase(p)
         except Transient as e:
+            if e.reason == "disk_full" and p.phase == "download":
+                # What arrived is what filled the disk: drop it, or not even update.json can be saved
+                # (the retry, the give-up and its refusal would live in memory only, and the full
+                # staging file would stay). Nothing resumes while the disk is full: start from byte 0.
+                inst_mod.clear_staging(self.state_dir)
             p.attempts += 1
             self.st.last_failure = {"at": now, "target": p.target, "reason": e.reason, "detail": str(e)}
             if p.attempts >= self.config.max_attempts:

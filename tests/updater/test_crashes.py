@@ -348,12 +348,6 @@ def small_state(fleet: Fleet) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(state)], check=False)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="agent/updater/machine.py keeps the partial download that filled the disk, so update.json cannot be "
-    "saved (the give-up lives in memory only, a restart downloads again, staging stays full); fix: "
-    "/tmp/patches/G-1.diff (clear staging on disk_full in the download phase); remove this mark with it",
-)
 def test_a_download_that_fills_the_disk_is_retried_then_given_up_while_the_old_model_serves_and_updates_go_on(
     fleet: Fleet, update_models: dict[str, Path], small_state: Path
 ) -> None:
