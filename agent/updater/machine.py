@@ -111,6 +111,7 @@ class UpdateMachine:
         self._thread: threading.Thread | None = None
         self._report_due = True  # the server learns what this device runs at start, events or not
         self.stop_event = threading.Event()
+        self._wake = threading.Event()  # set by wake(): check in now (the server's `cmd` over MQTT)
         self._resume_after_restart()
 
     # start ---------------------------------------------------------------------------------------
@@ -154,8 +155,14 @@ class UpdateMachine:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Check in now instead of at the next interval (a push from the server: it carries no
+        authority; whatever the check-in brings is verified through TUF as always)."""
+        self._wake.set()
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
@@ -164,7 +171,8 @@ class UpdateMachine:
             except Exception:  # a bug must not kill updates for good: log, wait, go on
                 log.exception("updater: unexpected error")
                 pause = self.config.checkin_interval
-            self.stop_event.wait(max(0.0, pause))
+            self._wake.wait(max(0.0, pause))
+            self._wake.clear()
 
     # one step ------------------------------------------------------------------------------------
 
