@@ -13,6 +13,9 @@ the bundle's pipeline on a raw body, an image (``image/jpeg``, ``image/png``, or
 ``application/octet-stream`` holding either: accepted on this route only) or JSON (``{"data": [...]}``,
 a list, or an object of the model's inputs), and answers its result with an ``id`` for feedback. An
 image's size is read from its header and refused past ``max_image_pixels`` before anything is decoded.
+``POST /v2/models/{name}/feedback`` takes ``{"id": ..., "label": ...}``, the true class of an earlier
+``/predict`` answer, into live accuracy (:mod:`edgefleet.agent.telemetry.feedback`: 404 for an unknown or
+forgotten id, 409 for a second feedback on one id, 422 naming the field of a bad body).
 
 With a token (``[api] token``, required beyond loopback) every request but ``GET /v2/health/live``
 (for probes; it says only that the process runs) needs ``Authorization: Bearer <token>``, else a 401.
@@ -49,6 +52,8 @@ from edgefleet.agent.oip import (
 )
 from edgefleet.agent.predict import PREDICT_TYPES, has_pipeline, image_input, image_size, predict_json
 from edgefleet.agent.registry import ModelRegistry, RecentPredictions, Served
+from edgefleet.agent.telemetry.feedback import MAX_FEEDBACK_BYTES, Feedback, FeedbackError, with_predicted_class
+from edgefleet.agent.telemetry.measure import TelemetryRegistry
 from edgefleet.agent.tensors import TensorSpec
 from edgefleet.errors import EdgefleetError
 
@@ -66,7 +71,7 @@ HEADER_LENGTH = b"inference-header-content-length"
 INLINE_SECONDS = 0.0005
 INLINE_BYTES = 64 * 1024
 DECODE_SLOTS = 2  # large request bodies decoded at once
-EXTENSIONS = ["binary_tensor_data", "model_repository", "predict"]  # predict: edgefleet's own
+EXTENSIONS = ["binary_tensor_data", "model_repository", "predict", "feedback"]  # predict, feedback: edgefleet's own
 
 
 class _Disconnected(Exception):
@@ -86,11 +91,15 @@ class InferenceApp:
         token: bytes | None = None,
         max_image_pixels: int = 8 << 20,
         recent_predictions: int = 1024,
+        telemetry: TelemetryRegistry | None = None,
     ) -> None:
         self.registry = registry
         self._token = token
         self.max_image_pixels = max_image_pixels
         self.predictions = RecentPredictions(recent_predictions)
+        # feedback on predictions lands in the accuracy window of the version that made each one
+        self.telemetry = telemetry if telemetry is not None else TelemetryRegistry()
+        self.feedback = Feedback(self.predictions, self.telemetry, self._labels_of)
         self.metrics = metrics or AgentMetrics()
         self.max_body_bytes = max_body_bytes
         self.max_json_bytes = max_json_bytes
@@ -199,7 +208,27 @@ class InferenceApp:
         if rest == ["predict"]:
             _only(method, "POST")
             return await self._predict(served, scope, receive)
+        if rest == ["feedback"]:
+            _only(method, "POST")
+            return await self._feedback(served, scope, receive)
         raise RequestError(f"no such endpoint: {path}", 404)
+
+    def _labels_of(self, name: str, version: str) -> list[str] | None:
+        s = self.registry.get(name)
+        return s.model.labels if s is not None and s.version == version else None
+
+    async def _feedback(
+        self, served: Served, scope: Scope, receive: Receive
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The feedback extension: ground truth for an earlier prediction of this model (by its id, whatever
+        version made it). Cheap (a lookup and a ring write): runs on the loop. Raises RequestError."""
+        body = await self._read_body(dict(scope["headers"]), receive)
+        if len(body) > MAX_FEEDBACK_BYTES:
+            raise RequestError(f"feedback of {len(body)} bytes is over the {MAX_FEEDBACK_BYTES}-byte limit", 413)
+        try:
+            return _ok(self.feedback.give(parse_json(body), model=served.name))
+        except FeedbackError as e:
+            raise RequestError(str(e), e.status) from e
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         """The whole body. The HTTP server has already bounded it by its kind (JSON or binary) and
@@ -275,7 +304,7 @@ class InferenceApp:
         self.metrics.inference(served.name, time.perf_counter() - started)
         result.pop("model", None)
         pid = uuid.uuid4().hex
-        self.predictions.add(pid, served.name, served.version, result)
+        self.predictions.add(pid, served.name, served.version, with_predicted_class(result))
         return _ok({"id": pid, "model_name": served.name, "model_version": served.version, **result})
 
     async def _infer(
