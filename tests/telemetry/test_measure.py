@@ -4,6 +4,8 @@ and the registry of versions served and retired."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 import tracemalloc
@@ -329,3 +331,65 @@ def test_registry_is_bounded_and_a_version_served_again_keeps_its_window(tmp_pat
     for v in range(10):
         reg.get_or_create("other", str(v))
     assert len(reg.all()) == 3 and reg.get("digits", "1.0.0") is s1  # only retired entries are evicted
+
+
+def fake_proc(root: Path, utime: int, stime: int, rss_pages: int = 2560, total_kb: int = 1_000_000) -> Path:
+    """A /proc with this process's stat (a command name holding ') ('), statm and meminfo."""
+    (root / "self").mkdir(parents=True, exist_ok=True)
+    rest = ["S", "1", "1", "1", "0", "-1", "4194304", "10", "0", "0", "0", str(utime), str(stime), "0", "0", "20"]
+    (root / "self" / "stat").write_text(f"4242 (edge) (agent) {' '.join(rest)} 0 1 0 100\n")
+    (root / "self" / "statm").write_text(f"9000 {rss_pages} 300 10 0 400 0\n")
+    (root / "meminfo").write_text(f"MemTotal:       {total_kb} kB\nMemFree:          1000 kB\n")
+    return root
+
+
+def test_device_figures_from_a_proc_tree_and_a_thermal_zone(tmp_path: Path) -> None:
+    from edgefleet.agent.hardware import load_profile
+    from edgefleet.agent.telemetry.device import _PAGE, _TICKS, DeviceSampler
+
+    proc = fake_proc(tmp_path / "proc", utime=100, stime=50)
+    sysroot = tmp_path / "root"
+    zone = sysroot / "sys/class/thermal/thermal_zone0/temp"
+    zone.parent.mkdir(parents=True)
+    zone.write_text("48500\n")
+    now = [1000.0]
+    s = DeviceSampler(
+        tmp_path / "state" / "not-yet",
+        load_profile("generic-x86_64"),
+        started=990.0,
+        proc=proc,
+        root=sysroot,
+        clock=lambda: now[0],
+    )
+    fake_proc(proc, utime=100 + _TICKS, stime=50 + _TICKS // 2)  # 1.5 CPU seconds more...
+    now[0] = 1003.0  # ...over 3 s of wall time
+    d = s.sample(queue_depth=7, dropped=2)
+    assert d["cpu_percent"] == 50.0
+    assert d["memory_rss_bytes"] == 2560 * _PAGE
+    assert d["memory_percent"] == pytest.approx(round(2560 * _PAGE / 1_024_000_000 * 100, 3))
+    assert d["temperature_c"] == 48.5 and d["uptime_s"] == 13.0
+    assert (d["queue_depth"], d["dropped"]) == (7, 2) and d["agent_version"]
+    assert d["disk_free_bytes"] == os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    zone.unlink()
+    now[0] = 1003.0  # no time passed: no CPU figure rather than a division by zero
+    d = s.sample()
+    assert d["temperature_c"] is None and d["cpu_percent"] is None
+    assert DeviceSampler(tmp_path, None, proc=proc).sample()["temperature_c"] is None
+
+
+def test_device_figures_of_this_process_from_the_real_proc(tmp_path: Path) -> None:
+    from edgefleet.agent.telemetry.device import DeviceSampler, process_cpu_seconds
+
+    s = DeviceSampler(tmp_path)
+    start = process_cpu_seconds()
+    x = 0
+    while process_cpu_seconds() - start < 0.05:  # burn CPU until the kernel has counted some
+        x += sum(range(1000))
+    d = s.sample()
+    assert d["cpu_percent"] is not None and d["cpu_percent"] > 0
+    status = Path("/proc/self/status").read_text()
+    vmrss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    assert abs(d["memory_rss_bytes"] - vmrss) < 0.2 * vmrss
+    assert 0 < d["memory_percent"] < 100
+    assert abs(d["disk_free_bytes"] - shutil.disk_usage(tmp_path).free) < 64 << 20
+    assert d["uptime_s"] >= 0
