@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,7 @@ def load_baseline(path: str | os.PathLike[str]) -> dict[str, InputBaseline] | No
     from edgefleet.bundle.archive import BundleReader
 
     p = Path(path)
-    if p.suffix != ".efb":
+    if not p.is_file() or not tarfile.is_tarfile(p):  # a bare .onnx / .tflite file has no baseline
         return None
     with BundleReader(p) as bundle:
         ref = bundle.manifest.baseline
