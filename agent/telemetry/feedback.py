@@ -30,6 +30,7 @@ __all__ = ["MAX_FEEDBACK_BYTES", "Feedback", "FeedbackError", "predicted_class",
 MAX_FEEDBACK_BYTES = 16 * 1024  # a feedback message is a few dozen bytes
 _MAX_ID = 128
 _MAX_LABEL = 256
+_MAX_CLASS = (1 << 31) - 1  # class indices are kept as int64: anything larger is no class
 _HTTP_FIELDS = frozenset({"id", "label"})
 _MQTT_FIELDS = _HTTP_FIELDS | {"schema", "device_id", "at", "model"}
 
@@ -99,8 +100,9 @@ class Feedback:
         label = body.get("label")
         if label is None:
             raise FeedbackError("label: missing; give the true class as its index or its label")
-        if not ((type(label) is int and label >= 0) or (isinstance(label, str) and 0 < len(label) <= _MAX_LABEL)):
-            raise FeedbackError("label: expected a class index (an integer >= 0) or a label string")
+        index = type(label) is int and 0 <= label <= _MAX_CLASS
+        if not (index or (isinstance(label, str) and 0 < len(label) <= _MAX_LABEL)):
+            raise FeedbackError(f"label: expected a class index (an integer 0..{_MAX_CLASS}) or a label string")
         want = body.get("model", model)
         p = self.predictions.get(pid)
         if p is None or (want is not None and p.model != want):

@@ -152,6 +152,7 @@ def test_bad_feedback_is_refused_with_its_status_naming_the_field(api: tuple[str
             ("digits", {"id": pid, "label": -1}, 422, "label:"),
             ("digits", {"id": pid, "label": True}, 422, "label:"),
             ("digits", {"id": pid, "label": 2.0}, 422, "label:"),
+            ("digits", {"id": pid, "label": 10**30}, 422, "label: expected a class index"),
             ("digits", {"id": pid, "label": "eleven"}, 422, "label: 'eleven' is not a label"),
             ("digits", {"id": pid, "label": 10}, 422, "label: class 10 is out of range"),
             ("digits", {"id": pid, "label": 3, "score": 1}, 422, "unknown field(s) ['score']"),
