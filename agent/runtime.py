@@ -149,6 +149,9 @@ class Model:
         backend.adapt(cpu)  # e.g. ONNX Runtime picks its threads from the CPU cost (see its backend)
         self.cost: float | None = cost
         self.watch: Watch | None = None
+        self.telemetry: Any = None
+        """When set (``edgefleet.agent.telemetry.measure.ModelStats``), every runtime call is observed for
+        telemetry: latency, errors, input drift, output classes. None costs nothing."""
         """When set, every runtime call is counted there (the updater's probation); None costs nothing."""
         """Seconds one runtime call takes: measured at warm-up, then a moving average over every
         ``predict`` (the runtime call alone: no checks, no waiting for a lock or a thread). None
@@ -273,9 +276,15 @@ class Model:
         except Exception:
             if watch is not None:
                 watch.failed()
+            stats = self.telemetry
+            if stats is not None:
+                stats.observe(feeds, None, 0.0, False)
             raise
         if watch is not None:
             watch.record(took)
+        stats = self.telemetry
+        if stats is not None:
+            stats.observe(feeds, result, took, True)
         cost = self.cost  # a race between threads loses one sample at worst
         self.cost = took if cost is None else cost + _COST_WEIGHT * (took - cost)
         if outputs is not None:
