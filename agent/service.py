@@ -114,8 +114,11 @@ class _Host:
         old = self.service.registry.get(name)
         if model.watch is None:
             model.watch = Watch()
+        self.service.observe(name, version, model)
         self.service.registry.put(name, model, version)
         self.service.registry.expected.add(name)
+        if old is not None and old.version != version:
+            self.service.app.telemetry.retire(name, old.version)
         return old.model if old is not None else None
 
     def served(self, name: str) -> Model | None:
@@ -208,8 +211,16 @@ class AgentService:
                 log.info("serving %s %s (installed) from %s", name, inst.version, path)
         for served in self.registry.all():
             served.model.watch = Watch()  # the baseline a new version's probation is compared with
+            self.observe(served.name, served.version, served.model)
         self.registry.expected = set(names)
         self.metrics.models_loaded = len(names)
+
+    def observe(self, name: str, version: str, model: Model) -> None:
+        """Measure ``model`` for telemetry as ``name`` ``version`` (latency, errors, drift, classes)."""
+        try:
+            model.telemetry = self.app.telemetry.track_model(name, version, model)
+        except EdgefleetError as e:  # a bad baseline.json must not stop serving: no drift for it
+            log.warning("telemetry for %s %s: %s", name, version, e)
 
     def _make_updater(self) -> Any:
         """The update machine, for an enrolled agent with ``[updates] enabled`` (None otherwise)."""
