@@ -57,7 +57,7 @@ from edgefleet.errors import ConfigError
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-__all__ = ["ACTIONS", "MAX_CMD_BYTES", "CmdCallback", "Publisher", "parse_cmd", "status_payload"]
+__all__ = ["ACTIONS", "MAX_CMD_BYTES", "Backoff", "CmdCallback", "Publisher", "parse_cmd", "status_payload"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,29 @@ def parse_cmd(payload: bytes | bytearray, device_id: str) -> dict[str, Any]:
     if parsed.tzinfo is None:
         raise ValueError(f"at: {at!r} has no time zone")
     return msg
+
+
+class Backoff:
+    """Reconnect delays: exponential from ``min_s`` doubling to ``max_s``, each wait drawn between half
+    the current delay and the whole ("equal jitter"), so devices that lost the same broker spread
+    their reconnects instead of arriving in step, yet none waits less than half the delay."""
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random) -> None:
+        if not 0 < min_s <= max_s:
+            raise ValueError(f"reconnect_min_s: {min_s} must be positive and at most reconnect_max_s ({max_s})")
+        self.min_s, self.max_s, self._rng = min_s, max_s, rng
+        self.delay = min_s  # the upper end of the next wait
+        self.attempts = 0  # waits since the last reset
+
+    def next(self) -> float:
+        """The next wait, seconds; the delay after it doubles (up to ``max_s``)."""
+        wait = self._rng.uniform(self.delay / 2, self.delay)
+        self.delay = min(self.delay * 2, self.max_s)
+        self.attempts += 1
+        return wait
+
+    def reset(self) -> None:
+        self.delay, self.attempts = self.min_s, 0
 
 
 class _TlsContext:
@@ -302,37 +325,29 @@ class Publisher:
 
         cfg = self.config
         client = self._client
-        delay = cfg.reconnect_min_s
-        attempt = 0
+        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng)
+        first = True
         deadline: float | None = None  # while closing: when to stop waiting for acknowledgements
-        was_connected = False
         while True:
             sock = client.socket()
             if sock is None:
-                if was_connected:
-                    was_connected = False
-                    if time.monotonic() - self._connected_at >= STABLE_S:
-                        delay = cfg.reconnect_min_s
-                        attempt = 0
+                if self._connected_at and time.monotonic() - self._connected_at >= STABLE_S:
+                    backoff.reset()  # that connection was good: start again from the shortest delay
+                self._connected_at = 0.0
                 if self._closing.is_set():
                     return
-                if attempt:
-                    wait = self._rng.uniform(delay / 2, delay)
-                    if self._closing.wait(wait):
-                        return
-                    delay = min(delay * 2, cfg.reconnect_max_s)
-                attempt += 1
+                if not first and self._closing.wait(backoff.next()):
+                    return
+                first = False
                 self._before_connect(client)
                 try:
                     client.reconnect()
                 except (OSError, ValueError) as e:
                     self._counters.inc("connect_failures")
                     self.last_error = f"cannot connect to {cfg.host}:{cfg.port}: {e}"
-                    (log.warning if attempt <= 2 or attempt % 10 == 0 else log.info)(
-                        "mqtt fleet: %s (attempt %d; next in about %.3g s)", self.last_error, attempt, delay)
-                    continue
-                was_connected = True
-                self._connected_at = time.monotonic()
+                    n = backoff.attempts
+                    (log.warning if n <= 2 or n % 10 == 0 else log.info)(
+                        "mqtt fleet: %s (attempt %d; retrying within %.3g s)", self.last_error, n + 1, backoff.delay)
                 continue
             pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS: bytes already decrypted
             wlist: list[Any] = [sock] if client.want_write() else []
@@ -441,6 +456,7 @@ class Publisher:
             window = max(1, min(window, rm - 1))  # one left for the status message
         self._window = window
         self._counters.inc("connects")
+        self._connected_at = time.monotonic()
         self._offline_mid, self._offline_acked = None, False
         self.connected.set()
         self.last_error = None

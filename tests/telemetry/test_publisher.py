@@ -6,6 +6,7 @@ and mutual TLS with a device certificate from the real fleet CA, reloaded after 
 from __future__ import annotations
 
 import json
+import random
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from telemetry._mqtt import Broker, Subscriber
 
 from edgefleet.agent.telemetry.config import MqttFleetConfig, MqttLocalConfig
-from edgefleet.agent.telemetry.publisher import Publisher, parse_cmd, status_payload
+from edgefleet.agent.telemetry.publisher import Backoff, Publisher, parse_cmd, status_payload
 from edgefleet.agent.telemetry.queue import KINDS, Outbox
 from edgefleet.errors import ConfigError
 
@@ -261,6 +262,21 @@ def test_publisher_refuses_tls_without_a_certificate_and_another_devices_outbox(
         Publisher(MqttFleetConfig(host="b"), DEV, outbox, identity_dir=identity)
     with pytest.raises(ValueError, match="the outbox is 'dev-1'"):
         Publisher(MqttFleetConfig(host="b", tls=False), "dev-2", outbox)
+
+
+def test_backoff_doubles_to_the_cap_with_equal_jitter_and_resets() -> None:
+    b = Backoff(1.0, 30.0, random.Random(5))
+    caps = [1, 2, 4, 8, 16, 30, 30, 30]
+    waits = [b.next() for _ in caps]
+    assert all(c / 2 <= w <= c for w, c in zip(waits, caps, strict=True)), waits
+    assert len({round(w, 6) for w in waits[-3:]}) == 3  # jittered: not the same wait every time
+    assert b.attempts == len(caps)
+    b.reset()
+    assert 0.5 <= b.next() <= 1.0 and b.attempts == 1
+    spread = [Backoff(1.0, 30.0, random.Random(i)).next() for i in range(200)]  # a fleet after one outage
+    assert min(spread) < 0.6 and max(spread) > 0.9
+    with pytest.raises(ValueError, match="reconnect_min_s"):
+        Backoff(0, 1, random.Random())
 
 
 def test_status_payload_is_the_documented_shape() -> None:
