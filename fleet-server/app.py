@@ -7,9 +7,12 @@ then FastAPI's error handlers and the routes.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Response
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -19,8 +22,10 @@ from edgefleet.server.api.deps import PEER_KEY
 from edgefleet.server.errors import install_handlers
 from edgefleet.server.limits import BodyLimit
 from edgefleet.server.metrics import MetricsMiddleware
+from edgefleet.server.models import utcnow
 from edgefleet.server.settings import Settings
 from edgefleet.server.state import ServerState, open_state
+from edgefleet.server.telemetry import routes as telemetry_routes
 from edgefleet.server.tuf import routes as tuf_routes
 
 __all__ = ["UPLOAD_ROUTE", "TrustedProxy", "create_app"]
@@ -46,17 +51,42 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     """The server app: connects, migrates (per settings) and loads the CA unless ``state`` is given.
     Raises :class:`edgefleet.errors.ConfigError` when the server was never initialised."""
     st = state if state is not None else open_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        """Telemetry ingestion from the broker while the app runs, when ``mqtt_url`` is set."""
+        ingester = None
+        if settings.mqtt_url is not None:
+            from edgefleet.server.telemetry.ingest import Ingester
+            from edgefleet.server.telemetry.rollups import fleet_snapshot
+
+            def reporting() -> Any:
+                with st.sessions() as s:
+                    return fleet_snapshot(s, utcnow(), settings.online_window)
+
+            st.metrics.watch_fleet_telemetry(reporting)
+            ingester = Ingester(settings, st.sessions, st.metrics)
+            ingester.start(register_for=st)
+        app.state.telemetry = ingester
+        try:
+            yield
+        finally:
+            if ingester is not None:
+                await run_in_threadpool(ingester.stop)
+
     app = FastAPI(
         title="edgefleet fleet server",
         version=__version__,
         description="Model registry, device identity and check-in, operator API. Errors are JSON "
         '`{"error": ..., "field": ...}`.',
+        lifespan=lifespan,
     )
     app.state.server = st
     install_handlers(app)
     for r in (checkin.router, registry.router, devices.router, identity.router, tokens.router):  # hot path first
         app.include_router(r)
     app.include_router(tuf_routes.router)
+    app.include_router(telemetry_routes.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:  # on the loop, no I/O: answers while the pool or database is stuck

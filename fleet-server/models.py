@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "LATENCY_BUCKETS",
     "ApiToken",
     "Assignment",
     "AuditEntry",
@@ -24,6 +25,11 @@ __all__ = [
     "EnrollmentToken",
     "ModelVersion",
     "ServerSecret",
+    "TelemetryClassRollup",
+    "TelemetryDeviceRollup",
+    "TelemetryMessage",
+    "TelemetryRollup",
+    "TelemetryStream",
     "TufMetadata",
     "UTCDateTime",
     "upsert_insert",
@@ -203,3 +209,115 @@ class TufMetadata(Base):
     expires: Mapped[datetime]
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(160))
+
+
+# -- telemetry (edgefleet.server.telemetry) --------------------------------------------------------------
+LATENCY_BUCKETS = 16  # latency histogram counts per rollup: len(edgefleet.agent.metrics.BUCKETS) + 1 (overflow)
+
+
+class TelemetryMessage(Base):
+    """Every ``telemetry`` and ``events`` message a device published, once: the key is the device's own
+    (epoch, seq), so a message the broker delivers again is not stored again. Kept for
+    ``mqtt_raw_retention_days`` (by ``received_at``, the server's clock)."""
+
+    __tablename__ = "telemetry_messages"
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[str] = mapped_column(String(16), primary_key=True)  # 16 hex chars, new with each device queue
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 1, 2, ... within the epoch
+    topic: Mapped[str] = mapped_column(String(16))  # telemetry | events
+    at: Mapped[datetime]  # the device's clock
+    received_at: Mapped[datetime] = mapped_column(index=True)
+    data: Mapped[dict[str, Any]]  # the payload as validated
+
+
+class TelemetryStream(Base):
+    """One device epoch's sequence as received: ``contiguous`` is the highest seq with every seq from 1 up
+    to it stored, ``max_seq`` the highest stored, ``received`` how many distinct seqs are stored (so
+    ``max_seq - received`` are missing, and nothing is missing when ``contiguous == max_seq``)."""
+
+    __tablename__ = "telemetry_streams"
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[str] = mapped_column(String(16), primary_key=True)
+    contiguous: Mapped[int] = mapped_column(BigInteger, default=0)
+    max_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    received: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime] = mapped_column(index=True)
+    last_at: Mapped[datetime | None]  # the device's clock on the newest message
+
+
+class TelemetryRollup(Base):
+    """Per device, model and version, one fixed window (``bucket``: its start, Unix seconds, a multiple
+    of the rollup window) of telemetry summed as it arrives: counts add, the latency histogram adds
+    bucket by bucket (the bounds are fixed, so merging is exact), drift keeps maxima and a
+    sample-weighted PSI mean, accuracy a window-weighted mean. Class counts are in
+    :class:`TelemetryClassRollup`."""
+
+    __tablename__ = "telemetry_rollups"
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reports: Mapped[int] = mapped_column(BigInteger, default=0)  # telemetry messages summed in
+    inferences: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_sum: Mapped[float] = mapped_column(default=0.0)  # seconds
+    lat00: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat01: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat02: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat03: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat04: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat05: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat06: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat07: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat08: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat09: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat10: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat11: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat12: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat13: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat14: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat15: Mapped[int] = mapped_column(BigInteger, default=0)  # above the last bound
+    drift_reports: Mapped[int] = mapped_column(BigInteger, default=0)
+    drift_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    psi_max: Mapped[float | None]
+    psi_mean_wsum: Mapped[float] = mapped_column(default=0.0)  # sum of psi_mean * samples
+    mean_shift_max: Mapped[float | None]
+    std_ratio_max: Mapped[float | None]
+    accuracy_wsum: Mapped[float] = mapped_column(default=0.0)  # sum of accuracy * window
+    accuracy_window: Mapped[int] = mapped_column(BigInteger, default=0)
+    __table_args__ = (Index("ix_telemetry_rollups_model_bucket", "model", "version", "bucket"),
+                      Index("ix_telemetry_rollups_bucket", "bucket"))
+
+
+class TelemetryClassRollup(Base):
+    """Output class counts per device, model, version and window (see :class:`TelemetryRollup`)."""
+
+    __tablename__ = "telemetry_class_rollups"
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    __table_args__ = (Index("ix_telemetry_class_rollups_model_bucket", "model", "version", "bucket"),
+                      Index("ix_telemetry_class_rollups_bucket", "bucket"))
+
+
+class TelemetryDeviceRollup(Base):
+    """The device block of telemetry per device and window: maxima and sums (means are sum / reports)."""
+
+    __tablename__ = "telemetry_device_rollups"
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    reports: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_percent_sum: Mapped[float] = mapped_column(default=0.0)
+    cpu_percent_max: Mapped[float | None]
+    memory_rss_max: Mapped[int | None] = mapped_column(BigInteger)
+    memory_percent_max: Mapped[float | None]
+    temperature_max: Mapped[float | None]
+    disk_free_min: Mapped[int | None] = mapped_column(BigInteger)
+    queue_depth_max: Mapped[int | None] = mapped_column(BigInteger)
+    dropped_max: Mapped[int | None] = mapped_column(BigInteger)
+    uptime_max: Mapped[float | None]
+    __table_args__ = (Index("ix_telemetry_device_rollups_bucket", "bucket"),)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from edgefleet.errors import ConfigError
 from edgefleet.tomlconf import problems
@@ -81,6 +81,66 @@ class Settings(BaseModel):
     )
     trusted_proxies: list[str] = Field(default_factory=list, description="IPs whose client_cert_header is believed")
     migrate_on_start: bool = Field(default=True, description="apply Alembic migrations when the server starts")
+    # -- telemetry ingestion from the fleet's MQTT broker (edgefleet.server.telemetry); off while mqtt_url is unset
+    mqtt_url: str | None = Field(
+        default=None, pattern=r"^mqtts?://[^/?#\s]+/?$",
+        description="the fleet's broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS); unset: no ingestion",
+    )
+    mqtt_ca_cert: Path | None = Field(default=None, description="CA the broker's certificate is checked against "
+                                      "(PEM; default: the system's)")
+    mqtt_client_cert: Path | None = Field(default=None, description="the server's own certificate to the broker (PEM)")
+    mqtt_client_key: Path | None = Field(default=None, description="its private key (PEM)")
+    mqtt_username: str | None = Field(default=None, min_length=1, max_length=256, description="broker user name")
+    mqtt_password: SecretStr | None = Field(default=None, description="broker password (never logged)")
+    mqtt_client_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="MQTT client id, stable per replica (its session survives restarts); "
+        "default edgefleet-server-HOSTNAME",
+    )
+    mqtt_shared_subscription: bool = Field(
+        default=True, description="subscribe as $share/GROUP/... so replicas split the stream; false for a broker "
+        "without shared subscriptions (one replica ingests)",
+    )
+    mqtt_share_group: str = Field(default="edgefleet-ingest", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                                  description="shared subscription group the replicas join")
+    mqtt_keepalive: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive, s")
+    mqtt_session_expiry: int = Field(
+        default=86400, ge=0, le=2**32 - 1,
+        description="how long the broker keeps this replica's session (and unacknowledged messages) while it is "
+        "away, s",
+    )
+    mqtt_receive_maximum: int = Field(
+        default=1000, ge=1, le=65535, description="messages the broker may have in flight to this replica, "
+        "unacknowledged (MQTT 5 Receive Maximum)",
+    )
+    mqtt_batch_max: int = Field(default=500, ge=1, le=10000, description="messages per database transaction")
+    mqtt_batch_seconds: float = Field(
+        default=0.05, ge=0, le=10, description="a batch is committed at most this long after its first message, s"
+    )
+    mqtt_max_payload_bytes: int = Field(
+        default=256 << 10, ge=1024, le=16 << 20, description="larger telemetry or event payloads are refused, bytes"
+    )
+    mqtt_reconnect_max: float = Field(default=30.0, ge=1, le=3600,
+                                      description="longest wait between reconnects to the broker (back-off), s")
+    mqtt_raw_retention_days: float = Field(
+        default=7, gt=0, le=3650, description="stored telemetry and event messages older than this are deleted, days"
+    )
+    mqtt_rollup_retention_days: float = Field(
+        default=90, gt=0, le=36500, description="telemetry rollups (per minute) older than this are deleted, days"
+    )
+    mqtt_retention_interval: float = Field(default=600, ge=1, le=86400,
+                                           description="how often retention runs, s")
+
+    @model_validator(mode="after")
+    def _mqtt_consistent(self) -> Settings:
+        if (self.mqtt_client_cert is None) != (self.mqtt_client_key is None):
+            raise ValueError("mqtt_client_cert and mqtt_client_key go together: set both or neither")
+        if self.mqtt_client_cert is not None and self.mqtt_url is not None and not self.mqtt_url.startswith("mqtts:"):
+            raise ValueError("mqtt_url: a client certificate needs TLS (mqtts://)")
+        if self.mqtt_batch_max > self.mqtt_receive_maximum:
+            raise ValueError("mqtt_batch_max: must not exceed mqtt_receive_maximum (the broker sends no more "
+                             "unacknowledged messages than that)")
+        return self
 
     def database_url(self) -> str:
         """The SQLAlchemy URL: the configured one, or SQLite at ``data_dir/edgefleet.db``."""

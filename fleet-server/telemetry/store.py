@@ -1,0 +1,172 @@
+"""One batch of validated telemetry and events messages into the database, in the caller's transaction.
+
+:func:`store_batch` decides, per message, ``stored``, ``duplicate`` or a refusal reason
+(``unknown_device``, ``revoked_device``), and for the stored ones writes:
+
+- the message itself into ``telemetry_messages``, once per (device, epoch, seq): ``INSERT ... ON
+  CONFLICT DO NOTHING RETURNING`` says which are new, so a message the broker delivers again (after a
+  crash between commit and acknowledgement, or a device resending) adds nothing anywhere;
+- the device epoch's stream row: ``received``, ``max_seq`` and ``contiguous`` (the highest seq with all
+  before it stored), locked first (``FOR UPDATE`` on PostgreSQL; SQLite's write lock is taken by the
+  first INSERT) so replicas sharing the stream cannot lose a step;
+- telemetry into the rollups (:func:`edgefleet.server.telemetry.rollups.upsert`);
+- events into ``device_events`` with their seq, as the HTTP reports store them (``device show`` lists
+  them); an event whose seq is stored already from the HTTP fallback is the same event, skipped; one
+  whose seq is taken by an event of an *older epoch* (a device that lost its queue) is kept without a
+  seq rather than lost;
+- the device's ``last_seen``, at most once per ``last_seen_granularity``.
+
+Nothing here commits or acknowledges: the ingester does both, in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from edgefleet.server.models import Device, DeviceEvent, TelemetryMessage, TelemetryStream, upsert_insert
+from edgefleet.server.telemetry import rollups
+from edgefleet.server.telemetry.payloads import EventIn, Parsed, TelemetryIn, as_event_data
+
+__all__ = ["DUPLICATE", "STORED", "store_batch"]
+
+STORED = "stored"
+DUPLICATE = "duplicate"
+_SCAN_LIMIT = 100_000  # seqs read at most to move a stream's contiguous mark past earlier out-of-order arrivals
+
+
+def store_batch(s: Session, items: Sequence[Parsed], now: datetime, last_seen_granularity: float = 60.0) -> list[str]:
+    """Write ``items`` (see the module docstring); returns one outcome per item, in order: ``stored``,
+    ``duplicate``, ``unknown_device`` or ``revoked_device``. Raises what SQLAlchemy raises."""
+    outcome = [STORED] * len(items)
+    if not items:
+        return outcome
+    ids = sorted({p.device_id for p in items})
+    devices = {r.id: r for r in s.execute(select(Device.id, Device.revoked_at, Device.last_seen)
+                                          .where(Device.id.in_(ids)))}
+    live: list[int] = []
+    for i, p in enumerate(items):
+        row = devices.get(p.device_id)
+        if row is None:
+            outcome[i] = "unknown_device"
+        elif row.revoked_at is not None:
+            outcome[i] = "revoked_device"
+        else:
+            live.append(i)
+    if not live:
+        return outcome
+    streams = _lock_streams(s, sorted({(items[i].device_id, items[i].body.epoch) for i in live}), now)
+
+    fresh: list[int] = []
+    seen: set[tuple[str, str, int]] = set()
+    for i in live:
+        key = items[i].key
+        if key[2] <= streams[(key[0], key[1])].contiguous or key in seen:
+            outcome[i] = DUPLICATE  # stored before (at or below the contiguous mark), or twice in this batch
+            continue
+        seen.add(key)
+        fresh.append(i)
+    new = _insert_messages(s, [items[i] for i in fresh], now)
+    for i in fresh:
+        if items[i].key not in new:
+            outcome[i] = DUPLICATE
+    stored = [items[i] for i in fresh if items[i].key in new]
+    _advance_streams(s, streams, stored, now)
+    rollups.upsert(s, rollups.accumulate((p.body for p in stored if isinstance(p.body, TelemetryIn)), now))
+    _insert_events(s, [p.body for p in stored if isinstance(p.body, EventIn)], now)
+    stale = now - timedelta(seconds=last_seen_granularity)
+    touch = sorted({p.device_id for p in stored
+                    if devices[p.device_id].last_seen is None or devices[p.device_id].last_seen <= stale})
+    if touch:
+        s.execute(update(Device).where(Device.id.in_(touch)).values(last_seen=now))
+    return outcome
+
+
+def _lock_streams(s: Session, keys: list[tuple[str, str]], now: datetime) -> dict[tuple[str, str], TelemetryStream]:
+    """The stream rows of ``keys`` (created when new), locked for this transaction, in key order."""
+    ins = upsert_insert(s, TelemetryStream).on_conflict_do_nothing(index_elements=["device_id", "epoch"])
+    s.execute(ins, [{"device_id": d, "epoch": e, "contiguous": 0, "max_seq": 0, "received": 0,
+                     "first_received_at": now, "last_received_at": now, "last_at": None} for d, e in keys])
+    wanted = set(keys)
+    q = (select(TelemetryStream).where(TelemetryStream.device_id.in_(sorted({d for d, _ in keys})))
+         .order_by(TelemetryStream.device_id, TelemetryStream.epoch).with_for_update()
+         .execution_options(populate_existing=True))
+    return {(r.device_id, r.epoch): r for r in s.scalars(q) if (r.device_id, r.epoch) in wanted}
+
+
+def _insert_messages(s: Session, items: list[Parsed], now: datetime) -> set[tuple[str, str, int]]:
+    """INSERT the messages, skipping keys already stored; the keys actually inserted."""
+    if not items:
+        return set()
+    rows = [{"device_id": p.device_id, "epoch": p.body.epoch, "seq": p.body.seq, "topic": p.topic,
+             "at": p.body.at, "received_at": now, "data": p.body.model_dump(mode="json", by_alias=True)}
+            for p in sorted(items, key=lambda p: p.key)]
+    m = TelemetryMessage
+    stmt = (upsert_insert(s, m).on_conflict_do_nothing(index_elements=["device_id", "epoch", "seq"])
+            .returning(m.device_id, m.epoch, m.seq))
+    result = s.connection().execute(stmt, rows)
+    return {(r[0], r[1], int(r[2])) for r in result}
+
+
+def _advance_streams(s: Session, streams: dict[tuple[str, str], TelemetryStream], stored: list[Parsed],
+                     now: datetime) -> None:
+    by_stream: dict[tuple[str, str], list[Parsed]] = {}
+    for p in stored:
+        by_stream.setdefault((p.device_id, p.body.epoch), []).append(p)
+    for key, ps in sorted(by_stream.items()):
+        st = streams[key]
+        seqs = sorted(p.body.seq for p in ps)
+        previous_max = st.max_seq
+        st.received += len(seqs)
+        st.max_seq = max(st.max_seq, seqs[-1])
+        st.last_received_at = now
+        newest = max(p.at for p in ps)
+        st.last_at = newest if st.last_at is None or newest > st.last_at else st.last_at
+        contiguous = st.contiguous
+        for q in seqs:
+            if q != contiguous + 1:
+                break
+            contiguous = q
+        if previous_max > contiguous:  # earlier arrivals beyond a gap this batch may have closed
+            contiguous = _scan_contiguous(s, key, contiguous)
+        st.contiguous = contiguous
+    s.flush()
+
+
+def _scan_contiguous(s: Session, key: tuple[str, str], contiguous: int) -> int:
+    m = TelemetryMessage
+    q = (select(m.seq).where(m.device_id == key[0], m.epoch == key[1], m.seq > contiguous)
+         .order_by(m.seq).limit(_SCAN_LIMIT))
+    for (seq,) in s.execute(q):
+        if seq != contiguous + 1:
+            break
+        contiguous = seq
+    return contiguous
+
+
+def _insert_events(s: Session, events: list[EventIn], now: datetime) -> None:
+    if not events:
+        return
+    rows: list[dict[str, Any]] = [
+        {"device_id": e.device_id, "seq": e.seq, "at": e.at, "received_at": now, "kind": e.kind,
+         "data": as_event_data(e)} for e in sorted(events, key=lambda e: (e.device_id, e.seq))
+    ]
+    ev = DeviceEvent
+    stmt = (upsert_insert(s, ev).on_conflict_do_nothing(index_elements=[ev.device_id, ev.seq],
+                                                         index_where=ev.seq.isnot(None))
+            .returning(ev.device_id, ev.seq))
+    inserted = {(r[0], r[1]) for r in s.connection().execute(stmt, rows)}
+    taken = [r for r in rows if (r["device_id"], r["seq"]) not in inserted]
+    if not taken:
+        return
+    epochs = {(d, q): (data or {}).get("epoch") for d, q, data in s.execute(
+        select(ev.device_id, ev.seq, ev.data).where(ev.device_id.in_({r["device_id"] for r in taken}),
+                                                    ev.seq.in_({r["seq"] for r in taken})))}
+    older = [{**r, "seq": None} for r in taken
+             if epochs.get((r["device_id"], r["seq"])) not in (None, r["data"]["epoch"])]
+    if older:
+        s.execute(upsert_insert(s, ev), older)
