@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from edgefleet.agent.http import LOOPBACK_HOSTS, Limits
+from edgefleet.agent.telemetry.config import MqttFleetConfig, MqttLocalConfig
 from edgefleet.errors import ConfigError
 from edgefleet.tomlconf import problems
 
@@ -40,6 +41,7 @@ __all__ = [
     "ApiConfig",
     "HardwareConfig",
     "ModelConfig",
+    "MqttConfig",
     "UpdatesConfig",
     "apply_identity",
     "config_from_dict",
@@ -47,6 +49,7 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +226,14 @@ class UpdatesConfig(_Strict):
     )
 
 
+class MqttConfig(_Strict):
+    """``[mqtt.fleet]``: the fleet's broker (telemetry, events, status, ``cmd``; TLS with the device
+    certificate); ``[mqtt.local]``: a broker where local sensors and apps publish (``feedback``)."""
+
+    fleet: MqttFleetConfig | None = Field(default=None, description="the fleet's broker; none: no telemetry")
+    local: MqttLocalConfig | None = Field(default=None, description="a local broker for feedback from apps")
+
+
 class AgentConfig(_Strict):
     device_id: str = Field(default="", max_length=128, description="this device's id (set at enrollment)")
     state_dir: Path = Field(default=Path("/var/lib/edgefleet"), description="models, queues and keys live here")
@@ -235,6 +246,7 @@ class AgentConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
     # FlowConfig objects after parse_config: validated there, so that the sources' and sinks' modules
     # are imported only by an agent that has flows.
     flows: list[Any] = Field(default_factory=list, description="sources -> model -> sinks")

@@ -153,6 +153,7 @@ class AgentService:
         self._sockets: list[socket.socket] = []
         self.profile = self._hardware_profile()
         self.updater: Any = None  # edgefleet.agent.updater.machine.UpdateMachine, for an enrolled agent
+        self.telemetry: Any = None  # edgefleet.agent.telemetry.loop.TelemetryLoop, with [mqtt.fleet]
 
     def _hardware_profile(self) -> HardwareProfile:
         hw = self.config.hardware
@@ -221,6 +222,19 @@ class AgentService:
             model.telemetry = self.app.telemetry.track_model(name, version, model)
         except EdgefleetError as e:  # a bad baseline.json must not stop serving: no drift for it
             log.warning("telemetry for %s %s: %s", name, version, e)
+
+    def _make_telemetry(self) -> Any:
+        """Telemetry to the fleet's broker, for an enrolled agent with ``[mqtt.fleet]`` (None otherwise)."""
+        cfg = self.config
+        fleet = cfg.mqtt.fleet
+        if fleet is None or not fleet.enabled or not cfg.device_id:
+            return None
+        from edgefleet.agent.telemetry.device import DeviceSampler
+        from edgefleet.agent.telemetry.loop import TelemetryLoop
+
+        wake = self.updater.wake if self.updater is not None else None
+        return TelemetryLoop(fleet, cfg.device_id, cfg.state_dir, self.app.telemetry,
+                             DeviceSampler(cfg.state_dir, self.profile), on_cmd=wake)
 
     def _make_updater(self) -> Any:
         """The update machine, for an enrolled agent with ``[updates] enabled`` (None otherwise)."""
@@ -326,6 +340,9 @@ class AgentService:
             self.on_listening()
             if self.updater is not None:
                 self.updater.start()
+            self.telemetry = self._make_telemetry()
+            if self.telemetry is not None:
+                self.telemetry.start()
             # The watchdog is fed from the event loop that serves requests: a hung loop gets restarted.
             interval = self.watchdog_interval
             while not stop.is_set():
@@ -338,6 +355,8 @@ class AgentService:
         finally:
             if self.updater is not None:
                 await asyncio.to_thread(self.updater.stop)
+            if self.telemetry is not None:
+                await asyncio.to_thread(self.telemetry.stop)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             self.stop_flows()

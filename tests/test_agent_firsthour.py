@@ -20,6 +20,7 @@ import pytest
 from _support import MODELS, assert_one_line_error, digits_bundle, free_port, run_cli
 
 from edgefleet.agent.config import AgentConfig, ApiConfig, HardwareConfig, ModelConfig, UpdatesConfig
+from edgefleet.agent.telemetry.config import MqttFleetConfig, MqttLocalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
@@ -133,9 +134,11 @@ def test_every_variable_the_code_reads_is_in_the_one_table() -> None:
     assert in_code, "no EDGEFLEET_ names found: the scan is broken"
     missing = sorted(n for n in in_code if f"`{n}`" not in table)
     assert not missing, f"variables the code names but docs/environment.md's table does not: {missing}"
-    keys = [f"EDGEFLEET_AGENT__{k.upper()}" for k in AgentConfig.model_fields if k not in ("api", "hardware", "updates")]
+    keys = [f"EDGEFLEET_AGENT__{k.upper()}" for k in AgentConfig.model_fields
+            if k not in ("api", "hardware", "updates", "mqtt")]
     keys += [f"EDGEFLEET_AGENT__API__{k.upper()}" for k in ApiConfig.model_fields]
     keys += [f"EDGEFLEET_AGENT__UPDATES__{k.upper()}" for k in UpdatesConfig.model_fields]
+    keys += [f"EDGEFLEET_AGENT__MQTT__FLEET__{k.upper()}" for k in ("host", "port", "tls", "telemetry_interval_s")]
     keys += [f"EDGEFLEET_AGENT__HARDWARE__{k.upper()}" for k in HardwareConfig.model_fields]
     keys += [f"EDGEFLEET_SERVER_{k.upper()}" for k in Settings.model_fields]
     missing = [k for k in keys if f"`{k}`" not in table]
@@ -150,12 +153,12 @@ def test_the_example_config_documents_every_key() -> None:
 
     text = EXAMPLE.read_text()
     tables = {"": AgentConfig, "api": ApiConfig, "hardware": HardwareConfig, "models": ModelConfig, "flows": FlowConfig,
-              "updates": UpdatesConfig}
+              "updates": UpdatesConfig, "mqtt.fleet": MqttFleetConfig, "mqtt.local": MqttLocalConfig}
     missing = []
     for table, model in tables.items():
         for key in model.model_fields:
-            if key in tables:
-                assert f"[{key}]" in text or f"[[{key}]]" in text, key
+            if key in tables or any(t.startswith(f"{key}.") for t in tables):
+                assert f"[{key}]" in text or f"[[{key}]]" in text or f"[{key}." in text, key
                 continue
             if not re.search(rf"^#?\s*{key}\s*=", text, re.M):
                 missing.append(f"{table}.{key}" if table else key)
