@@ -15,7 +15,7 @@ import pytest
 from updater._fleet import Fleet, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker, Subscriber  # noqa: E402
+from telemetry._mqtt import Broker, Subscriber
 
 
 def _mosquitto() -> str:
