@@ -44,6 +44,7 @@ import select
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.agent.sources.base import Counters
 from edgefleet.agent.telemetry.config import MqttFleetConfig, TlsFiles
-from edgefleet.agent.telemetry.queue import Outbox, OutboxError, device_topic, rfc3339
+from edgefleet.agent.telemetry.queue import Message, Outbox, OutboxError, device_topic, rfc3339
 from edgefleet.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 ACTIONS = ("check-in",)  # what a cmd may ask
 MAX_CMD_BYTES = 4096  # a longer cmd payload is ignored unread
 STABLE_S = 10.0  # a connection that lasted this long resets the reconnect delay
+PREFETCH = 256  # messages read from the outbox at once (at most this many payloads in memory)
 CLOSE_GRACE_S = 5.0  # close() waits this much past close_timeout_s for the network thread
 
 CmdCallback = Callable[[dict[str, Any]], None]
@@ -211,6 +213,7 @@ class Publisher:
         self._window = config.max_inflight  # lowered to the broker's receive-maximum (MQTT 5)
         self._inflight: dict[int, int] = {}  # paho mid -> seq (loop thread only)
         self._cursor = 0  # highest seq handed to paho (loop thread only)
+        self._ahead: deque[Message] = deque()  # read from the outbox, not yet handed to paho (seq > _cursor)
         self._acked: list[int] = []  # seqs acknowledged, not yet deleted from the outbox
         self._lost: list[int] = []  # seqs the broker refused
         self._cmd: CmdCallback | None = None
@@ -362,23 +365,23 @@ class Publisher:
                     os.read(self._wake_r, 4096)
             rc = mqtt.MQTT_ERR_SUCCESS
             if sock in readable or pending:
-                rc = client.loop_read()
-            if rc == mqtt.MQTT_ERR_SUCCESS and client.want_write():
-                rc = client.loop_write()
-            if rc == mqtt.MQTT_ERR_SUCCESS:
-                rc = client.loop_misc()
-            self._flush_acks()
+                rc = client.loop_read()  # PUBACKs: room in the window
             if self._closing.is_set():
                 if deadline is None:
                     deadline = time.monotonic() + self._close_timeout
                 if self._close_step(client, deadline):
+                    self._flush_acks()
                     return
-                continue
-            if self.connected.is_set():
+            elif self.connected.is_set():
                 if self._want_subscribe and self._cmd is not None:
                     self._want_subscribe = False
                     client.subscribe(self.cmd_topic, qos=1)
-                self._pump(client)
+                self._pump(client)  # refill the window before anything else (each publish is written at once)
+            if rc == mqtt.MQTT_ERR_SUCCESS and client.want_write():
+                rc = client.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                client.loop_misc()
+            self._flush_acks()
 
     def _before_connect(self, client: mqtt.Client) -> None:
         """The last will for this attempt (its ``at``: now) and a renewed certificate, if any."""
@@ -387,26 +390,33 @@ class Publisher:
             self._tls.refresh()
 
     def _pump(self, client: mqtt.Client) -> None:
-        """Hand paho the next messages of the outbox, in seq order, up to the in-flight window."""
+        """Hand paho the next messages of the outbox, in seq order, up to the in-flight window (read
+        from the outbox a batch at a time: one query per PREFETCH messages, not per window)."""
         import paho.mqtt.client as mqtt
 
         room = self._window - len(self._inflight)
-        if room <= 0 or self.outbox.last_seq() <= self._cursor:
-            return
-        try:
-            batch = self.outbox.peek(min(room, 256), after=self._cursor)
-        except OutboxError as e:
-            self.last_error = str(e)
-            log.warning("mqtt fleet: %s", e)
-            return
-        for m in batch:
+        while room > 0:
+            if not self._ahead:
+                if self.outbox.last_seq() <= self._cursor:
+                    return
+                try:
+                    self._ahead.extend(self.outbox.peek(PREFETCH, after=self._cursor))
+                except OutboxError as e:
+                    self.last_error = str(e)
+                    log.warning("mqtt fleet: %s", e)
+                    return
+                if not self._ahead:
+                    return
+            m = self._ahead[0]
             info = client.publish(m.topic, m.payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 log.warning("mqtt fleet: cannot publish seq %d: %s; trying again later", m.seq,
                             mqtt.error_string(info.rc))
                 return
+            self._ahead.popleft()
             self._inflight[info.mid] = m.seq  # NO_CONN too: paho keeps it and sends it on reconnect
             self._cursor = m.seq
+            room -= 1
 
     def _close_step(self, client: mqtt.Client, deadline: float) -> bool:
         """One turn of closing: send what the outbox still holds and wait for its acknowledgements

@@ -348,6 +348,10 @@ class Outbox:
         cutoff = now - self.max_age_s
         excess = self._bytes + extra - self.max_bytes
         limit = below if below is not None else self._next_seq
+        if excess <= 0:  # the usual case: one indexed row read
+            oldest = db.execute("SELECT created_at FROM outbox WHERE seq < ? ORDER BY seq LIMIT 1", (limit,)).fetchone()
+            if oldest is None or oldest[0] >= cutoff:
+                return 0, 0
         last = count = freed = 0  # every seq <= last goes
         done = False
         while not done:
@@ -431,7 +435,7 @@ class Outbox:
         acknowledgement needs no fsync of its own); ``lost``: they were not delivered (the broker
         refused them for good), so they are counted as dropped. Raises :class:`OutboxError` when the
         disk fails; the messages are then sent again later, which QoS 1 allows."""
-        batch = [(int(s),) for s in seqs]
+        batch = sorted({int(s) for s in seqs})
         if not batch:
             return
         with self._lock:
@@ -440,15 +444,17 @@ class Outbox:
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    gone = 0
-                    freed = 0
-                    for (s,) in batch:
-                        rows = db.execute(
-                            "DELETE FROM outbox WHERE seq = ? RETURNING length(topic) + length(payload)", (s,)
-                        ).fetchall()
-                        if rows:
-                            gone += 1
-                            freed += int(rows[0][0])
+                    gone = freed = 0
+                    for i in range(0, len(batch), 500):  # two statements per 500, not one per message
+                        chunk = batch[i:i + 500]
+                        marks = ",".join("?" * len(chunk))
+                        n, size = db.execute(
+                            "SELECT COUNT(*), TOTAL(length(topic) + length(payload)) FROM outbox "
+                            f"WHERE seq IN ({marks})",
+                            chunk,
+                        ).fetchone()
+                        db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
+                        gone, freed = gone + int(n), freed + int(size)
                     if lost and gone:
                         db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (self._dropped + gone,))
                     db.execute("COMMIT")
