@@ -277,7 +277,7 @@ async def serve(settings: Settings, log_level: str, access_log: bool) -> int:
         ssl_keyfile=settings.tls_keyfile,
         log_level=log_level,
         access_log=access_log,
-        lifespan="off",
+        lifespan="on",  # the app's lifespan runs telemetry ingestion (when mqtt_url is set)
         proxy_headers=False,  # the app reads X-Forwarded-* itself, keeping the proxy's own address (app.py)
         server_header=False,
         timeout_keep_alive=settings.keep_alive_timeout,

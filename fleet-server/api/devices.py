@@ -202,7 +202,9 @@ def assign(
         audit(s, actor.label, "device.assign", f"device:{device_id}/model:{name}", before,
               {"version": v.version, "sha256": v.sha256})
         s.refresh(d)
-        return _out(d, state, s)
+        out = _out(d, state, s)
+    _push_check_in(state, device_id)  # committed: the device may check in now
+    return out
 
 
 @router.delete("/devices/{device_id}/models/{name}", status_code=204)
@@ -218,7 +220,18 @@ def unassign(
     with state.sessions.begin() as s:
         _get(s, device_id)
         gone = s.execute(delete(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == name))
-        if gone.rowcount:  # type: ignore[attr-defined]
+        changed = bool(gone.rowcount)  # type: ignore[attr-defined]
+        if changed:
             refresh_etag(s, device_id, director)
             audit(s, actor.label, "device.unassign", f"device:{device_id}/model:{name}", {"model": name}, None)
+    if changed:
+        _push_check_in(state, device_id)
     return Response(status_code=204)
+
+
+def _push_check_in(state: ServerState, device_id: str) -> None:
+    """Publish "check in now" on the device's ``cmd`` topic when telemetry ingestion is on (it carries no
+    authority: the device verifies whatever its check-in brings through TUF); else its next poll finds it."""
+    from edgefleet.server.telemetry.ingest import notify_check_in
+
+    notify_check_in(state, device_id)
