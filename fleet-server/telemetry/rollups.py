@@ -84,8 +84,9 @@ def quantile(counts: Sequence[int], q: float, bounds: Sequence[float] = BOUNDS) 
         if c > 0 and cumulative + c >= rank:
             if i >= len(bounds):
                 return float(bounds[-1])
-            lo = 0.0 if i == 0 else float(bounds[i - 1])
-            return lo + (float(bounds[i]) - lo) * (rank - cumulative) / c
+            lo, hi = (0.0 if i == 0 else float(bounds[i - 1])), float(bounds[i])
+            fraction = (rank - cumulative) / c
+            return hi if fraction >= 1.0 else lo + (hi - lo) * fraction  # a bucket's top is its bound exactly
         cumulative += c
     return float(bounds[-1])
 

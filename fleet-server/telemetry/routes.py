@@ -143,29 +143,30 @@ def _time(raw: str, field: str) -> datetime:
     except ValueError:
         raise ApiError(422, f"{field}: {raw[:64]!r} is not an RFC 3339 time", field) from None
     if t.tzinfo is None:
-        raise ApiError(422, f"{field}: give a time zone (e.g. Z)", field)
+        raise ApiError(422, f"{field}: {raw[:64]!r} has no time zone (add Z or +HH:MM)", field)
     return t.astimezone(UTC)
 
 
 def _range(since: str | None, until: str | None, step: int) -> tuple[int, int]:
     """[since, until) in Unix seconds, since aligned down to ``step``. Raises ApiError 422 naming the
-    parameter."""
+    parameter as FastAPI's own validation does (``query.step``)."""
     if step % rollups.WINDOW:
-        raise ApiError(422, f"step: must be a multiple of {rollups.WINDOW} s", "step")
-    end = _time(until, "until") if until else utcnow()
+        raise ApiError(422, f"query.step: must be a multiple of {rollups.WINDOW} s", "query.step")
+    end = _time(until, "query.until") if until else utcnow()
     end_ts = int(end.timestamp())
     if since is None:
         start_ts = end_ts - DEFAULT_SPAN
     elif _SECONDS.match(since):
         start_ts = end_ts - int(since)
     else:
-        start_ts = int(_time(since, "since").timestamp())
+        start_ts = int(_time(since, "query.since").timestamp())
     start_ts = max(0, start_ts)
     if start_ts >= end_ts:
-        raise ApiError(422, "since: must be before until", "since")
+        raise ApiError(422, "query.since: must be before until", "query.since")
     start_ts -= start_ts % step
     if -(-(end_ts - start_ts) // step) > MAX_POINTS:
-        raise ApiError(422, f"step: more than {MAX_POINTS} points from since to until; use a larger step", "step")
+        raise ApiError(422, f"query.step: more than {MAX_POINTS} points from since to until; use a larger step",
+                       "query.step")
     return start_ts, end_ts
 
 
