@@ -144,7 +144,10 @@ def _time(raw: str, field: str) -> datetime:
         raise ApiError(422, f"{field}: {raw[:64]!r} is not an RFC 3339 time", field) from None
     if t.tzinfo is None:
         raise ApiError(422, f"{field}: {raw[:64]!r} has no time zone (add Z or +HH:MM)", field)
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        raise ApiError(422, f"{field}: {raw[:64]!r} is out of range", field) from None
 
 
 def _range(since: str | None, until: str | None, step: int) -> tuple[int, int]:

@@ -271,6 +271,7 @@ def test_bad_parameters_are_one_json_error_naming_the_parameter(scenario: Scenar
         ("/api/v1/models/digits/1.0.0/telemetry", {"since": "yesterday"}, 422, "query.since"),
         ("/api/v1/models/digits/1.0.0/telemetry", {"until": "2026-12-01T10:00:00"}, 422, "query.until"),
         ("/api/v1/devices/api-0/telemetry", {"since": "2999-01-01T00:00:00Z"}, 422, "query.since"),
+        ("/api/v1/devices/api-0/telemetry", {"since": "0001-01-01T00:00:00+14:00"}, 422, "query.since"),
         ("/api/v1/devices/nobody/telemetry", {}, 404, "device_id"),
         ("/api/v1/devices/NOT_AN_ID/telemetry", {}, 422, "path.device_id"),
         ("/api/v1/models/NOT A NAME/1.0.0/telemetry", {}, 422, "path.name"),
