@@ -199,7 +199,11 @@ class UpdatesConfig(_Strict):
     enabled: bool = Field(
         default=True, description="check in and install what the server assigns (needs enrollment)"
     )
-    checkin_interval: float = Field(default=60.0, ge=0.1, le=86400, description="seconds between check-ins")
+    checkin_interval: float | None = Field(
+        default=None, ge=0.1, le=86400,
+        description="seconds between check-ins; default 60, or 900 with [mqtt.fleet] (the server's cmd brings "
+        "changes at once, so polls can be rare)",
+    )
     max_metadata_age: float = Field(
         default=3600.0, ge=1, le=20 * 3600,
         description="refresh TUF metadata at least this often (seconds), whatever the check-in says; below the "

@@ -195,6 +195,7 @@ class AgentService:
             self.registry.put(name, model)
             names[name] = mc.path
             log.info("serving %s (%s) from %s", name, model.backend.name, mc.path)
+        self.telemetry = self._make_telemetry()  # before the updater: its events share the outbox's seq
         self.updater = self._make_updater()
         if self.updater is not None:
             # What the updater installed and committed wins over agent.toml's model of the same name.
@@ -232,9 +233,8 @@ class AgentService:
         from edgefleet.agent.telemetry.device import DeviceSampler
         from edgefleet.agent.telemetry.loop import TelemetryLoop
 
-        wake = self.updater.wake if self.updater is not None else None
         return TelemetryLoop(fleet, cfg.device_id, cfg.state_dir, self.app.telemetry,
-                             DeviceSampler(cfg.state_dir, self.profile), on_cmd=wake)
+                             DeviceSampler(cfg.state_dir, self.profile))
 
     def _make_updater(self) -> Any:
         """The update machine, for an enrolled agent with ``[updates] enabled`` (None otherwise)."""
@@ -252,8 +252,17 @@ class AgentService:
         recover_identity(Path(ident["key"]), Path(ident["certificate"]))  # finish a renewal a power cut stopped
         client = DeviceClient(cfg.server_url, cfg.device_id, Path(ident["key"]), Path(ident["certificate"]),
                               cfg.ca_cert)
-        return UpdateMachine(cfg.state_dir, cfg.updates, client, _Host(self), cfg.device_id, cfg.server_url,
-                             agent_version=__version__, hardware_profile=self.profile.name)
+        updates = cfg.updates
+        if updates.checkin_interval is None:  # rare polls when the server can push "check in now"
+            pushed = cfg.mqtt.fleet is not None and cfg.mqtt.fleet.enabled
+            updates = updates.model_copy(update={"checkin_interval": 900.0 if pushed else 60.0})
+        machine = UpdateMachine(cfg.state_dir, updates, client, _Host(self), cfg.device_id, cfg.server_url,
+                                agent_version=__version__, hardware_profile=self.profile.name)
+        if self.telemetry is not None:
+            outbox = self.telemetry.outbox
+            machine.st._sequencer = lambda body: outbox.put("events", body)[0]
+            self.telemetry.on_cmd = machine.wake
+        return machine
 
     def start_flows(self) -> None:
         """Start every configured flow (after the models are loaded; a flow names a served model)."""
@@ -340,7 +349,6 @@ class AgentService:
             self.on_listening()
             if self.updater is not None:
                 self.updater.start()
-            self.telemetry = self._make_telemetry()
             if self.telemetry is not None:
                 self.telemetry.start()
             # The watchdog is fed from the event loop that serves requests: a hung loop gets restarted.

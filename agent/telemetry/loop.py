@@ -45,12 +45,14 @@ class TelemetryLoop:
         self.outbox = Outbox(state_dir / "queue.db", device_id, max_bytes=config.queue_max_bytes,
                              max_age_s=config.queue_max_age_s)
         self.publisher = Publisher(config, device_id, self.outbox, identity_dir=state_dir / "identity")
-        if on_cmd is not None:
-            self.publisher.subscribe_cmd(lambda _msg: on_cmd())
+        self.on_cmd = on_cmd  # may be set until start()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        on_cmd = self.on_cmd
+        if on_cmd is not None:
+            self.publisher.subscribe_cmd(lambda _msg: on_cmd())
         self.publisher.start()
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()

@@ -95,7 +95,10 @@ class UpdateMachine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state_dir = state_dir
+        if config.checkin_interval is None:  # the service resolves it (900 s with MQTT push); 60 s here
+            config = config.model_copy(update={"checkin_interval": 60.0})
         self.config = config
+        self.interval: float = float(config.checkin_interval or 60.0)
         self.client = client
         self.host = host
         self.device_id = device_id
@@ -170,7 +173,7 @@ class UpdateMachine:
                 pause = self.step()
             except Exception:  # a bug must not kill updates for good: log, wait, go on
                 log.exception("updater: unexpected error")
-                pause = self.config.checkin_interval
+                pause = self.interval
             self._wake.wait(max(0.0, pause))
             self._wake.clear()
 
@@ -187,7 +190,7 @@ class UpdateMachine:
             return pause
 
     def _check(self, now: float) -> float:
-        interval = self.config.checkin_interval
+        interval = self.interval
         try:
             ci = self.client.check_in(self.st.etag)
         except UpdateError as e:
@@ -270,7 +273,7 @@ class UpdateMachine:
             self.st.last_failure = {"at": now, "target": p.target, "reason": e.reason, "detail": str(e)}
             if p.attempts >= self.config.max_attempts:
                 self._refuse(p, Refused(f"gave up after {p.attempts} attempts: {e}", e.reason))
-                return self.config.checkin_interval
+                return self.interval
             pause = e.retry_after or min(self.config.backoff_max, 2.0 ** p.attempts * 0.5) * random.uniform(0.8, 1.2)
             p.not_before = now + pause
             self.st.event("update.retry", target=p.target, model=p.name, version=p.version, reason=e.reason,
@@ -279,7 +282,7 @@ class UpdateMachine:
             return pause
         except Refused as e:
             self._refuse(p, e)
-            return self.config.checkin_interval
+            return self.interval
 
     def _phase(self, p: Pending) -> float:
         """Run phases until one must wait (probation) or the update ends."""

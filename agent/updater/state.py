@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from edgefleet.durable import atomic_write_bytes
 
@@ -86,14 +86,23 @@ class UpdateState(_Strict):
     dropped_events: int = 0
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # With MQTT telemetry: puts the event on the telemetry outbox and returns the seq it got there, so an
+    # event has one seq whether the broker or the HTTP report (the fallback) delivers it.
+    _sequencer: Any = PrivateAttr(default=None)
 
     def event(self, kind: str, **data: Any) -> dict[str, Any]:
         """Queue an event for the server (``seq`` grows by one each time; the outbox is bounded)."""
-        self.event_seq += 1
-        e = {"seq": self.event_seq, "at": _iso(time.time()), "kind": kind,
-             **{k: v for k, v in data.items() if v is not None}}
+        e = {"at": _iso(time.time()), "kind": kind, **{k: v for k, v in data.items() if v is not None}}
         if "detail" in e:
             e["detail"] = str(e["detail"])[:2000]
+        seq = None
+        if self._sequencer is not None:
+            try:
+                seq = int(self._sequencer(e))
+            except Exception as err:  # the queue full or broken: the HTTP report still carries it
+                log.warning("event %s: not queued for MQTT (%s)", kind, err)
+        self.event_seq = seq if seq is not None and seq > self.event_seq else self.event_seq + 1
+        e = {"seq": self.event_seq, **e}
         self.outbox.append(e)
         if len(self.outbox) > MAX_OUTBOX:
             drop = len(self.outbox) - MAX_OUTBOX

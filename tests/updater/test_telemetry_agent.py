@@ -73,6 +73,16 @@ def test_an_agent_publishes_telemetry_the_server_stores_and_an_assignment_reache
             fleet.wait_event(agent.device_id, "switch.ok", timeout=30, version="2.0.0")
             print(f"assign -> switch through cmd: {time.monotonic() - t0:.2f} s (poll interval 3600 s)")
             assert [m.body["action"] for m in sub.on("/cmd")] == ["check-in"]
+            # update events go over MQTT too, under the one sequence telemetry uses; the HTTP report (the
+            # fallback) carries the same seq, so the server holds each event once
+            fleet.wait_for(lambda: any(m.body["kind"] == "switch.ok" for m in sub.on("/events")), 30, "events")
+            mqtt_events = {m.body["seq"]: m.body["kind"] for m in sub.on("/events")}
+            all_seqs = [m.body["seq"] for m in sub.on("/events") + sub.on("/telemetry")]
+            assert len(set(all_seqs)) == len(all_seqs)  # one sequence, no seq used twice
+            stored = {e["seq"]: e["kind"] for e in fleet.events(agent.device_id)}
+            switch = next(seq for seq, kind in mqtt_events.items() if kind == "switch.ok")
+            assert stored.get(switch) == "switch.ok"
+            assert list(stored.values()).count("switch.ok") == 1
             agent.stop()
             assert [m.body for m in sub.on("/status")][-1]["state"] == "offline"
     finally:
