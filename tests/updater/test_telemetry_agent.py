@@ -79,10 +79,10 @@ def test_an_agent_publishes_telemetry_the_server_stores_and_an_assignment_reache
             mqtt_events = {m.body["seq"]: m.body["kind"] for m in sub.on("/events")}
             all_seqs = [m.body["seq"] for m in sub.on("/events") + sub.on("/telemetry")]
             assert len(set(all_seqs)) == len(all_seqs)  # one sequence, no seq used twice
-            stored = {e["seq"]: e["kind"] for e in fleet.events(agent.device_id)}
+            on_server = {e["seq"]: e["kind"] for e in fleet.events(agent.device_id)}
             switch = next(seq for seq, kind in mqtt_events.items() if kind == "switch.ok")
-            assert stored.get(switch) == "switch.ok"
-            assert list(stored.values()).count("switch.ok") == 1
+            assert on_server.get(switch) == "switch.ok"
+            assert list(on_server.values()).count("switch.ok") == 1
             agent.stop()
             assert [m.body for m in sub.on("/status")][-1]["state"] == "offline"
     finally:
