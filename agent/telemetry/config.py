@@ -87,6 +87,10 @@ class MqttFleetConfig(_Strict):
         default=16 << 20, ge=4096, description="bytes of messages kept on disk while the broker is away "
         "(the oldest are dropped, and counted)"
     )
+    queue_min_free_bytes: int = Field(
+        default=1 << 20, ge=0, description="free disk space the queue always leaves in the state folder, bytes "
+        "(below it the oldest messages go to make room; the updater needs room for its downloads)"
+    )
     queue_max_age_s: float = Field(
         default=7 * 86400.0, gt=0, description="seconds a message is kept on disk before it is dropped as too old"
     )

@@ -27,7 +27,14 @@ Bounds. The messages held (topic + payload bytes) stay within ``max_bytes`` and 
 ``max_age_s`` (by ``created_at``, the clock at put): the oldest go first, and the number dropped is
 kept in ``meta.dropped`` (reported as telemetry's ``device.dropped``), with the puts that could not
 be stored at all (disk full, I/O error). The file itself stays near the high-water mark of what it
-held (SQLite reuses freed pages); the WAL is truncated to 4 MiB after each checkpoint.
+held (SQLite reuses freed pages); the WAL is checkpointed every 256 KiB and truncated to 256 KiB
+(a puts-only WAL of SQLite's default 4 MiB could fill a small disk before its first checkpoint, and
+a checkpoint cannot then grow the database file: stuck until some other space is freed).
+The queue never fills the disk either: while the file system has less than ``min_free_bytes``
+(default 1 MiB) free, each put drops the oldest messages to make room for itself (counted), so the
+file stops growing and the updater keeps room for its downloads. A disk that something else filled
+anyway: the WAL is checkpointed and truncated and the put tried once more; then
+:class:`OutboxError` (counted too). A put that failed hands out no seq.
 
 Recovery. On open, a file that is not a queue this agent reads (not SQLite, ``quick_check`` fails,
 a meta row missing or wrong) is moved aside to ``queue.db.corrupt-<unix time>`` (its ``-wal`` too;
@@ -75,7 +82,8 @@ RESERVED = ("schema", "device_id", "epoch", "seq")  # set by the queue; a body m
 FORMAT = 1  # meta.format: the layout of this file
 FILE = "queue.db"
 KEEP_ASIDE = 2  # moved-aside queue files kept (newest first)
-WAL_LIMIT = 4 << 20  # bytes the WAL is truncated to after a checkpoint
+WAL_LIMIT = 256 << 10  # bytes the WAL is truncated to after a checkpoint
+WAL_PAGES = 64  # pages (4 KiB) in the WAL that start a checkpoint (SQLite's default, 1000, is 4 MiB)
 
 _EPOCH = re.compile(r"[0-9a-f]{16}")
 _SCHEMA = (
@@ -125,7 +133,8 @@ class _Corrupt(Exception):
 class Outbox:
     """The on-disk queue of one device (see the module docstring).
 
-    ``path`` is the database file (``STATE/queue.db``; its folder is created). ``clock`` gives the
+    ``path`` is the database file (``STATE/queue.db``; its folder is created). ``max_bytes``,
+    ``max_age_s`` and ``min_free_bytes`` are the bounds (module docstring). ``clock`` gives the
     wall-clock time of ``at`` and ``created_at`` (injected for tests). Raises :class:`OutboxError`
     when the file can be neither opened nor created (its folder is not writable, say).
     """
@@ -137,6 +146,7 @@ class Outbox:
         *,
         max_bytes: int = 16 << 20,
         max_age_s: float = 7 * 86400.0,
+        min_free_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_bytes < 1:
@@ -148,6 +158,7 @@ class Outbox:
         self.topics = {k: device_topic(device_id, k) for k in KINDS}
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
+        self.min_free_bytes = max(0, min_free_bytes)
         self._clock = clock
         self._lock = threading.Lock()
         self._watchers: list[Callable[[], None]] = []
@@ -205,6 +216,7 @@ class Outbox:
                     raise _Corrupt(f"quick_check: {check}")
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+                db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
                 meta = self._read_meta(db)
             except sqlite3.DatabaseError as e:
                 if isinstance(e, sqlite3.OperationalError) and _transient(e):
@@ -311,20 +323,18 @@ class Outbox:
             if size > self.max_bytes:
                 raise ValueError(f"body: the message is {size} bytes, over the queue's max_bytes of {self.max_bytes}")
             try:
-                db.execute("BEGIN IMMEDIATE")
+                budget = self._budget()
                 try:
-                    db.execute("INSERT INTO outbox(seq, topic, payload, created_at) VALUES (?, ?, ?, ?)",
-                               (seq, topic, payload, now))
-                    dropped, freed = self._bound(db, now, extra=size, below=seq)
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
-                    if dropped or self._unstored:
-                        db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'",
-                                   (self._dropped + dropped + self._unstored,))
-                    db.execute("COMMIT")
-                except BaseException:
+                    dropped, freed = self._insert(db, seq, topic, payload, now, size, budget)
+                except sqlite3.OperationalError as e:
+                    if "full" not in str(e).lower():
+                        raise
+                    # Disk full (filled by someone else, past min_free_bytes): move the WAL into the
+                    # file and truncate it, then try once more.
                     with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                    raise
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self._resync(db)
+                    dropped, freed = self._insert(db, seq, topic, payload, now, size, self._budget())
             except sqlite3.Error as e:
                 self._unstored += 1
                 self._resync(db)
@@ -341,12 +351,44 @@ class Outbox:
             w()
         return seq, payload
 
-    def _bound(self, db: sqlite3.Connection, now: float, extra: int = 0, below: int | None = None) -> tuple[int, int]:
-        """Delete the oldest messages that are too old or past ``max_bytes`` (inside the caller's
-        transaction; ``extra``: bytes just inserted as seq ``below``, not yet in ``self._bytes``, which
-        is never dropped). Returns (count, bytes) deleted."""
+    def _insert(self, db: sqlite3.Connection, seq: int, topic: str, payload: bytes, now: float, size: int,
+                budget: int) -> tuple[int, int]:
+        """One put's transaction: the row, the bounds (``budget``: the bytes it may hold), next_seq and
+        dropped. Returns (count, bytes) dropped."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT INTO outbox(seq, topic, payload, created_at) VALUES (?, ?, ?, ?)",
+                       (seq, topic, payload, now))
+            dropped, freed = self._bound(db, now, extra=size, below=seq, budget=budget)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
+            if dropped or self._unstored:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'",
+                           (self._dropped + dropped + self._unstored,))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return dropped, freed
+
+    def _budget(self) -> int:
+        """The bytes of messages the queue may hold now: ``max_bytes``, and never so much that the file
+        system would have less than ``min_free_bytes`` free (once there, a put drops at least as
+        much as it adds: freed pages are reused inside the file, which stops growing)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return self.max_bytes
+        free = st.f_bavail * st.f_frsize
+        return min(self.max_bytes, self._bytes + max(0, free - self.min_free_bytes))
+
+    def _bound(self, db: sqlite3.Connection, now: float, extra: int = 0, below: int | None = None,
+               budget: int | None = None) -> tuple[int, int]:
+        """Delete the oldest messages that are too old or past ``budget`` bytes (default ``max_bytes``;
+        inside the caller's transaction; ``extra``: bytes just inserted as seq ``below``, not yet in
+        ``self._bytes``, which is never dropped). Returns (count, bytes) deleted."""
         cutoff = now - self.max_age_s
-        excess = self._bytes + extra - self.max_bytes
+        excess = self._bytes + extra - (self.max_bytes if budget is None else budget)
         limit = below if below is not None else self._next_seq
         if excess <= 0:  # the usual case: one indexed row read
             oldest = db.execute("SELECT created_at FROM outbox WHERE seq < ? ORDER BY seq LIMIT 1", (limit,)).fetchone()
@@ -377,8 +419,9 @@ class Outbox:
         now = time.monotonic()
         if self._warned_at is not None and now - self._warned_at < 3600:
             return
-        log.warning("queue %s: dropped the %d oldest message(s) (over %d bytes or %g s old); %d dropped in all",
-                    self.path, self._dropped_quiet, self.max_bytes, self.max_age_s, self.dropped())
+        log.warning("queue %s: dropped the %d oldest message(s) (over %d bytes, %g s old, or less than %d bytes "
+                    "free on disk); %d dropped in all", self.path, self._dropped_quiet, self.max_bytes,
+                    self.max_age_s, self.min_free_bytes, self.dropped())
         self._warned_at, self._dropped_quiet = now, 0
 
     def _resync(self, db: sqlite3.Connection) -> None:

@@ -4,6 +4,7 @@ reopens and SIGKILLs of a writer process, and an unreadable file moved aside for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +12,9 @@ import random
 import re
 import sqlite3
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -286,3 +289,74 @@ def test_sigkill_of_a_writer_loses_no_stored_message_and_never_reuses_a_seq(
 def test_rfc3339_is_utc_with_milliseconds() -> None:
     assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339(1_800_000_000.1234) == "2027-01-15T08:00:00.123Z"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs (needs root; skipped when it cannot be mounted, failed under CI=true)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(folder)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        reason = f"cannot mount a 3 MiB tmpfs: {(r.stderr or r.stdout).strip() or r.returncode}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+        if os.path.ismount(folder):
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_the_queue_keeps_free_disk_dropping_the_oldest_and_a_failed_put_is_counted_without_losing_a_seq(
+    small_disk: Path,
+) -> None:
+    """The queue's max_bytes (16 MiB) is far above what the 3 MiB disk holds: the queue keeps
+    min_free_bytes (1 MiB) free, the oldest going first (counted), and no put fails, even once
+    another file took the last byte (the file no longer grows: freed pages are reused). A put that
+    cannot be written (a queue whose WAL must grow on the full disk) is one OutboxError, counted,
+    with no seq handed out; once there is room again, the sequence goes on."""
+    path = small_disk / "queue.db"
+    ob = Outbox(path, "dev-1")
+    second = Outbox(small_disk / "second" / "queue.db", "dev-1")  # a small one, made before the disk fills
+    second.put("events", {"kind": "first"})
+    for i in range(3000):
+        ob.put(KINDS[i % 2], {"pad": "d" * 1000, "i": i})
+    st = os.statvfs(small_disk)
+    assert st.f_bavail * st.f_frsize >= (1 << 20) - 64 * 1024  # about min_free_bytes left (one WAL's slack)
+    rows = ob.peek(100_000)
+    assert 0 < len(rows) < 3000 and rows[-1].seq == 3000
+    assert [m.seq for m in rows] == list(range(rows[0].seq, 3001))  # the newest, contiguous
+    assert ob.dropped() == 3000 - len(rows) == rows[0].seq - 1
+    _fill(small_disk / "filler")  # someone else takes the last byte
+    assert os.statvfs(small_disk).f_bavail == 0
+    for i in range(100):  # still stored: each put makes room inside the file
+        ob.put("telemetry", {"pad": "d" * 1000, "i": i})
+    assert ob.last_seq() == 3100 and ob.peek(1, after=3099)[0].seq == 3100
+    _fill(small_disk / "filler")  # (a checkpoint may have truncated the WAL meanwhile)
+    with pytest.raises(OutboxError, match="cannot open the queue"):
+        Outbox(small_disk / "other" / "queue.db", "dev-1")  # a new file on the full disk
+    before = second.dropped()
+    with pytest.raises(OutboxError, match=r"cannot store events message seq 2: database or disk is full"):
+        second.put("events", {"pad": "x" * 200_000})  # its WAL would have to grow
+    assert second.dropped() == before + 1 and second.last_seq() == 1 and second.depth() == 1
+    (small_disk / "filler").unlink()
+    seq, _ = second.put("events", {"kind": "after"})
+    assert seq == 2  # the failed put handed out no seq: no gap, none twice
+    second.close()
+    with Outbox(small_disk / "second" / "queue.db", "dev-1") as again:
+        assert again.dropped() == before + 1 and again.last_seq() == 2  # the failure was written down
+        assert [m.seq for m in again.peek(10)] == [1, 2]
+    ob.close()
+
+
+def _fill(path: Path) -> None:
+    """Append to ``path`` until the file system has not one byte left."""
+    with open(path, "ab", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
