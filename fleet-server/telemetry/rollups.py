@@ -229,12 +229,13 @@ def upsert(s: Session, batch: RollupBatch) -> None:
         t = TelemetryRollup.__table__.c
         set_: dict[str, Any] = {c: t[c] + ins.excluded[c] for c in _SUMS}
         set_.update({c: _sql_max(t[c], ins.excluded[c]) for c in _MAXES})
-        s.execute(ins.on_conflict_do_update(index_elements=["device_id", "model", "version", "bucket"], set_=set_),
-                  rows)
+        conn = s.connection()  # Core executemany: the ORM's bulk path costs more than the statement here
+        conn.execute(ins.on_conflict_do_update(index_elements=["device_id", "model", "version", "bucket"], set_=set_),
+                     rows)
         if class_rows:
             cins = upsert_insert(s, TelemetryClassRollup)
             ct = TelemetryClassRollup.__table__.c
-            s.execute(cins.on_conflict_do_update(index_elements=["device_id", "model", "version", "bucket", "label"],
+            conn.execute(cins.on_conflict_do_update(index_elements=["device_id", "model", "version", "bucket", "label"],
                                                  set_={"count": ct["count"] + cins.excluded["count"]}), class_rows)
     if batch.devices:
         drows = [{"device_id": dev, "bucket": b, **vars(acc)} for (dev, b), acc in sorted(batch.devices.items())]
@@ -243,7 +244,7 @@ def upsert(s: Session, batch: RollupBatch) -> None:
         dset: dict[str, Any] = {c: dt[c] + dins.excluded[c] for c in ("reports", "cpu_percent_sum")}
         dset.update({c: _sql_max(dt[c], dins.excluded[c]) for c in _DEVICE_MAXES})
         dset["disk_free_min"] = _sql_min(dt["disk_free_min"], dins.excluded["disk_free_min"])
-        s.execute(dins.on_conflict_do_update(index_elements=["device_id", "bucket"], set_=dset), drows)
+        s.connection().execute(dins.on_conflict_do_update(index_elements=["device_id", "bucket"], set_=dset), drows)
 
 
 # -- reading ---------------------------------------------------------------------------------------------

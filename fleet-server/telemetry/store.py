@@ -3,9 +3,10 @@
 :func:`store_batch` decides, per message, ``stored``, ``duplicate`` or a refusal reason
 (``unknown_device``, ``revoked_device``), and for the stored ones writes:
 
-- the message itself into ``telemetry_messages``, once per (device, epoch, seq): ``INSERT ... ON
-  CONFLICT DO NOTHING RETURNING`` says which are new, so a message the broker delivers again (after a
-  crash between commit and acknowledgement, or a device resending) adds nothing anywhere;
+- the message itself into ``telemetry_messages``, once per (device, epoch, seq): a seq at or below
+  the stream's contiguous mark, or found stored, is a duplicate, so a message the broker delivers
+  again (after a crash between commit and acknowledgement, or a device resending) adds nothing
+  anywhere;
 - the device epoch's stream row: ``received``, ``max_seq`` and ``contiguous`` (the highest seq with all
   before it stored), locked first (``FOR UPDATE`` on PostgreSQL; SQLite's write lock is taken by the
   first INSERT) so replicas sharing the stream cannot lose a step;
@@ -22,10 +23,11 @@ Nothing here commits or acknowledges: the ingester does both, in that order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.server.models import Device, DeviceEvent, TelemetryMessage, TelemetryStream, upsert_insert
@@ -70,7 +72,7 @@ def store_batch(s: Session, items: Sequence[Parsed], now: datetime, last_seen_gr
             continue
         seen.add(key)
         fresh.append(i)
-    new = _insert_messages(s, [items[i] for i in fresh], now)
+    new = _insert_messages(s, streams, [items[i] for i in fresh], now)
     for i in fresh:
         if items[i].key not in new:
             outcome[i] = DUPLICATE
@@ -86,44 +88,77 @@ def store_batch(s: Session, items: Sequence[Parsed], now: datetime, last_seen_gr
     return outcome
 
 
-def _lock_streams(s: Session, keys: list[tuple[str, str]], now: datetime) -> dict[tuple[str, str], TelemetryStream]:
+@dataclass
+class _Stream:
+    """A stream row as read (locked) and as it will be written back."""
+
+    contiguous: int
+    max_seq: int
+    received: int
+    last_at: datetime | None
+
+
+def _lock_streams(s: Session, keys: list[tuple[str, str]], now: datetime) -> dict[tuple[str, str], _Stream]:
     """The stream rows of ``keys`` (created when new), locked for this transaction, in key order."""
+    conn = s.connection()
     ins = upsert_insert(s, TelemetryStream).on_conflict_do_nothing(index_elements=["device_id", "epoch"])
-    s.execute(ins, [{"device_id": d, "epoch": e, "contiguous": 0, "max_seq": 0, "received": 0,
-                     "first_received_at": now, "last_received_at": now, "last_at": None} for d, e in keys])
+    conn.execute(ins, [{"device_id": d, "epoch": e, "contiguous": 0, "max_seq": 0, "received": 0,
+                        "first_received_at": now, "last_received_at": now, "last_at": None} for d, e in keys])
     wanted = set(keys)
-    q = (select(TelemetryStream).where(TelemetryStream.device_id.in_(sorted({d for d, _ in keys})))
-         .order_by(TelemetryStream.device_id, TelemetryStream.epoch).with_for_update()
-         .execution_options(populate_existing=True))
-    return {(r.device_id, r.epoch): r for r in s.scalars(q) if (r.device_id, r.epoch) in wanted}
+    t = TelemetryStream
+    q = (select(t.device_id, t.epoch, t.contiguous, t.max_seq, t.received, t.last_at)
+         .where(t.device_id.in_(sorted({d for d, _ in keys}))).order_by(t.device_id, t.epoch).with_for_update())
+    return {(r.device_id, r.epoch): _Stream(r.contiguous, r.max_seq, r.received, r.last_at)
+            for r in conn.execute(q) if (r.device_id, r.epoch) in wanted}
 
 
-def _insert_messages(s: Session, items: list[Parsed], now: datetime) -> set[tuple[str, str, int]]:
-    """INSERT the messages, skipping keys already stored; the keys actually inserted."""
+_UPDATE_STREAM = (
+    update(TelemetryStream)
+    .where(TelemetryStream.device_id == bindparam("k_device"), TelemetryStream.epoch == bindparam("k_epoch"))
+    .values(contiguous=bindparam("v_contiguous"), max_seq=bindparam("v_max_seq"), received=bindparam("v_received"),
+            last_received_at=bindparam("v_now"), last_at=bindparam("v_last_at"))
+)
+
+
+def _insert_messages(s: Session, streams: dict[tuple[str, str], _Stream], items: list[Parsed],
+                     now: datetime) -> set[tuple[str, str, int]]:
+    """INSERT the messages not stored yet; the keys inserted. A seq above its stream's ``max_seq`` was
+    never stored; the others (out-of-order arrivals, redeliveries) are looked up. The stream rows are
+    locked by this transaction, so no other replica stores messages of these streams meanwhile (ON
+    CONFLICT DO NOTHING stays as a safety net). No RETURNING: plain executemany is the fast path."""
     if not items:
         return set()
-    rows = [{"device_id": p.device_id, "epoch": p.body.epoch, "seq": p.body.seq, "topic": p.topic,
-             "at": p.body.at, "received_at": now, "data": p.body.model_dump(mode="json", by_alias=True)}
-            for p in sorted(items, key=lambda p: p.key)]
+    conn = s.connection()
     m = TelemetryMessage
-    stmt = (upsert_insert(s, m).on_conflict_do_nothing(index_elements=["device_id", "epoch", "seq"])
-            .returning(m.device_id, m.epoch, m.seq))
-    result = s.connection().execute(stmt, rows)
-    return {(r[0], r[1], int(r[2])) for r in result}
+    doubtful: dict[tuple[str, str], list[int]] = {}
+    for p in items:
+        if p.body.seq <= streams[(p.device_id, p.body.epoch)].max_seq:
+            doubtful.setdefault((p.device_id, p.body.epoch), []).append(p.body.seq)
+    existing: set[tuple[str, str, int]] = set()
+    for (device, epoch), seqs in sorted(doubtful.items()):
+        q = select(m.seq).where(m.device_id == device, m.epoch == epoch, m.seq.in_(sorted(seqs)))
+        existing |= {(device, epoch, seq) for (seq,) in conn.execute(q)}
+    new = sorted((p for p in items if p.key not in existing), key=lambda p: p.key)
+    if new:
+        rows = [{"device_id": p.device_id, "epoch": p.body.epoch, "seq": p.body.seq, "topic": p.topic,
+                 "at": p.body.at, "received_at": now, "data": p.body.model_dump(mode="json", by_alias=True)}
+                for p in new]
+        conn.execute(upsert_insert(s, m).on_conflict_do_nothing(index_elements=["device_id", "epoch", "seq"]), rows)
+    return {p.key for p in new}
 
 
-def _advance_streams(s: Session, streams: dict[tuple[str, str], TelemetryStream], stored: list[Parsed],
+def _advance_streams(s: Session, streams: dict[tuple[str, str], _Stream], stored: list[Parsed],
                      now: datetime) -> None:
     by_stream: dict[tuple[str, str], list[Parsed]] = {}
     for p in stored:
         by_stream.setdefault((p.device_id, p.body.epoch), []).append(p)
+    rows = []
     for key, ps in sorted(by_stream.items()):
         st = streams[key]
         seqs = sorted(p.body.seq for p in ps)
         previous_max = st.max_seq
         st.received += len(seqs)
         st.max_seq = max(st.max_seq, seqs[-1])
-        st.last_received_at = now
         newest = max(p.at for p in ps)
         st.last_at = newest if st.last_at is None or newest > st.last_at else st.last_at
         contiguous = st.contiguous
@@ -134,7 +169,10 @@ def _advance_streams(s: Session, streams: dict[tuple[str, str], TelemetryStream]
         if previous_max > contiguous:  # earlier arrivals beyond a gap this batch may have closed
             contiguous = _scan_contiguous(s, key, contiguous)
         st.contiguous = contiguous
-    s.flush()
+        rows.append({"k_device": key[0], "k_epoch": key[1], "v_contiguous": st.contiguous, "v_max_seq": st.max_seq,
+                     "v_received": st.received, "v_now": now, "v_last_at": st.last_at})
+    if rows:
+        s.connection().execute(_UPDATE_STREAM, rows)
 
 
 def _scan_contiguous(s: Session, key: tuple[str, str], contiguous: int) -> int:
@@ -169,4 +207,4 @@ def _insert_events(s: Session, events: list[EventIn], now: datetime) -> None:
     older = [{**r, "seq": None} for r in taken
              if epochs.get((r["device_id"], r["seq"])) not in (None, r["data"]["epoch"])]
     if older:
-        s.execute(upsert_insert(s, ev), older)
+        s.connection().execute(upsert_insert(s, ev), older)
