@@ -154,6 +154,7 @@ class AgentService:
         self.profile = self._hardware_profile()
         self.updater: Any = None  # edgefleet.agent.updater.machine.UpdateMachine, for an enrolled agent
         self.telemetry: Any = None  # edgefleet.agent.telemetry.loop.TelemetryLoop, with [mqtt.fleet]
+        self._feedback: Any = None  # edgefleet.agent.telemetry.local.FeedbackSubscriber, with [mqtt.local]
 
     def _hardware_profile(self) -> HardwareProfile:
         hw = self.config.hardware
@@ -351,6 +352,12 @@ class AgentService:
                 self.updater.start()
             if self.telemetry is not None:
                 self.telemetry.start()
+            local = self.config.mqtt.local
+            if local is not None and local.enabled and self.config.device_id:
+                from edgefleet.agent.telemetry.local import FeedbackSubscriber
+
+                self._feedback = FeedbackSubscriber(local, self.config.device_id, self.app.feedback)
+                self._feedback.start()
             # The watchdog is fed from the event loop that serves requests: a hung loop gets restarted.
             interval = self.watchdog_interval
             while not stop.is_set():
@@ -365,6 +372,8 @@ class AgentService:
                 await asyncio.to_thread(self.updater.stop)
             if self.telemetry is not None:
                 await asyncio.to_thread(self.telemetry.stop)
+            if self._feedback is not None:
+                await asyncio.to_thread(self._feedback.stop)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             self.stop_flows()

@@ -4,6 +4,7 @@ hour-long poll interval."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -44,7 +45,6 @@ def test_an_agent_publishes_telemetry_the_server_stores_and_an_assignment_reache
             assert agent.device_id is not None
             for i in range(30):
                 agent.infer(models.sample_input(i))
-
             def telemetry_with_calls() -> list[dict[str, Any]] | None:
                 got = [m.body for m in sub.on("/telemetry")]
                 return [b for b in got if any(m["inferences"] for m in b["models"])] or None
@@ -86,5 +86,44 @@ def test_an_agent_publishes_telemetry_the_server_stores_and_an_assignment_reache
             agent.stop()
             assert [m.body for m in sub.on("/status")][-1]["state"] == "offline"
     finally:
+        sub.close()
+        broker.stop()
+
+
+def test_feedback_published_on_the_local_broker_lands_in_the_live_accuracy_of_the_version_that_predicted(
+    tmp_path: Path,
+) -> None:
+    from edgefleet.agent.registry import RecentPredictions
+    from edgefleet.agent.telemetry.config import MqttLocalConfig
+    from edgefleet.agent.telemetry.feedback import Feedback
+    from edgefleet.agent.telemetry.local import FeedbackSubscriber
+    from edgefleet.agent.telemetry.measure import TelemetryRegistry
+
+    broker = Broker(_mosquitto(), tmp_path / "broker")
+    sub = Subscriber(broker.port)
+    predictions, stats = RecentPredictions(), TelemetryRegistry()
+    truth = [3, 3, 5, 1, 3]
+    for i, predicted in enumerate([3, 5, 5, 1, 0]):
+        predictions.add(f"p{i}", "digits", "2.0.0", {"class": predicted})
+    fb = FeedbackSubscriber(MqttLocalConfig(port=broker.port), "dev-00000000000000aa",
+                            Feedback(predictions, stats, lambda name, version: None))
+    try:
+        fb.start()
+        time.sleep(0.5)
+        for i, label in enumerate(truth):
+            sub.publish("edgefleet/v1/dev-00000000000000aa/feedback",
+                        json.dumps({"schema": 1, "device_id": "dev-00000000000000aa", "id": f"p{i}", "label": label}))
+        sub.publish("edgefleet/v1/dev-00000000000000aa/feedback",  # another device's: refused
+                    json.dumps({"schema": 1, "device_id": "dev-00000000000000bb", "id": "p0", "label": 3}))
+        deadline = time.monotonic() + 10
+        while fb.counters.get("received") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (fb.counters.get("accepted"), fb.counters.get("refused")) == (5, 1)
+        got = stats.get("digits", "2.0.0")
+        assert got is not None
+        acc = got.snapshot()["accuracy"]
+        assert acc["window"] == 5 and acc["accuracy"] == 3 / 5  # p0, p2, p3 right
+    finally:
+        fb.stop()
         sub.close()
         broker.stop()
