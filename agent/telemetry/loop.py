@@ -43,7 +43,7 @@ class TelemetryLoop:
         self.stats = stats
         self.sampler = sampler
         self.outbox = Outbox(state_dir / "queue.db", device_id, max_bytes=config.queue_max_bytes,
-                             max_age_s=config.queue_max_age_s)
+                             max_age_s=config.queue_max_age_s, min_free_bytes=config.queue_min_free_bytes)
         self.publisher = Publisher(config, device_id, self.outbox, identity_dir=state_dir / "identity")
         self.on_cmd = on_cmd  # may be set until start()
         self._stop = threading.Event()
