@@ -3,15 +3,17 @@
 commit (a real server process SIGKILLed before the commit loses nothing: the broker redelivers), refused
 messages are acknowledged, dropped and counted by reason, ingestion survives a broker restart (also on
 a plain subscription), ``cmd`` follows the contract, and retention deletes what is old. Throughput is
-printed, never asserted."""
+printed, never asserted. The server reaches a TLS broker with its own client certificate.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +41,10 @@ from _telemetry import (
     telemetry,
     telemetry_topic,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import func, select, text
 
@@ -356,3 +362,82 @@ def test_ingestion_throughput_is_printed(settings_for: Any, broker: Broker, db_u
     print(f"\ningestion on {backend}: {n} telemetry messages (100 devices) drained by one server in {took:.2f} s = "
           f"{n / took:.0f} msg/s ({batches:.0f} batches, {in_db:.2f} s storing and committing; publishing them "
           f"took {published:.2f} s)")
+
+
+# -- TLS: the server's own certificate to the broker ------------------------------------------------------
+
+
+def _pki(folder: Path) -> dict[str, Path]:
+    """A CA, a broker certificate for 127.0.0.1 and client certificates (the server's, a device's)."""
+    now = datetime.now(UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test broker CA")).issuer_name(name("test broker CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    out = {"ca": folder / "ca.crt"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who, san in (("broker", True), ("edgefleet-server", False), ("tls-1", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+             .not_valid_after(now + timedelta(days=1)))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        out[f"{who}.crt"] = folder / f"{who}.crt"
+        out[f"{who}.crt"].write_bytes(b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        out[f"{who}.key"] = write_key(key, folder / f"{who}.key")
+    return out
+
+
+def test_ingestion_over_tls_with_the_servers_client_certificate(clean_db: str, tmp_path: Path,
+                                                                 broker: Broker) -> None:
+    pki = _pki(tmp_path)
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    # user root: as root, mosquitto would drop to a user that cannot read the test's private tmp folder
+    conf.write_text(f"listener {port} 127.0.0.1\ncafile {pki['ca']}\ncertfile {pki['broker.crt']}\n"
+                    f"keyfile {pki['broker.key']}\nrequire_certificate true\nuse_identity_as_username true\n"
+                    "allow_anonymous false\npersistence false\nuser root\n")
+    tls_broker = subprocess.Popen([broker.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _listening(port) or tls_broker.poll() is not None, 10) and tls_broker.poll() is None
+        settings = ingest_settings(clean_db, tmp_path / "data", f"mqtts://127.0.0.1:{port}", mqtt_ca_cert=pki["ca"],
+                                   mqtt_client_cert=pki["edgefleet-server.crt"],
+                                   mqtt_client_key=pki["edgefleet-server.key"])
+        with ingesting(settings) as ing:
+            ing.add_devices("tls-1")
+            device = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="tls-1",
+                                 protocol=mqtt.MQTTv5)
+            device.tls_set(ca_certs=str(pki["ca"]), certfile=str(pki["tls-1.crt"]), keyfile=str(pki["tls-1.key"]))
+            device.connect("127.0.0.1", port)
+            device.loop_start()
+            try:
+                device.publish(telemetry_topic("tls-1"), dumps(telemetry("tls-1", 1)), qos=1).wait_for_publish(10)
+                assert wait_until(lambda: ing.stored() == 1, 15)
+            finally:
+                device.disconnect()
+                device.loop_stop()
+    finally:
+        tls_broker.terminate()
+        tls_broker.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
