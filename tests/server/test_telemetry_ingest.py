@@ -3,7 +3,7 @@
 commit (a real server process SIGKILLed before the commit loses nothing: the broker redelivers), refused
 messages are acknowledged, dropped and counted by reason, ingestion survives a broker restart (also on
 a plain subscription), ``cmd`` follows the contract, and retention deletes what is old. Throughput is
-printed, never asserted. The server reaches a TLS broker with its own client certificate.
+printed, never asserted. The server reaches a TLS broker with its own client certificate."""
 
 from __future__ import annotations
 
