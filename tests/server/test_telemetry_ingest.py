@@ -38,6 +38,7 @@ from _telemetry import (
     ingesting,
     model_figures,
     publisher,
+    stamp,
     telemetry,
     telemetry_topic,
 )
@@ -163,6 +164,41 @@ def test_refused_messages_are_acknowledged_dropped_and_counted(settings_for: Any
         assert wait_until(lambda: again.stored() == 2 and again.sample("edgefleet_telemetry_pending") == 0, 20)
         assert sum(again.rejected(reason) for reason in expected) == 0
         assert again.sample("edgefleet_telemetry_messages_total", {"topic": "telemetry", "result": "duplicate"}) == 0
+
+
+def test_events_join_the_http_reports_and_a_new_epoch_loses_nothing(settings_for: Any, broker: Broker,
+                                                                    tmp_path: Path) -> None:
+    """Events over MQTT and over the HTTP fallback share one sequence: the same seq is one event in
+    ``device show``. A device that lost its queue starts a new epoch at seq 1 again: its events are
+    kept (without a seq where an older epoch's event holds it), its telemetry under its own stream;
+    gaps in a stream are reported as ranges."""
+    from _fleet import enroll, publish_roots
+
+    old, new = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"
+    with ingesting(settings_for()) as ing:
+        publish_roots(ing.client, ing.admin_h, tmp_path / "keys")
+        r = ing.client.post("/api/v1/enrollment-tokens", json={}, headers=ing.admin_h)
+        device = enroll(ing.client, r.json()["token"])
+        device.authenticate()
+        d = device.id
+        report = {"agent_version": "0.9.0", "events": [
+            {"seq": 4, "at": stamp(datetime.now(UTC)), "kind": "install.ok", "model": "digits", "version": "2.0.0"}]}
+        r = ing.client.post(f"/api/v1/devices/{d}/reports", json=report, headers=device.headers)
+        assert r.status_code == 204, r.text
+        with publisher(broker.port) as pub:
+            pub.send([(events_topic(d), dumps(event(d, seq, kind="install.ok", epoch=old))) for seq in (1, 2, 3, 4)])
+            pub.send([(telemetry_topic(d), dumps(telemetry(d, seq, epoch=old))) for seq in (5, 6, 8, 11)])
+            pub.send([(events_topic(d), dumps(event(d, seq, kind="update.started", epoch=new))) for seq in (1, 2)])
+        assert wait_until(lambda: ing.stored() == 10 and ing.sample("edgefleet_telemetry_pending") == 0, 20)
+        shown = ing.client.get(f"/api/v1/devices/{d}", headers=ing.admin_h).json()["events"]
+        numbered = [(e["seq"], e["kind"]) for e in shown if e["seq"] is not None]
+        assert numbered == [(4, "install.ok"), (3, "install.ok"), (2, "install.ok"), (1, "install.ok")]
+        assert [e["kind"] for e in shown if e["seq"] is None] == ["update.started", "update.started"]
+        body = ing.client.get(f"/api/v1/devices/{d}/telemetry", headers=ing.admin_h).json()
+        streams = {s["epoch"]: s for s in body["streams"]}
+        assert {k: streams[old][k] for k in ("contiguous_seq", "max_seq", "received", "missing", "gaps")} == {
+            "contiguous_seq": 6, "max_seq": 11, "received": 8, "missing": 3, "gaps": [[7, 7], [9, 10]]}
+        assert (streams[new]["contiguous_seq"], streams[new]["max_seq"]) == (2, 2)
 
 
 def test_ingestion_resumes_after_a_broker_restart_on_a_plain_subscription(settings_for: Any, broker: Broker) -> None:
