@@ -46,9 +46,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import func, select, text
 
+from edgefleet.server.app import create_app
 from edgefleet.server.db import make_engine
 from edgefleet.server.models import (
     DeviceEvent,
@@ -202,9 +204,20 @@ def test_events_join_the_http_reports_and_a_new_epoch_loses_nothing(settings_for
 
 
 def test_ingestion_resumes_after_a_broker_restart_on_a_plain_subscription(settings_for: Any, broker: Broker) -> None:
-    with ingesting(settings_for(mqtt_shared_subscription=False)) as ing:
+    broker.stop()  # down when the server starts: the server serves, and connects once the broker is up
+    settings = settings_for(mqtt_shared_subscription=False, mqtt_reconnect_max=1)
+    init_server(settings)
+    state = open_state(settings, run_migrations=False)
+    add_devices(state, "re-1")
+    state.engine.dispose()
+    state.loop_db.close()
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert not client.app.state.telemetry.connected  # type: ignore[attr-defined]
+        broker.start()
+        assert client.app.state.telemetry.wait_subscribed(30)  # type: ignore[attr-defined]
+    with ingesting(settings, "unused") as ing:
         assert ing.ingester.filters() == ["edgefleet/v1/+/telemetry", "edgefleet/v1/+/events"]
-        ing.add_devices("re-1")
         with publisher(broker.port) as pub:
             pub.send([(telemetry_topic("re-1"), dumps(telemetry("re-1", 1)))])
         assert wait_until(lambda: ing.stored() == 1, 15)
