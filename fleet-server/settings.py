@@ -83,8 +83,9 @@ class Settings(BaseModel):
     migrate_on_start: bool = Field(default=True, description="apply Alembic migrations when the server starts")
     # -- telemetry ingestion from the fleet's MQTT broker (edgefleet.server.telemetry); off while mqtt_url is unset
     mqtt_url: str | None = Field(
-        default=None, pattern=r"^mqtts?://[^/?#\s]+/?$",
-        description="the fleet's broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS); unset: no ingestion",
+        default=None, pattern=r"^mqtts?://[^/?#\s@]+/?$",
+        description="the fleet's broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS); unset: no ingestion "
+        "(credentials go in mqtt_username/mqtt_password, not the URL)",
     )
     mqtt_ca_cert: Path | None = Field(default=None, description="CA the broker's certificate is checked against "
                                       "(PEM; default: the system's)")

@@ -490,3 +490,23 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"EDGEFLEET_SERVER_MQTT_URL": "http://broker:1883"}, "mqtt_url"),
+    ({"EDGEFLEET_SERVER_MQTT_URL": "mqtt://user:secret@broker"}, "mqtt_url"),
+    ({"EDGEFLEET_SERVER_MQTT_URL": "mqtts://broker", "EDGEFLEET_SERVER_MQTT_CLIENT_CERT": "/x.crt"},
+     "mqtt_client_cert and mqtt_client_key"),
+    ({"EDGEFLEET_SERVER_MQTT_URL": "mqtt://broker", "EDGEFLEET_SERVER_MQTT_CLIENT_CERT": "/x.crt",
+      "EDGEFLEET_SERVER_MQTT_CLIENT_KEY": "/x.key"}, "mqtts://"),
+    ({"EDGEFLEET_SERVER_MQTT_BATCH_MAX": "2000"}, "mqtt_batch_max"),
+    ({"EDGEFLEET_SERVER_MQTT_SHARE_GROUP": "a/b"}, "mqtt_share_group"),
+])
+def test_mqtt_settings_errors_name_the_setting_and_never_the_secret(env: dict[str, str], needle: str) -> None:
+    from edgefleet.errors import ConfigError
+    from edgefleet.server.settings import load_settings
+
+    with pytest.raises(ConfigError) as e:
+        load_settings(env=env)
+    message = str(e.value)
+    assert needle in message and "\n" not in message and "secret" not in message, message
