@@ -11,12 +11,13 @@ reach the database unchecked. Pure: no I/O.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet.agent.metrics import BUCKETS
 from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, REASON, SEQ_MAX, SHA256, TARGET_PATH, VERSION
@@ -52,6 +53,7 @@ REASONS = (
     "store_error",  # the database refused this one message (logged)
 )
 COUNT_MAX = 10**15
+DRIFT_CAP = 1e12  # drift statistics above this (or infinite) are stored as this
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 Figure = Annotated[float, Field(ge=0.0, le=1e15)]
@@ -72,13 +74,26 @@ class Latency(_Wire):
 
 
 class Drift(_Wire):
+    """Drift statistics: unbounded by nature (a shift against a near-constant baseline feature is huge),
+    so any value from 0 up is taken, infinity and anything above :data:`DRIFT_CAP` as the cap, NaN as
+    not measured: one odd statistic never costs the message its counts."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=True, frozen=True)
     samples: Count
     features: Annotated[int, Field(ge=0, le=1 << 24)] = 0
-    psi_max: Figure | None = None
-    psi_mean: Figure | None = None
-    mean_shift_max: Figure | None = None
-    std_ratio_max: Figure | None = None
+    psi_max: Annotated[float, Field(ge=0)] | None = None
+    psi_mean: Annotated[float, Field(ge=0)] | None = None
+    mean_shift_max: Annotated[float, Field(ge=0)] | None = None
+    std_ratio_max: Annotated[float, Field(ge=0)] | None = None
     granularity: Literal["feature", "tensor"] | None = None
+
+    @field_validator("psi_max", "psi_mean", "mean_shift_max", "std_ratio_max", mode="wrap")
+    @classmethod
+    def _capped(cls, value: Any, handler: Any) -> float | None:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        v: float | None = handler(value)
+        return None if v is None else min(v, DRIFT_CAP)
 
 
 class Accuracy(_Wire):

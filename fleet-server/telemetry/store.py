@@ -193,12 +193,19 @@ def _insert_events(s: Session, events: list[EventIn], now: datetime) -> None:
         {"device_id": e.device_id, "seq": e.seq, "at": e.at, "received_at": now, "kind": e.kind,
          "data": as_event_data(e)} for e in sorted(events, key=lambda e: (e.device_id, e.seq))
     ]
+    first: dict[tuple[str, int], dict[str, Any]] = {}
+    taken: list[dict[str, Any]] = []  # their (device, seq) is held by another event: stored, or first here
+    for r in rows:
+        if (r["device_id"], r["seq"]) in first:
+            taken.append(r)  # the same seq in two epochs, both in this batch
+        else:
+            first[(r["device_id"], r["seq"])] = r
     ev = DeviceEvent
     stmt = (upsert_insert(s, ev).on_conflict_do_nothing(index_elements=[ev.device_id, ev.seq],
                                                          index_where=ev.seq.isnot(None))
             .returning(ev.device_id, ev.seq))
-    inserted = {(r[0], r[1]) for r in s.connection().execute(stmt, rows)}
-    taken = [r for r in rows if (r["device_id"], r["seq"]) not in inserted]
+    inserted = {(r[0], r[1]) for r in s.connection().execute(stmt, list(first.values()))}
+    taken += [r for key, r in first.items() if key not in inserted]
     if not taken:
         return
     epochs = {(d, q): (data or {}).get("epoch") for d, q, data in s.execute(

@@ -510,3 +510,46 @@ def test_mqtt_settings_errors_name_the_setting_and_never_the_secret(env: dict[st
         load_settings(env=env)
     message = str(e.value)
     assert needle in message and "\n" not in message and "secret" not in message, message
+
+
+def test_an_infinite_drift_statistic_is_capped_not_a_lost_message() -> None:
+    from edgefleet.server.telemetry.payloads import DRIFT_CAP, Rejected, TelemetryIn
+
+    drift = {"samples": 10, "features": 4, "psi_max": 0.5, "psi_mean": 0.1, "mean_shift_max": 3.0,
+             "std_ratio_max": 2.0}
+    raw = dumps(telemetry("cap-1", 1, models=[model_figures(drift=drift)]))
+    raw = raw.replace('"psi_max": 0.5', '"psi_max": Infinity').replace('"psi_mean": 0.1', '"psi_mean": NaN')
+    body = parse(telemetry_topic("cap-1"), raw.encode(), 1 << 20).body
+    assert isinstance(body, TelemetryIn) and body.models[0].drift is not None
+    assert (body.models[0].drift.psi_max, body.models[0].drift.psi_mean) == (DRIFT_CAP, None)
+    with pytest.raises(Rejected) as e:  # elsewhere a non-finite number is refused, naming the field
+        parse(telemetry_topic("cap-1"), raw.replace('"sum_s": 0.027', '"sum_s": Infinity').encode(), 1 << 20)
+    assert e.value.reason == "invalid" and "models.0.latency.sum_s" in e.value.message
+
+
+@pytest.mark.parametrize("split", [10, 8, 9, 4])
+def test_a_new_epochs_events_are_kept_in_one_batch_with_the_old_or_not(clean_db: str, tmp_path: Path,
+                                                                        split: int) -> None:
+    """store_batch itself, batches cut at ``split`` (10: all in one): the new epoch's seq 1 and 2 are
+    held by the old epoch's events, so they are kept without a seq, never dropped as duplicates."""
+    settings = ingest_settings(clean_db, tmp_path / "data", "mqtt://127.0.0.1:1")
+    init_server(settings)
+    state = open_state(settings, run_migrations=False)
+    try:
+        add_devices(state, "ep-1")
+        old, new = "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"
+        bodies = [(events_topic("ep-1"), event("ep-1", q, epoch=old)) for q in (1, 2, 3, 4)]
+        bodies += [(telemetry_topic("ep-1"), telemetry("ep-1", q, epoch=old)) for q in (5, 6, 8, 11)]
+        bodies += [(events_topic("ep-1"), event("ep-1", q, kind="update.started", epoch=new)) for q in (1, 2)]
+        items = [parse(topic, dumps(body).encode(), 1 << 20) for topic, body in bodies]
+        for chunk in (items[:split], items[split:]):
+            with state.sessions.begin() as s:
+                assert set(store_batch(s, chunk, utcnow())) <= {"stored"}
+        with state.sessions() as s:
+            rows = s.execute(select(DeviceEvent.seq, DeviceEvent.kind).order_by(DeviceEvent.id)).all()
+        assert sorted(rows, key=lambda r: (r.seq is None, r.seq or 0)) == [
+            (1, "update.committed"), (2, "update.committed"), (3, "update.committed"), (4, "update.committed"),
+            (None, "update.started"), (None, "update.started")]
+    finally:
+        state.engine.dispose()
+        state.loop_db.close()
