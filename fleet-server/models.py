@@ -16,6 +16,10 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "Alert",
+    "AlertDelivery",
+    "AlertDevice",
+    "AlertRule",
     "ApiToken",
     "Assignment",
     "AuditEntry",
@@ -32,6 +36,7 @@ __all__ = [
     "TelemetryStream",
     "TufMetadata",
     "UTCDateTime",
+    "Webhook",
     "upsert_insert",
     "utcnow",
 ]
@@ -321,3 +326,103 @@ class TelemetryDeviceRollup(Base):
     dropped_max: Mapped[int | None] = mapped_column(BigInteger)
     uptime_max: Mapped[float | None]
     __table_args__ = (Index("ix_telemetry_device_rollups_bucket", "bucket"),)
+
+
+# -- alerts for retraining (edgefleet.server.alerts) -----------------------------------------------------
+_OPEN = text("state = 'open'")
+
+
+class AlertRule(Base):
+    """An operator's thresholds for one model (every version): a field left None falls back to the
+    version's bundle manifest (``metadata["edgefleet.alert.*"]``), then to the defaults of
+    :mod:`edgefleet.server.alerts.rules`."""
+
+    __tablename__ = "alert_rules"
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    drift_psi_max: Mapped[float | None]  # an alert when a report's drift.psi_max is above this
+    drift_mean_shift_max: Mapped[float | None]  # ... or its drift.mean_shift_max (in baseline std units)
+    accuracy_min: Mapped[float | None]  # an alert when accuracy.accuracy is below this (0..1)
+    min_samples: Mapped[int | None] = mapped_column(Integer)  # drift samples / accuracy window needed to judge
+    cooldown_s: Mapped[int | None] = mapped_column(Integer)  # no new alert of a kind within this of the last, s
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(160))
+
+
+class Alert(Base):
+    """A threshold broken by a model version, fleet-wide: at most one ``open`` alert per (model,
+    version, kind) (a partial unique index, so replicas cannot raise two); later breaches while it is
+    open add to ``occurrences``, ``worst`` and :class:`AlertDevice` instead of raising another."""
+
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # drift | accuracy
+    state: Mapped[str] = mapped_column(String(8))  # open | acked
+    metric: Mapped[str] = mapped_column(String(32))  # psi_max | mean_shift_max | accuracy: what broke first
+    value: Mapped[float]  # its value in the report that raised the alert
+    threshold: Mapped[float]
+    worst: Mapped[float]  # the highest drift / lowest accuracy reported while open
+    device_id: Mapped[str] = mapped_column(String(64))  # the device whose report raised it
+    occurrences: Mapped[int] = mapped_column(BigInteger, default=1)  # reports that broke it while open
+    raised_at: Mapped[datetime]
+    last_at: Mapped[datetime]  # the latest breaking report (server clock)
+    acked_at: Mapped[datetime | None]
+    acked_by: Mapped[str | None] = mapped_column(String(160))
+    data: Mapped[dict[str, Any]]  # the rule applied and the breaking report's drift / accuracy blocks
+    __table_args__ = (
+        Index("uq_alerts_open", "model", "version", "kind", unique=True, sqlite_where=_OPEN, postgresql_where=_OPEN),
+        Index("ix_alerts_key_raised", "model", "version", "kind", "raised_at"),
+        Index("ix_alerts_state_id", "state", "id"),
+    )
+
+
+class AlertDevice(Base):
+    """The devices whose reports broke an alert's threshold while it was open."""
+
+    __tablename__ = "alert_devices"
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_at: Mapped[datetime]
+
+
+class Webhook(Base):
+    """An endpoint alerts are POSTed to, signed as Standard Webhooks says with ``secret`` (``whsec_`` +
+    base64, shown to the admin once). ``models``: the models it wants (empty: all). ``disabled_at``: set
+    when the receiver answered 410 Gone."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128))
+    models: Mapped[list[Any]]
+    description: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(160))
+    disabled_at: Mapped[datetime | None]
+
+
+class AlertDelivery(Base):
+    """The durable outbox: one row per alert and destination (a webhook, or the MQTT topic
+    ``edgefleet/v1/alerts/{model}``), with the exact body sent on every attempt. ``id`` is the
+    ``webhook-id`` (the same on every retry, the receiver's idempotency key). An attempt is claimed by
+    raising ``attempts`` and moving ``next_attempt_at`` past its timeout and back-off in one
+    compare-and-set UPDATE committed before the request goes out, so each attempt number is sent at
+    most once, whichever replica or restarted worker runs it."""
+
+    __tablename__ = "alert_deliveries"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # msg_<hex>
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), index=True)
+    channel: Mapped[str] = mapped_column(String(8))  # webhook | mqtt
+    webhook_id: Mapped[str | None] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    topic: Mapped[str | None] = mapped_column(String(256))  # mqtt: edgefleet/v1/alerts/{model}
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(10))  # pending | delivered | failed | skipped
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    last_attempt_at: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)  # HTTP status of the last attempt
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime]
+    done_at: Mapped[datetime | None]  # delivered, failed or skipped
+    __table_args__ = (Index("ix_alert_deliveries_due", "state", "next_attempt_at"),)
