@@ -168,12 +168,22 @@ class Ingester:
             return False
         at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         body = json.dumps({"schema": 1, "device_id": device_id, "at": at, "action": "check-in"})
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.MessageExpiryInterval = CMD_EXPIRY
-        info = self.client.publish(f"edgefleet/v1/{device_id}/cmd", body, qos=1, properties=props)
-        ok = info.rc == mqtt.MQTT_ERR_SUCCESS
+        ok = self.publish(f"edgefleet/v1/{device_id}/cmd", body, expiry=CMD_EXPIRY)
         self.metrics.commands.labels("published" if ok else "failed").inc()
         return ok
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False,
+                expiry: int | None = None) -> bool:
+        """Publish on the ingester's own connection (``cmd``, alerts): queued in paho, never blocking;
+        ``expiry`` seconds is the MQTT 5 message expiry. False when not connected (nothing queued)."""
+        if not self.connected:
+            return False
+        props = None
+        if expiry is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = expiry
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     # -- MQTT (paho's network thread)
     def _make_client(self) -> mqtt.Client:
