@@ -1,6 +1,6 @@
 """Telemetry ingestion through a real Mosquitto of the test's own, on SQLite and PostgreSQL: every
 (device, epoch, seq) is stored once however often it arrives, a message is acknowledged only after its
-commit (a real server process SIGKILLed before the commit loses nothing: the broker redelivers), refused
+commit (a real `edgefleet server run` SIGKILLed before the commit loses nothing: the broker redelivers), refused
 messages are acknowledged, dropped and counted by reason, ingestion survives a broker restart (also on
 a plain subscription), ``cmd`` follows the contract, and retention deletes what is old. Throughput is
 printed, never asserted. The server reaches a TLS broker with its own client certificate."""
@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import queue
 import random
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +22,7 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from _fleet import Server
 from _support import free_port, wait_until
 from _telemetry import (
     Broker,
@@ -284,33 +282,18 @@ def test_retention_deletes_old_messages_rollups_and_streams(clean_db: str, tmp_p
 
 # -- a real server process, killed between receive and commit ----------------------------------------------
 
-_RUNNER = """
-import uvicorn
-from edgefleet.server.app import create_app
-from edgefleet.server.settings import load_settings
-settings = load_settings()
-uvicorn.run(create_app(settings), host="127.0.0.1", port=settings.port, lifespan="on", log_level="warning")
-"""
 
-
-class ServerProcess:
-    """The fleet server app under uvicorn in a child process (``lifespan="on"``, so the ingester runs),
-    configured by EDGEFLEET_SERVER_* variables."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.env = {**os.environ, **env, "EDGEFLEET_SERVER_PORT": str(self.port)}
-        self.proc: subprocess.Popen[bytes] | None = None
+class ServerProcess(Server):
+    """``edgefleet server run`` (tests/server/_fleet.py) with ingestion on: started means subscribed
+    to the broker, as its /metrics says."""
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _RUNNER], env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        assert wait_until(lambda: self.metric("edgefleet_mqtt_connected") == 1 or self.proc.poll() is not None, 60)
-        assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
+        super().start()
+        assert wait_until(lambda: self.metric("edgefleet_mqtt_connected") == 1, 60), self.stop()
 
     def metric(self, name: str) -> float | None:
         try:
-            body = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
+            body = httpx.get(f"{self.url}/metrics", timeout=2).text
         except httpx.HTTPError:
             return None
         for line in body.splitlines():
@@ -318,34 +301,18 @@ class ServerProcess:
                 return float(line.split()[1])
         return None
 
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
 
 @pytest.fixture
 def server_process(clean_db: str, tmp_path: Path, broker: Broker) -> Iterator[ServerProcess]:
     settings = ingest_settings(clean_db, tmp_path / "data", broker.url)
-    clean_telemetry(clean_db)
     init_server(settings)
     state = open_state(settings, run_migrations=False)
     add_devices(state, *(f"crash-{i}" for i in range(5)))
     state.engine.dispose()
     state.loop_db.close()
-    env = {"EDGEFLEET_SERVER_DATA_DIR": str(settings.data_dir), "EDGEFLEET_SERVER_DB_URL": clean_db,
-           "EDGEFLEET_SERVER_MQTT_URL": broker.url, "EDGEFLEET_SERVER_MQTT_CLIENT_ID": str(settings.mqtt_client_id),
-           "EDGEFLEET_SERVER_MIGRATE_ON_START": "false", "EDGEFLEET_SERVER_ALLOW_PLAIN_HTTP_DEVICES": "true"}
-    server = ServerProcess(env)
+    env = {"EDGEFLEET_SERVER_MQTT_URL": broker.url, "EDGEFLEET_SERVER_MQTT_CLIENT_ID": str(settings.mqtt_client_id),
+           "EDGEFLEET_SERVER_MIGRATE_ON_START": "false"}
+    server = ServerProcess(settings.data_dir, clean_db, env)
     yield server
     server.stop()
 
