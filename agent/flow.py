@@ -105,8 +105,11 @@ class Flow:
         *,
         source: Source | None = None,
         sinks: Sequence[Sink] | None = None,
+        remember: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> None:
         self.config = config
+        # remember(result) -> the prediction's id (kept for feedback on it, as the API's are), or None
+        self._remember = remember
         self.name = config.name
         self.device_id = device_id
         self.source: Source = source if source is not None else build_source(config.source)
@@ -294,6 +297,10 @@ class Flow:
                 self._send({"error": msg, "model": self.config.model, "meta": self._meta(item, t0)})
             return
         result["meta"] = self._meta(item, t0)
+        if self._remember is not None:
+            pid = self._remember(result)
+            if pid is not None:
+                result["id"] = pid
         self._send(result)
         self._counters.inc("processed")
         self._ack(item, "ok")

@@ -274,7 +274,8 @@ class AgentService:
             if self.registry.get(cfg.model) is None:
                 served = sorted(s.name for s in self.registry.all())
                 raise ConfigError(f"flows.{i}.model: {cfg.model!r} is not a served model; served: {served}")
-            flow = Flow(cfg, self._pipeline_of(cfg.model), device_id=self.config.device_id)
+            flow = Flow(cfg, self._pipeline_of(cfg.model), device_id=self.config.device_id,
+                        remember=self._remembering(cfg.model))
             flow.start()
             self.flows.append(flow)
         if self.flows:
@@ -290,6 +291,23 @@ class AgentService:
             t.start()
         for t in threads:
             t.join()
+
+    def _remembering(self, name: str) -> Any:
+        """A flow's ``remember``: its results get ids, kept like the API's, so ground truth sent to
+        ``/feedback`` or the ``feedback`` topic counts for the version that predicted."""
+        import uuid
+
+        from edgefleet.agent.telemetry.feedback import with_predicted_class
+
+        def remember(result: dict[str, Any]) -> str | None:
+            served = self.registry.get(name)
+            if served is None:
+                return None
+            pid = uuid.uuid4().hex
+            self.app.predictions.add(pid, served.name, served.version, with_predicted_class(result))
+            return pid
+
+        return remember
 
     def _pipeline_of(self, name: str) -> Any:
         """A getter for the current pipeline of a served model (so a swapped model is picked up)."""

@@ -172,3 +172,44 @@ def test_held_items_are_queued_past_the_queue_size_and_never_dropped_by_the_poli
     assert [r["value"] for r in sink.take(9)] == [0, 2, 4, 6, 8, 9, 10, 11, 12]
     assert sorted(i for i, o in acks.items() if o == "dropped") == [1, 3, 5, 7]
     assert flow.counters()["queued_max"] == 8
+
+
+def test_a_flows_results_carry_ids_whose_feedback_counts_for_the_version_that_predicted(tmp_path: Any) -> None:
+    """Ground truth for a flow's predictions: each result has an id, remembered as the API's are."""
+    from _support import digits_bundle
+
+    from edgefleet.agent.pipeline import Pipeline
+    from edgefleet.agent.registry import RecentPredictions
+    from edgefleet.agent.runtime import load_model
+    from edgefleet.agent.telemetry.feedback import Feedback, with_predicted_class
+    from edgefleet.agent.telemetry.measure import TelemetryRegistry
+
+    model = load_model(digits_bundle(tmp_path))
+    pipeline = Pipeline(model)
+    predictions, stats = RecentPredictions(), TelemetryRegistry()
+    stats.track_model("m", "1.0.0", model)
+    count = iter(range(1000))
+
+    def remember(result: dict[str, Any]) -> str:
+        pid = f"flow-{next(count)}"
+        predictions.add(pid, "m", "1.0.0", with_predicted_class(result))
+        return pid
+
+    config = FlowConfig.model_validate({"model": "m", "source": {"type": "stdin"}, "sinks": [{"type": "stdout"}]})
+    src, sink = PushSource(), CollectSink()
+    flow = Flow(config, lambda: pipeline, source=src, sinks=[sink], remember=remember)
+    flow.start()
+    try:
+        assert src.emit is not None
+        for v in (0, 8, 16):
+            src.emit(Item(np.full((8, 8), v, np.uint8), {"source": "push", "i": v}))
+        results = sink.take(3)
+    finally:
+        flow.stop()
+    assert [r["id"] for r in results] == ["flow-0", "flow-1", "flow-2"]
+    fb = Feedback(predictions, stats)
+    for r in results:
+        answer = fb.give({"id": r["id"], "label": r["top_k"][0]["index"]}, "m")
+        assert answer["correct"] is True
+    got = stats.get("m", "1.0.0")
+    assert got is not None and got.snapshot()["accuracy"]["accuracy"] == 1.0
