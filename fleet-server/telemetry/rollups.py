@@ -272,7 +272,7 @@ def _point(row: Any, classes: dict[str, int]) -> dict[str, Any]:
                  "mean_shift_max": row.mean_shift_max, "std_ratio_max": row.std_ratio_max}
     window = int(row.accuracy_window or 0)
     accuracy = {"window": window, "accuracy": float(row.accuracy_wsum) / window} if window else None
-    calls = inferences + errors
+    calls = inferences  # the agent counts failed runtime calls among its inferences (docs/telemetry.md)
     return {
         "t": int(row.ts), "at": datetime.fromtimestamp(int(row.ts), tz=UTC),
         "reports": int(row.reports or 0), "inferences": inferences, "errors": errors,

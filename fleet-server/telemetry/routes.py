@@ -72,7 +72,7 @@ class PointOut(BaseModel):
     reports: int
     inferences: int
     errors: int
-    error_rate: float | None = Field(description="errors / (inferences + errors)")
+    error_rate: float | None = Field(description="errors / inferences (failed calls are among the inferences)")
     latency: LatencyOut
     drift: DriftOut | None
     classes: dict[str, int]
