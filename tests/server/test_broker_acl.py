@@ -98,9 +98,21 @@ class Broker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def install_crl(self, crl: Path) -> None:
-        """What edgefleet-broker-crl.service does when the server rewrote its CRL: copy it, then
-        SIGHUP; returns once the broker logged the reload (it reloads before its next connection)."""
+    def crl_check(self, crl: Path) -> subprocess.CompletedProcess[str]:
+        """edgefleet-broker-crl.service's ExecStartPre= on ``crl``, with this broker's paths."""
+        unit = (DEPLOY / "edgefleet-broker-crl.service").read_text()
+        line = next(x for x in unit.splitlines() if x.startswith("ExecStartPre="))
+        args = line.removeprefix("ExecStartPre=").replace("/etc/mosquitto/edgefleet/", f"{self.etc}/")
+        args = args.replace("/var/lib/edgefleet-server/broker/crl.pem", str(crl))
+        return subprocess.run(args.split(), capture_output=True, text=True, timeout=30)
+
+    def install_crl(self, crl: Path, checked: bool = True) -> None:
+        """What edgefleet-broker-crl.service does when the server rewrote its CRL: check it (unless not
+        ``checked``), copy it, SIGHUP; returns once the broker logged the reload (it reloads before
+        handling its next connection)."""
+        if checked:
+            check = self.crl_check(crl)
+            assert check.returncode == 0, check.stdout + check.stderr
         shutil.copy(crl, self.etc / "crl.pem")
         before = self.log_text().count("Reloading config.")
         self.proc.send_signal(signal.SIGHUP)
@@ -483,7 +495,8 @@ def test_expired_crl_locks_out_every_device(fleet: Fleet, tmp_path: Path) -> Non
         ok.close()
         stale = tmp_path / "stale-crl.pem"
         stale.write_bytes(fb.build_crl(load_ca(fleet.settings.data_dir), [], now=datetime.now(UTC) - timedelta(days=40)))
-        b.install_crl(stale)
+        assert b.crl_check(stale).returncode != 0  # edgefleet-broker-crl.service would not install it
+        b.install_crl(stale, checked=False)
         locked = connect("a", b.device_port, fleet.ca, cert, key)
         assert locked.connack is None and locked.disconnects
         locked.close()
