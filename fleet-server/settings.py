@@ -131,6 +131,24 @@ class Settings(BaseModel):
     )
     mqtt_retention_interval: float = Field(default=600, ge=1, le=86400,
                                            description="how often retention runs, s")
+    # -- alert delivery (edgefleet.server.alerts): webhooks and the MQTT alert topic, from a durable outbox
+    alert_webhook_timeout: float = Field(
+        default=15.0, gt=0, le=300, description="a webhook receiver must answer within this, s (Standard Webhooks "
+        "recommends 15 to 30)",
+    )
+    alert_delivery_attempts: int = Field(
+        default=10, ge=1, le=100, description="attempts per delivery before it is marked failed"
+    )
+    alert_delivery_backoff: float = Field(
+        default=5.0, ge=0.01, le=86400, description="wait after the first failed attempt, s; doubled after each "
+        "further one (with up to 10% random jitter)",
+    )
+    alert_delivery_backoff_max: float = Field(
+        default=6 * 3600.0, ge=0.01, le=7 * 86400, description="longest wait between two attempts, s"
+    )
+    alert_delivery_poll: float = Field(
+        default=1.0, ge=0.01, le=3600, description="how often the delivery worker looks for due deliveries, s"
+    )
 
     @model_validator(mode="after")
     def _mqtt_consistent(self) -> Settings:
@@ -141,6 +159,12 @@ class Settings(BaseModel):
         if self.mqtt_batch_max > self.mqtt_receive_maximum:
             raise ValueError("mqtt_batch_max: must not exceed mqtt_receive_maximum (the broker sends no more "
                              "unacknowledged messages than that)")
+        return self
+
+    @model_validator(mode="after")
+    def _alerts_consistent(self) -> Settings:
+        if self.alert_delivery_backoff_max < self.alert_delivery_backoff:
+            raise ValueError("alert_delivery_backoff_max: must not be below alert_delivery_backoff")
         return self
 
     def database_url(self) -> str:
