@@ -111,7 +111,7 @@ CRL_REISSUE_DAYS = 20  # refresh_crl reissues when fewer days than this remain (
 COMMAND_TIMEOUT = 10.0  # a connection, subscription or command answer from the broker, s
 _IDENTITY = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _DEVICE_ID = re.compile(r"\A[a-z0-9][a-z0-9-]{0,63}\Z")  # api.schemas.DEVICE_ID
-_ALLOWED_ERRORS = {("deleteClient", "Client not found")}  # what an idempotent revocation may hear
+_ALLOWED_ERRORS = frozenset({("deleteClient", "Client not found")})  # what an idempotent revocation may hear
 
 
 class BrokerError(EdgefleetError):
@@ -408,7 +408,7 @@ class DynsecAdmin:
             c.loop_stop()
 
     def run(self, commands: Sequence[dict[str, Any]],
-            allowed: set[tuple[str, str]] = _ALLOWED_ERRORS) -> list[dict[str, Any]]:
+            allowed: frozenset[tuple[str, str]] = _ALLOWED_ERRORS) -> list[dict[str, Any]]:
         """Send ``commands`` in one message and return their answers, in order. Raises BrokerError when one
         answers an error not in ``allowed`` ((command, error) pairs), or no answer comes in time."""
         if self._client is None:
