@@ -121,6 +121,10 @@ class WebhookIn(_In):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises for a port out of range
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
         if any(c.isspace() or ord(c) < 32 for c in v):
             raise ValueError("must not contain spaces or control characters")
         return v

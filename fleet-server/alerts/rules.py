@@ -36,14 +36,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import case, func, select, text, update
 from sqlalchemy.orm import Session
 
 from edgefleet.server.alerts.webhooks import enqueue
 from edgefleet.server.models import Alert, AlertDevice, AlertRule, ModelVersion, upsert_insert, utcnow
-from edgefleet.server.telemetry.payloads import ModelFigures
+
+if TYPE_CHECKING:  # not at run time: the ingester's store imports this module (no import cycle)
+    from edgefleet.server.telemetry.payloads import ModelFigures
 
 __all__ = [
     "DEFAULT_COOLDOWN",
