@@ -7,6 +7,8 @@ then FastAPI's error handlers and the routes.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -47,6 +49,23 @@ class TrustedProxy:
         await self.inner(scope, receive, send)
 
 
+log = logging.getLogger(__name__)
+
+def _sync_revocations(settings: Settings) -> None:
+    """Replay every revoked device into the broker (a revocation it missed while it was unreachable)."""
+    from edgefleet.errors import ConfigError
+    from edgefleet.server.broker import BrokerError, sync_revocations
+
+    try:
+        n = sync_revocations(settings)
+    except (BrokerError, ConfigError) as e:
+        log.warning("broker: revocations not replayed: %s", e)
+    except Exception:
+        log.exception("broker: revocations not replayed")
+    else:
+        log.info("broker: %d revoked device(s) replayed", n)
+
+
 def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     """The server app: connects, migrates (per settings) and loads the CA unless ``state`` is given.
     Raises :class:`edgefleet.errors.ConfigError` when the server was never initialised."""
@@ -67,6 +86,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
             st.metrics.watch_fleet_telemetry(reporting)
             ingester = Ingester(settings, st.sessions, st.metrics)
             ingester.start(register_for=st)
+            threading.Thread(target=_sync_revocations, args=(settings,), name="broker-sync", daemon=True).start()
         app.state.telemetry = ingester
         try:
             yield

@@ -8,6 +8,8 @@ next check-in is a 200 naming exactly the director timestamp it then fetches.
 
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import timedelta
 from typing import Annotated
 
@@ -26,6 +28,7 @@ from edgefleet.server.tuf.routes import director_repository
 
 __all__ = ["SHOWN_EVENTS", "recent_events", "router"]
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 DevicePath = Annotated[str, Path(pattern=DEVICE_ID)]
 SHOWN_EVENTS = 20  # events on device show
@@ -169,7 +172,23 @@ def revoke_device(
             d.revoked_at = utcnow()
             audit(s, actor.label, "device.revoke", f"device:{device_id}", {"revoked": False},
                   {"revoked": True, "cert_serial": d.cert_serial})
-        return _out(d, state)
+        out = _out(d, state)
+    # Committed: now the broker (its live session cut, the CRL rewritten), off the request's thread since a
+    # black-holed broker can take seconds; a failure is replayed by sync_revocations at the next start.
+    threading.Thread(target=_revoke_on_broker, args=(state, device_id), name="broker-revoke", daemon=True).start()
+    return out
+
+
+def _revoke_on_broker(state: ServerState, device_id: str) -> None:
+    from edgefleet.errors import ConfigError
+    from edgefleet.server.broker import BrokerError, revoke_on_broker
+
+    try:
+        revoke_on_broker(state.settings, device_id)
+    except (BrokerError, ConfigError) as e:
+        log.warning("revoke %s on the broker: %s (replayed at the next start)", device_id, e)
+    except Exception:  # a thread of its own: never an unseen traceback
+        log.exception("revoke %s on the broker", device_id)
 
 
 @router.put("/devices/{device_id}/models/{name}", response_model=DeviceOut)
