@@ -1,0 +1,699 @@
+"""Telemetry benchmarks (issue 11): a Mosquitto the script starts on a free port, the agent's real
+``Outbox`` and ``Publisher`` (``agent/telemetry/queue.py``, ``publisher.py``), real ``edgefleet server run``
+and ``edgefleet agent run`` processes (the harness of ``tests/updater/_fleet.py``). Sections:
+
+``--publish``  store-and-forward publish throughput: messages/s until every message is PUBACKed (and,
+               for the outbox, deleted from it), ~1 KB telemetry bodies, against a bare paho-mqtt QoS 1
+               loop to the same broker in the same run (rounds in a shuffled order). Rows: the bare loop;
+               the outbox draining a backlog (what happens after an outage); store-and-forward proper
+               (``Outbox.put`` back to back while the Publisher runs); the same with the queue on tmpfs
+               (what the put's fsync costs); ``Outbox.put`` alone. Goal: store-and-forward >= 0.8x bare.
+``--ingest``   ingestion of one ``edgefleet server run`` (``EDGEFLEET_SERVER_MQTT_URL``) on SQLite and
+               PostgreSQL: 100 enrolled devices (rows inserted as the ingester's tests do), a backlog
+               published while the server is stopped (the broker keeps its session), then drained by
+               one server: messages/s from the first message stored to the last (``/metrics``), and where
+               the time goes (CPU of the server, PostgreSQL and the broker; time inside the store +
+               commit). Goal: >= 5,000 msg/s. ``--profile``: also the ingester's writer thread under
+               cProfile, in-process, on each database.
+``--agent-cpu`` the agent's CPU at 200 inferences/s over its local API, with ``[mqtt.fleet]`` telemetry
+               (interval 1 s, and the default 60 s) and without (same load, same agent, rounds in turn):
+               the difference as % of one core; the per-inference measurement, which runs with or
+               without ``[mqtt.fleet]``, timed in-process; bytes per device per hour from the bytes the
+               agent's MQTT connection carried through a counting TCP relay.
+``--cmd``      assignment to check-in through ``cmd``: ``checkin_interval`` 900 s, ``device assign``'s
+               PUT, then when a subscriber sees the ``cmd``, when the agent's check-in starts
+               (``update.json``'s ``last_checkin``), its ``switch.ok`` (the event's ``at``). Goal: <= 2 s.
+``--idle``     the server's CPU for 10,000 devices checking in at the rate push allows (15-min poll:
+               10,000/900 s) against 60 s polling (10,000/60 s), each for ``--seconds`` (60), driven by
+               paced raw HTTP/1.1 clients with ``bench/fleet_checkin.py``'s devices and tokens; and idle.
+
+No section asserts a figure: each prints what it measured. With no section flag, all run.
+
+    .venv/bin/python bench/telemetry.py [--publish] [--ingest] [--agent-cpu] [--cmd] [--idle]
+        [--messages 5000] [--rounds 5] [--ingest-messages 20000] [--db sqlite,postgresql] [--profile]
+        [--cpu-seconds 12] [--cpu-rounds 2] [--runs 6] [--devices 10000] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import functools
+import getpass
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import secrets
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from updater._fleet import FleetServer, wait_for  # noqa: E402
+
+from edgefleet.agent.metrics import BUCKETS  # noqa: E402
+from edgefleet.agent.telemetry.config import MqttFleetConfig  # noqa: E402
+from edgefleet.agent.telemetry.publisher import Publisher  # noqa: E402
+from edgefleet.agent.telemetry.queue import Outbox, device_topic, rfc3339  # noqa: E402
+
+PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RECEIVE_MAXIMUM = 20  # Mosquitto's default max_inflight_messages, sent as the CONNACK's receive-maximum
+LOAD_RATE = 200.0  # inferences per second in the agent CPU section
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def machine_line() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if "model name" in ln), platform.processor())
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    from importlib.metadata import version
+
+    mosq = subprocess.run([mosquitto_exe(), "-h"], capture_output=True, text=True).stdout.split("\n")[0]
+    return (f"machine: {cpu}, {len(os.sched_getaffinity(0))} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; Linux "
+            f"{platform.release()}; Python {platform.python_version()}, paho-mqtt {version('paho-mqtt')}, "
+            f"{mosq.strip()}, SQLite {sqlite3.sqlite_version}, SQLAlchemy {version('sqlalchemy')}, "
+            f"psycopg {version('psycopg')}; load average {load}")
+
+
+def mosquitto_exe() -> str:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if exe is None:
+        raise SystemExit("bench/telemetry.py needs the mosquitto binary (apt-get install mosquitto)")
+    return exe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_of_command(name: str) -> float:
+    """utime + stime summed over every process whose command is ``name`` (PostgreSQL's backends)."""
+    total = 0.0
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == name:
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def metrics_of(url: str) -> dict[str, float]:
+    """The server's ``/metrics`` as {"name{labels}": value} (an empty dict when it does not answer)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def _stored(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("edgefleet_telemetry_messages_total{") and
+               'result="stored"' in k)
+
+
+def _rejected(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("edgefleet_telemetry_rejected_total{"))
+
+
+class Broker:
+    """``mosquitto -c`` on a free loopback port: anonymous, no persistence, ``max_queued_messages 0`` (no
+    limit: a stopped server's session keeps the whole backlog); otherwise Mosquitto's defaults
+    (``max_inflight_messages`` 20, i.e. a receive-maximum of 20 in its CONNACK)."""
+
+    def __init__(self, folder: Path, lines: tuple[str, ...] = ()) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
+                "max_queued_messages 0", f"user {getpass.getuser()}", *lines]
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text("\n".join(conf) + "\n")
+        self.log = folder / "mosquitto.log"
+        with self.log.open("ab") as f:
+            self.proc = subprocess.Popen([mosquitto_exe(), "-c", str(self.conf)], stdout=f, stderr=f)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-1000:]}")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _client(client_id: str) -> mqtt.Client:
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+
+
+class Recorder:
+    """A paho subscriber (QoS 1) keeping (arrival time.time(), topic, payload) of every message on
+    ``topic``; ready once the broker granted the subscription."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[float, str, bytes]] = []
+        self._lock = threading.Lock()
+        ready = threading.Event()
+        self.client = _client(f"rec-{secrets.token_hex(4)}")
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise RuntimeError(f"the recorder did not subscribe to {topic}")
+
+    def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((time.time(), m.topic, bytes(m.payload)))
+
+    def since(self, t: float, suffix: str = "") -> list[tuple[float, str, bytes]]:
+        with self._lock:
+            return [x for x in self.messages if x[0] >= t and x[1].endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def telemetry_body(i: int, inferences: int = 12_000) -> dict[str, Any]:
+    """A realistic telemetry body (what ``TelemetryLoop`` puts, minus the head the outbox adds): one
+    classifier with a latency histogram, drift, ten classes, live accuracy; the device block. With the
+    head it is ~1 KB of JSON."""
+    counts = [0] * (len(BUCKETS) + 1)
+    for k, share in zip((3, 4, 5, 6, 7), (0.05, 0.55, 0.3, 0.08, 0.02), strict=True):
+        counts[k] = int(inferences * share)
+    classes = {str(c): inferences // 10 + c for c in range(10)}
+    per_class = {str(c): round(0.9 + c / 200, 4) for c in range(10)}
+    return {
+        "interval_s": 60.0,
+        "models": [{
+            "name": "digits", "version": "2.0.0", "inferences": sum(counts), "errors": i % 3,
+            "latency": {"counts": counts, "sum_s": round(sum(counts) * 0.00071, 4), "p50_s": 0.000713,
+                        "p95_s": 0.00231, "p99_s": 0.00472},
+            "drift": {"samples": 1200, "features": 64, "psi_max": 0.0831, "psi_mean": 0.0124,
+                      "mean_shift_max": 0.412, "std_ratio_max": 1.183, "granularity": "feature"},
+            "classes": classes,
+            "accuracy": {"window": 1000, "accuracy": 0.953, "precision": per_class, "recall": per_class},
+        }],
+        "device": {"cpu_percent": 7.5, "memory_rss_bytes": 84_213_760, "memory_percent": 2.1,
+                   "temperature_c": 51.3, "disk_free_bytes": 10_123_456_512, "uptime_s": 86_400.0 + i * 60,
+                   "queue_depth": 0, "dropped": 0, "agent_version": "0.9.0"},
+    }
+
+
+def full_payload(device_id: str, epoch: str, seq: int, body: dict[str, Any], at: float | None = None) -> bytes:
+    """The payload the outbox would make of ``body``: the head (schema, device_id, at, epoch, seq) first."""
+    head = {"schema": 1, "device_id": device_id, "at": rfc3339(time.time() if at is None else at), "epoch": epoch,
+            "seq": seq}
+    return json.dumps({**head, **body}, separators=(",", ":")).encode()
+
+
+def _ms(xs: list[float]) -> str:
+    return " ".join(f"{x:.3f}" for x in xs)
+
+
+# ------------------------------------------------------------------ 1. store-and-forward publish throughput
+
+
+def _fleet_config(port: int, **kw: Any) -> MqttFleetConfig:
+    return MqttFleetConfig(host="127.0.0.1", port=port, tls=False, keepalive=60, close_timeout_s=2, **kw)
+
+
+def _wait_empty(outbox: Outbox, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while outbox.depth():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the outbox still holds {outbox.depth()} messages after {timeout:g} s")
+        time.sleep(0.001)
+
+
+def _bare_run(port: int, topic: str, payloads: list[bytes]) -> float:
+    """Seconds from connect to the last PUBACK of a plain paho MQTT 5 client publishing ``payloads`` at
+    QoS 1 with as many in flight as the broker's receive-maximum allows (paho's own network thread; paho
+    does not read the receive-maximum itself, so the window is set to Mosquitto's default, checked at
+    the CONNACK)."""
+    done, connected = threading.Event(), threading.Event()
+    acked = [0]
+    seen: list[Any] = []
+
+    def on_connect(_c: Any, _u: Any, _f: Any, _r: Any, props: Any) -> None:
+        seen.append(getattr(props, "ReceiveMaximum", None))
+        connected.set()
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        if acked[0] == len(payloads):
+            done.set()
+
+    c = _client(f"bare-{secrets.token_hex(4)}")
+    c.on_connect, c.on_publish = on_connect, on_publish
+    c.max_queued_messages_set(0)
+    c.max_inflight_messages_set(RECEIVE_MAXIMUM)
+    t0 = time.perf_counter()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    connected.wait(10)
+    if seen != [RECEIVE_MAXIMUM]:
+        raise RuntimeError(f"the broker's receive-maximum is {seen}, the bench expects {RECEIVE_MAXIMUM}")
+    for p in payloads:
+        c.publish(topic, p, qos=1)
+    if not done.wait(120):
+        raise RuntimeError(f"bare loop: {acked[0]} of {len(payloads)} acknowledged")
+    took = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return took
+
+
+def _drain_run(folder: Path, port: int, bodies: list[dict[str, Any]]) -> tuple[float, float]:
+    """(seconds the puts took, seconds from the Publisher's start to an empty outbox) for a backlog."""
+    device = f"bench-{secrets.token_hex(6)}"
+    outbox = Outbox(folder / device / "queue.db", device)
+    t = time.perf_counter()
+    for b in bodies:
+        outbox.put("telemetry", b)
+    puts = time.perf_counter() - t
+    pub = Publisher(_fleet_config(port), device, outbox)
+    t0 = time.perf_counter()
+    pub.start()
+    _wait_empty(outbox)
+    took = time.perf_counter() - t0
+    pub.close(timeout=2)
+    outbox.close()
+    shutil.rmtree(folder / device, ignore_errors=True)
+    return puts, took
+
+
+def _forward_run(folder: Path, port: int, bodies: list[dict[str, Any]]) -> float:
+    """Seconds from the first put to an empty outbox, the Publisher connected and running throughout."""
+    device = f"bench-{secrets.token_hex(6)}"
+    outbox = Outbox(folder / device / "queue.db", device)
+    pub = Publisher(_fleet_config(port), device, outbox)
+    pub.start()
+    if not pub.connected.wait(10):
+        raise RuntimeError(f"the publisher did not connect: {pub.last_error}")
+    t0 = time.perf_counter()
+    for b in bodies:
+        outbox.put("telemetry", b)
+    _wait_empty(outbox)
+    took = time.perf_counter() - t0
+    published = pub.counters()["published"]
+    pub.close(timeout=2)
+    outbox.close()
+    shutil.rmtree(folder / device, ignore_errors=True)
+    if published != len(bodies):
+        raise RuntimeError(f"store-and-forward: {published} PUBACKs for {len(bodies)} messages")
+    return took
+
+
+def bench_publish(work: Path, n: int, rounds: int) -> None:
+    print(f"\n1. store-and-forward publish throughput: {n} telemetry messages per run, {rounds} rounds "
+          "(variants in a shuffled order each round), messages/s until every one is PUBACKed")
+    bodies = [telemetry_body(i) for i in range(n)]
+    epoch = secrets.token_hex(8)
+    payloads = [full_payload("bench-bare", epoch, i + 1, b) for i, b in enumerate(bodies)]
+    topic = device_topic("bench-bare", "telemetry")
+    size = statistics.mean(len(p) for p in payloads)
+    disk = work / "publish"
+    shm = Path(tempfile.mkdtemp(prefix="ef-bench-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    disk.mkdir(parents=True, exist_ok=True)
+    rates: dict[str, list[float]] = {k: [] for k in ("bare", "drain", "forward", "forward_shm", "put", "put_shm")}
+    with Broker(work / "broker-publish") as broker:
+        runs: dict[str, Callable[[], None]] = {
+            "bare": lambda: rates["bare"].append(n / _bare_run(broker.port, topic, payloads)),
+            "forward": lambda: rates["forward"].append(n / _forward_run(disk, broker.port, bodies)),
+        }
+
+        def drain() -> None:
+            puts, took = _drain_run(disk, broker.port, bodies)
+            rates["put"].append(n / puts)
+            rates["drain"].append(n / took)
+
+        runs["drain"] = drain
+        if shm is not None:
+            tmpfs = shm
+            runs["forward_shm"] = lambda: rates["forward_shm"].append(n / _forward_run(tmpfs, broker.port, bodies))
+            runs["put_shm"] = lambda: rates["put_shm"].append(n / _drain_run(tmpfs, broker.port, bodies)[0])
+        for f in runs.values():  # warm: imports, the page cache, the broker's first connections
+            f()
+        for v in rates.values():
+            v.clear()
+        order, rng = list(runs), random.Random(11)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for k in order:
+                runs[k]()
+    if shm is not None:
+        shutil.rmtree(shm, ignore_errors=True)
+    bare = statistics.median(rates["bare"])
+    print(f"payload: {size:.0f} bytes of JSON on average (topic {len(topic)} bytes); broker: Mosquitto defaults "
+          "(receive-maximum 20: the Publisher keeps 19 in flight, one left for its status; the bare loop 20)")
+    labels = {
+        "bare": "bare paho QoS 1 loop",
+        "drain": "outbox drain (a backlog of n, Publisher)",
+        "forward": "store-and-forward (put + publish, disk)",
+        "forward_shm": "store-and-forward, queue on tmpfs",
+        "put": "Outbox.put alone (fsync each), disk",
+        "put_shm": "Outbox.put alone, tmpfs",
+    }
+    print(f"  {'':42} {'msg/s p50':>9} {'x bare':>7} {'min':>8} {'max':>8}")
+    for k, label in labels.items():
+        if rates[k]:
+            med = statistics.median(rates[k])
+            print(f"  {label:42} {med:9.0f} {med / bare:7.2f} {min(rates[k]):8.0f} {max(rates[k]):8.0f}")
+    fwd = statistics.median(rates["forward"])
+    print(f"ratio store-and-forward / bare: {fwd / bare:.2f} (goal >= 0.8); backlog drain / bare: "
+          f"{statistics.median(rates['drain']) / bare:.2f}")
+
+
+# ------------------------------------------------------------------ 2. ingestion of one server process
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A fresh schema in the local PostgreSQL's database ``test`` (trust auth), dropped after: its URL."""
+    import psycopg
+
+    plain = PG_ADMIN.replace("postgresql+psycopg://", "postgresql://")
+    conn = psycopg.connect(plain, connect_timeout=3, autocommit=True)
+    schema = f"ef_bench_{secrets.token_hex(4)}"
+    conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
+    finally:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        conn.close()
+
+
+def pg_version() -> str:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3) as c:
+        row = c.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
+
+
+def add_devices(db_url: str, ids: list[str]) -> None:
+    """Enrolled devices as rows (what enrollment leaves; ingestion only checks that the device exists and
+    is not revoked), as tests/server/_telemetry.py's ``add_devices`` does."""
+    from edgefleet.server.db import make_engine, make_sessionmaker
+    from edgefleet.server.models import Device, utcnow
+
+    engine = make_engine(db_url)
+    now = utcnow()
+    with make_sessionmaker(engine).begin() as s:
+        for i in ids:
+            s.add(Device(id=i, tags=[], cert_serial=secrets.token_hex(8), cert_pem="", enrolled_at=now,
+                         cert_not_after=now + timedelta(days=365), desired_etag="none", running=[]))
+    engine.dispose()
+
+
+def streams_gap_free(db_url: str, per_device: dict[str, int]) -> bool:
+    """Every device's stream holds seq 1..N contiguously, N = ``per_device[id]``, each stored once."""
+    from sqlalchemy import func, select
+
+    from edgefleet.server.db import make_engine
+    from edgefleet.server.models import TelemetryMessage, TelemetryStream
+
+    engine = make_engine(db_url)
+    with engine.connect() as c:
+        got = {r.device_id: (r.contiguous, r.max_seq, r.received) for r in c.execute(select(TelemetryStream))}
+        rows = c.execute(select(func.count()).select_from(TelemetryMessage)).scalar()
+    engine.dispose()
+    return rows == sum(per_device.values()) and got == {d: (n, n, n) for d, n in per_device.items()}
+
+
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> float:
+    """Publish at QoS 1 from one plain paho client; returns once the broker acknowledged all (seconds)."""
+    done = threading.Event()
+    acked = [0]
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        if acked[0] == len(messages):
+            done.set()
+
+    c = _client(f"pub-{secrets.token_hex(4)}")
+    c.on_publish = on_publish
+    c.max_inflight_messages_set(RECEIVE_MAXIMUM)
+    c.max_queued_messages_set(0)
+    t0 = time.perf_counter()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    for topic, payload in messages:
+        c.publish(topic, payload, qos=1)
+    if not done.wait(300):
+        raise RuntimeError(f"publish: {acked[0]} of {len(messages)} acknowledged")
+    c.disconnect()
+    c.loop_stop()
+    return time.perf_counter() - t0
+
+
+def backlog(devices: list[str], epoch: str, first_seq: int, n: int) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
+    """``n`` telemetry messages round-robin over ``devices`` from ``first_seq`` on; the last seq per device."""
+    out: list[tuple[str, bytes]] = []
+    last: dict[str, int] = {}
+    now = time.time()
+    for i in range(n):
+        d = devices[i % len(devices)]
+        seq = first_seq + i // len(devices)
+        out.append((device_topic(d, "telemetry"), full_payload(d, epoch, seq, telemetry_body(i), now - 600 + i * 0.01)))
+        last[d] = seq
+    return out, last
+
+
+def _kill_if_alive(server: FleetServer) -> None:
+    if server.alive:
+        server.kill()
+
+
+def _has_stored(url: str, n: int) -> bool:
+    return _stored(metrics_of(url)) >= n
+
+
+def _drain(server: FleetServer, broker: Broker, n: int, pg: bool) -> dict[str, float]:
+    """Start ``server`` on a broker session holding ``n`` messages; sample ``/metrics`` at 10 Hz until all
+    are stored: rate and CPU between the first sample with a message stored and the one with all."""
+    server.start()
+    first: tuple[float, float, float, float, float] | None = None
+    deadline = time.monotonic() + 300
+    while True:
+        m = metrics_of(server.url)
+        stored, now = _stored(m), time.perf_counter()
+        if stored and first is None:
+            first = (now, stored, cpu_seconds(server.pid), cpu_of_command("postgres") if pg else 0.0,
+                     cpu_seconds(broker.proc.pid))
+        if stored >= n:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ingestion: {stored:.0f} of {n} stored after 300 s; see {server.log}")
+        time.sleep(0.1)
+    assert first is not None
+    wall = now - first[0]
+    out = {
+        "rate": (stored - first[1]) / wall, "wall": wall, "messages": stored - first[1],
+        "server_cpu": (cpu_seconds(server.pid) - first[2]) / wall,
+        "pg_cpu": ((cpu_of_command("postgres") if pg else 0.0) - first[3]) / wall,
+        "broker_cpu": (cpu_seconds(broker.proc.pid) - first[4]) / wall,
+        "batches": m.get("edgefleet_telemetry_batch_seconds_count", 0.0),
+        "in_store": m.get("edgefleet_telemetry_batch_seconds_sum", 0.0),
+        "rejected": _rejected(m), "stored": stored,
+    }
+    server.stop()
+    return out
+
+
+def bench_ingest(work: Path, n: int, dbs: list[str], profile: bool) -> None:
+    devices = [f"dev-{i:016x}" for i in range(100)]
+    print(f"\n2. ingestion of one `edgefleet server run`: {n} telemetry messages from {len(devices)} enrolled devices, "
+          "published while the server was stopped (its broker session keeps them), drained by the server; "
+          "/metrics sampled at 10 Hz")
+    for db in dbs:
+        with contextlib.ExitStack() as stack:
+            # a broker per database: the first server's session, offline, would stay a member of the shared
+            # subscription's group and take its share of the next server's messages
+            broker = stack.enter_context(Broker(work / f"broker-ingest-{db}"))
+            url = stack.enter_context(pg_schema()) if db == "postgresql" else None
+            name = f"ingest-{db}"
+            env = {"EDGEFLEET_SERVER_MQTT_URL": broker.url,
+                   "EDGEFLEET_SERVER_MQTT_CLIENT_ID": f"bench-{name}-{secrets.token_hex(3)}"}
+            server = FleetServer(work / name, db=url, env=env)
+            stack.callback(_kill_if_alive, server)
+            server.init()
+            from edgefleet.server.settings import Settings
+
+            db_url = url or Settings(data_dir=server.data).database_url()
+            add_devices(db_url, [*devices, "dev-probe"])
+            epoch = secrets.token_hex(8)
+            # the first start makes the broker session (and its subscriptions): one message proves it
+            server.start()
+            publish_all(broker.port, backlog(["dev-probe"], epoch, 1, 1)[0])
+            wait_for(functools.partial(_has_stored, server.url, 1), 60, "the probe message stored", [server.log])
+            server.stop()
+            messages, last = backlog(devices, epoch, 1, n)
+            pub_s = publish_all(broker.port, messages)
+            r = _drain(server, broker, n, db == "postgresql")
+            gap_free = streams_gap_free(db_url, {**last, "dev-probe": 1})
+            label = f"PostgreSQL {pg_version()} (127.0.0.1, same 2 cores)" if db == "postgresql" else \
+                "SQLite (WAL, the server's data folder)"
+            print(f"  {label}: {r['rate']:,.0f} msg/s ({r['messages']:.0f} messages in {r['wall']:.2f} s; "
+                  f"goal >= 5,000); stored once and gap-free per device: {'yes' if gap_free else 'NO'}; "
+                  f"rejected {r['rejected']:.0f}")
+            print(f"    where the time goes: server process {r['server_cpu'] * 100:.0f}% of a core"
+                  + (f", PostgreSQL backends {r['pg_cpu'] * 100:.0f}%" if db == "postgresql" else "")
+                  + f", Mosquitto {r['broker_cpu'] * 100:.0f}%; {r['batches']:.0f} batches "
+                  f"(~{r['stored'] / max(r['batches'], 1):.0f} messages each), {r['in_store']:.2f} s of the "
+                  f"{r['wall']:.2f} s inside store + commit ({r['in_store'] / r['wall'] * 100:.0f}%); "
+                  f"publishing the backlog took {pub_s:.2f} s ({n / pub_s:,.0f} msg/s)")
+            if profile:
+                profile_ingester(work / f"{name}-profile", db_url, broker, devices, n)
+
+
+def profile_ingester(folder: Path, db_url: str, broker: Broker, devices: list[str], n: int) -> None:
+    """The server's Ingester in this process (same settings, same database) draining a backlog, its
+    writer thread under cProfile: the functions that took the most time, cumulative and own."""
+    from pydantic import SecretStr
+
+    from edgefleet.server.db import make_engine, make_sessionmaker
+    from edgefleet.server.metrics import Metrics
+    from edgefleet.server.settings import Settings
+    from edgefleet.server.telemetry.ingest import Ingester
+
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = Settings(data_dir=folder, db_url=SecretStr(db_url), mqtt_url=broker.url,
+                        mqtt_share_group="bench-profile",  # a group of its own (see bench_ingest)
+                        mqtt_client_id=f"bench-profile-{secrets.token_hex(3)}")
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    ing = Ingester(settings, sessions, Metrics(lambda: (0, 0)))
+    ing.start()
+    if not ing.wait_subscribed(15):
+        raise RuntimeError("profile: the ingester did not subscribe")
+    ing.stop()
+    messages, _ = backlog(devices, secrets.token_hex(8), 1, n)
+    publish_all(broker.port, messages)
+    prof = cProfile.Profile()
+    process = ing._process
+    busy = [0.0]
+
+    def profiled(batch: list[Any]) -> None:
+        t = time.perf_counter()
+        prof.enable()
+        try:
+            process(batch)
+        finally:
+            prof.disable()
+            busy[0] += time.perf_counter() - t
+
+    ing = Ingester(settings, sessions, Metrics(lambda: (0, 0)))
+    process = ing._process
+    ing._process = profiled  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    ing.start()
+    wait_for(lambda: ing.metrics.registry.get_sample_value(
+        "edgefleet_telemetry_messages_total", {"topic": "telemetry", "result": "stored"}) == n, 120,
+        "the profiled ingester's backlog", [])
+    took = time.perf_counter() - t0
+    ing.stop()
+    engine.dispose()
+    print(f"    in-process Ingester under cProfile: {n / took:,.0f} msg/s including connect (profiling slows it); "
+          f"writer thread busy {busy[0]:.2f} s of {took:.2f} s; top functions by own time:")
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    body = [ln for ln in out.getvalue().splitlines() if ln.strip() and not ln.startswith(("   Ordered", "   List"))]
+    for ln in body[-13:]:
+        print("      " + ln.strip().replace(str(ROOT) + "/", ""))
+
+
+# ------------------------------------------------------------------ main
+
+
+SECTIONS = ("publish", "ingest", "agent_cpu", "cmd", "idle")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for s in SECTIONS:
+        ap.add_argument(f"--{s.replace('_', '-')}", action="store_true", help=f"run section {s}")
+    ap.add_argument("--messages", type=int, default=5000, help="messages per run in the publish section")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the publish section")
+    ap.add_argument("--ingest-messages", type=int, default=20_000, help="backlog drained in the ingest section")
+    ap.add_argument("--db", default="sqlite,postgresql", help="ingest section: sqlite, postgresql or both")
+    ap.add_argument("--profile", action="store_true", help="ingest section: also cProfile the ingester in-process")
+    args = ap.parse_args()
+    chosen = [s for s in SECTIONS if getattr(args, s)] or list(SECTIONS)
+    print(machine_line())
+    with tempfile.TemporaryDirectory(prefix="telemetry-bench-") as tmp:
+        work = Path(tmp)
+        for s in chosen:
+            t = time.perf_counter()
+            if s == "publish":
+                bench_publish(work, max(1, args.messages), max(1, args.rounds))
+            elif s == "ingest":
+                dbs = [d.strip() for d in args.db.split(",") if d.strip()]
+                bad = [d for d in dbs if d not in ("sqlite", "postgresql")]
+                if bad:
+                    raise SystemExit(f"--db: {bad[0]!r} is not sqlite or postgresql")
+                bench_ingest(work, max(100, args.ingest_messages), dbs, args.profile)
+            print(f"({s}: {time.perf_counter() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
