@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from edgefleet import __version__
+from edgefleet.server.alerts import routes as alert_routes
 from edgefleet.server.api import checkin, devices, identity, registry, tokens
 from edgefleet.server.api.deps import PEER_KEY
 from edgefleet.server.errors import install_handlers
@@ -88,9 +89,16 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
             ingester.start(register_for=st)
             threading.Thread(target=_sync_revocations, args=(settings,), name="broker-sync", daemon=True).start()
         app.state.telemetry = ingester
+        # Alert deliveries (webhooks; the alert topic through the ingester's client) from their durable outbox.
+        from edgefleet.server.alerts.webhooks import DeliveryWorker, ingester_publisher
+
+        worker = DeliveryWorker(settings, st.sessions, publish=ingester_publisher(st) if ingester is not None else None)
+        worker.start()
+        app.state.alert_worker = worker
         try:
             yield
         finally:
+            await run_in_threadpool(worker.stop)
             if ingester is not None:
                 await run_in_threadpool(ingester.stop)
 
@@ -107,6 +115,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
         app.include_router(r)
     app.include_router(tuf_routes.router)
     app.include_router(telemetry_routes.router)
+    app.include_router(alert_routes.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:  # on the loop, no I/O: answers while the pool or database is stuck

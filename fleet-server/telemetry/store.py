@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
+from edgefleet.server.alerts.rules import evaluate as evaluate_alerts
 from edgefleet.server.models import Device, DeviceEvent, TelemetryMessage, TelemetryStream, upsert_insert
 from edgefleet.server.telemetry import rollups
 from edgefleet.server.telemetry.payloads import EventIn, Parsed, TelemetryIn, as_event_data
@@ -80,6 +81,10 @@ def store_batch(s: Session, items: Sequence[Parsed], now: datetime, last_seen_gr
     _advance_streams(s, streams, stored, now)
     rollups.upsert(s, rollups.accumulate((p.body for p in stored if isinstance(p.body, TelemetryIn)), now))
     _insert_events(s, [p.body for p in stored if isinstance(p.body, EventIn)], now)
+    for p in stored:  # alert thresholds (drift, live accuracy), in this transaction: raised once per cooldown
+        if isinstance(p.body, TelemetryIn):
+            for m in p.body.models:
+                evaluate_alerts(s, p.device_id, m.name, m.version, m, now=now)
     stale = now - timedelta(seconds=last_seen_granularity)
     touch = sorted({p.device_id for p in stored
                     if devices[p.device_id].last_seen is None or devices[p.device_id].last_seen <= stale})

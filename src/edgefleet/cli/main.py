@@ -8,6 +8,7 @@ import typer
 
 from edgefleet import __version__
 from edgefleet.cli import agent as agent_cmd
+from edgefleet.cli import alerts as alerts_cmd
 from edgefleet.cli import demo as demo_cmd
 from edgefleet.cli import fleet as fleet_cmd
 from edgefleet.cli import keys as keys_cmd
@@ -33,6 +34,7 @@ app.add_typer(agent_cmd.app, name="agent")
 app.add_typer(keys_cmd.app, name="keys")
 app.command("demo")(demo_cmd.demo)
 fleet_cmd.register(app)  # device, token, server
+alerts_cmd.register(app)  # alert list|show|ack, alert rules, alert webhook
 
 
 def _version(value: bool) -> None:
