@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from updater._fleet import FleetServer, models, running_fleet, wait_for  # noqa: E402
+from updater._fleet import Agent, Fleet, FleetServer, models, running_fleet, wait_for  # noqa: E402
 
 from edgefleet.agent.metrics import BUCKETS  # noqa: E402
 from edgefleet.agent.telemetry.config import MqttFleetConfig  # noqa: E402
@@ -864,6 +864,101 @@ def bench_agent_cpu(work: Path, seconds: float, rounds: int) -> None:
           f"(estimates: 22 B per TLS record, 52 B per segment, 6 segments a minute)")
 
 
+# ------------------------------------------------------------------ 4. assignment to check-in through cmd
+
+
+def _update_state(agent: Agent) -> dict[str, Any]:
+    """The agent's ``update.json`` (written atomically); {} before it exists."""
+    try:
+        out: dict[str, Any] = json.loads((agent.state_dir / "update.json").read_bytes())
+        return out
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _event_at(event: dict[str, Any]) -> float:
+    """An event's ``at`` (the agent's clock, RFC 3339) as epoch seconds."""
+    return datetime.fromisoformat(str(event["at"]).replace("Z", "+00:00")).timestamp()
+
+
+def _cmd_run(fleet: Fleet, agent: Agent, rec: Recorder, version: str) -> dict[str, float]:
+    """One assignment to ``version``: seconds from just before the PUT to each mark."""
+    assert agent.device_id is not None
+    seq = max((e["seq"] or 0 for e in fleet.events(agent.device_id)), default=0)
+    t0 = time.time()
+    r = fleet.http.put(f"/api/v1/devices/{agent.device_id}/models/{models.MODEL_NAME}", json={"version": version})
+    put = time.time()
+    if r.status_code != 200:
+        raise RuntimeError(f"assign {version}: {r.status_code} {r.text[:300]}")
+    checkin: float | None = None
+    deadline = time.monotonic() + 60
+    while True:  # update.json at 200 Hz: the first last_checkin after t0 is the start of the check-in cmd caused
+        st = _update_state(agent)
+        last = st.get("last_checkin")
+        if checkin is None and isinstance(last, int | float) and last > t0:
+            checkin = float(last)
+        cur = st.get("current", {}).get(models.MODEL_NAME)
+        if checkin is not None and st.get("pending") is None and cur is not None and cur["version"] == version:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{version}: not committed within 60 s; see {agent.log}")
+        time.sleep(0.005)
+
+    def events() -> dict[str, dict[str, Any]] | None:
+        out: dict[str, dict[str, Any]] = {}
+        for e in fleet.events(str(agent.device_id)):
+            if (e["seq"] or 0) > seq and e.get("version") == version:
+                out.setdefault(e["kind"], e)
+        return out if "update.committed" in out else None
+
+    got: dict[str, dict[str, Any]] = fleet.wait_for(events, 60, f"update.committed {version} on the server")
+    cmds = rec.since(t0)
+    return {"assign": put - t0, "cmd": cmds[0][0] - t0 if cmds else float("nan"), "checkin": checkin - t0,
+            "switch": _event_at(got["switch.ok"]) - t0, "commit": _event_at(got["update.committed"]) - t0}
+
+
+def bench_cmd(work: Path, runs: int) -> None:
+    print(f"\n4. assignment -> check-in through cmd: checkin_interval 900 s, probation 0.5 s; {runs} assignments "
+          "alternating 2.0.0 / 1.0.0 (PUT /api/v1/devices/{id}/models/digits, what `device assign` sends); seconds "
+          "from just before the PUT")
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(Broker(work / "broker-cmd"))
+        fleet = stack.enter_context(running_fleet(work / "cmd", server_env={"EDGEFLEET_SERVER_MQTT_URL": broker.url}))
+        b1 = models.bundle("good", "1.0.0", work / "bundles")
+        b2 = models.bundle("good", "2.0.0", work / "bundles")
+        for b in (b1, b2):
+            fleet.push(b)
+        mqtt_cfg = {"fleet": {"host": "127.0.0.1", "port": broker.port, "tls": False}}
+        agent = fleet.agent(b1, config={"mqtt": mqtt_cfg}, updates={
+            "checkin_interval": 900, "probation_inferences": 0, "probation_seconds": 0.5})
+        assert agent.device_id is not None
+        status = Recorder(broker.port, f"edgefleet/v1/{agent.device_id}/status")  # retained: arrives at once
+        stack.callback(status.close)
+        rec = Recorder(broker.port, f"edgefleet/v1/{agent.device_id}/cmd")
+        stack.callback(rec.close)
+        fleet.wait_for(lambda: _update_state(agent).get("last_refresh") is not None, 60, "the first TUF refresh")
+        fleet.wait_for(lambda: any(json.loads(m[2]).get("state") == "online" for m in status.since(0)), 60,
+                       "the agent's status online")
+        time.sleep(1.0)  # its cmd subscription follows the connect; and past the first check-in
+        cols = ("assign", "cmd", "checkin", "switch", "commit")
+        print(f"  {'run':>3} {'version':>7} " + " ".join(f"{c:>8}" for c in cols))
+        rows: list[dict[str, float]] = []
+        for i in range(runs):
+            version = "2.0.0" if i % 2 == 0 else "1.0.0"
+            row = _cmd_run(fleet, agent, rec, version)
+            rows.append(row)
+            print(f"  {i + 1:>3} {version:>7} " + " ".join(f"{row[c]:8.3f}" for c in cols))
+            time.sleep(1.0)  # the agent checks in once more right after a commit: let that one pass
+        for label, f in (("median", statistics.median), ("max", max)):
+            print(f"  {label:>11} " + " ".join(f"{f([r[c] for r in rows]):8.3f}" for c in cols))
+    checkin = [r["checkin"] for r in rows]
+    switch = [r["switch"] for r in rows]
+    print(f"  assign -> check-in: median {statistics.median(checkin):.3f} s, max {max(checkin):.3f} s (goal <= 2 s); "
+          f"-> switch.ok: median {statistics.median(switch):.3f} s, max {max(switch):.3f} s. cmd = a subscriber "
+          "on the device's cmd topic got it; checkin = update.json's last_checkin (the check-in's start); "
+          "switch / commit = the agent's events' at")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -881,6 +976,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="ingest section: also cProfile the ingester in-process")
     ap.add_argument("--cpu-seconds", type=float, default=12.0, help="agent-cpu section: seconds per window")
     ap.add_argument("--cpu-rounds", type=int, default=2, help="agent-cpu section: rounds of off / 1 s / 60 s")
+    ap.add_argument("--runs", type=int, default=6, help="cmd section: assignments")
     args = ap.parse_args()
     chosen = [s for s in SECTIONS if getattr(args, s)] or list(SECTIONS)
     print(machine_line())
@@ -898,6 +994,8 @@ def main() -> None:
                 bench_ingest(work, max(100, args.ingest_messages), dbs, args.profile)
             elif s == "agent_cpu":
                 bench_agent_cpu(work, max(1.0, args.cpu_seconds), max(1, args.cpu_rounds))
+            elif s == "cmd":
+                bench_cmd(work, max(1, args.runs))
             print(f"({s}: {time.perf_counter() - t:.0f} s)")
 
 
