@@ -959,6 +959,143 @@ def bench_cmd(work: Path, runs: int) -> None:
           "switch / commit = the agent's events' at")
 
 
+# ------------------------------------------------------------------ 5. the server's idle load: push against polling
+
+
+async def _checkin(port: int, job: tuple[str, str, str], writer_reader: Any | None) -> tuple[int, Any]:
+    """One conditional GET of the desired state as bench/fleet_checkin.py's client sends it: (status, the
+    connection to reuse, or None when each check-in opens its own)."""
+    did, token, etag = job
+    if writer_reader is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    else:
+        reader, writer = writer_reader
+    writer.write((f"GET /api/v1/devices/{did}/desired HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Authorization: Bearer {token}\r\nIf-None-Match: {etag}\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:" and int(line[15:]):
+            await reader.readexactly(int(line[15:]))
+    if writer_reader is None:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return status, None
+    return status, (reader, writer)
+
+
+def paced_checkins(port: int, jobs: list[tuple[str, str, str]], rate: float, keepalive: bool,
+                   connections: int = 8) -> dict[str, float]:
+    """Check-ins of ``jobs`` at ``rate`` per second (job k sent at start + k / rate), each on a new TCP
+    connection (as a device polling every few minutes does) or, ``keepalive``, spread over ``connections``
+    kept-alive ones; latencies, statuses, and how late the sending fell behind its schedule."""
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    behind = [0.0]
+
+    async def one(k: int, job: tuple[str, str, str], start: float) -> None:
+        wait = start + k / rate - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        behind[0] = max(behind[0], -wait)
+        t = time.perf_counter()
+        status, _ = await _checkin(port, job, None)
+        lat.append(time.perf_counter() - t)
+        statuses[status] = statuses.get(status, 0) + 1
+
+    async def main() -> None:
+        start = asyncio.get_running_loop().time() + 0.05
+        if keepalive:
+            conns: list[Any] = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+            shares = [list(enumerate(jobs))[i::connections] for i in range(connections)]
+
+            async def kept(i: int) -> None:
+                conn = conns[i]
+                loop = asyncio.get_running_loop()
+                for k, job in shares[i]:
+                    wait = start + k / rate - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    behind[0] = max(behind[0], -wait)
+                    t = time.perf_counter()
+                    status, conn = await _checkin(port, job, conn)
+                    lat.append(time.perf_counter() - t)
+                    statuses[status] = statuses.get(status, 0) + 1
+                conn[1].close()
+
+            await asyncio.gather(*(kept(i) for i in range(connections)))
+        else:  # one task per check-in, started on schedule: a slow answer never delays the next device
+            await asyncio.gather(*(one(k, job, start) for k, job in enumerate(jobs)))
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"count": len(lat), "wall": wall, "per_s": len(lat) / wall, "p50_ms": lat[len(lat) // 2] * 1e3,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1e3, "behind_s": behind[0],
+            "not_304": sum(v for k, v in statuses.items() if k != 304)}
+
+
+def bench_idle(work: Path, n: int, seconds: float, keepalive: bool) -> None:
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import fleet_checkin
+
+    how = "8 kept-alive connections" if keepalive else "a new TCP connection per check-in (as a polling device)"
+    print(f"\n5. the server's load for {n:,} devices: check-ins at the rate a 15-minute poll (push) implies against "
+          f"60 s polling, {seconds:g} s each, {how}; unchanged desired state (304), SQLite; server CPU from "
+          "/proc/PID/stat")
+    folder = work / "idle"
+    devices, env, _ = fleet_checkin.prepare(folder / "data", None, n)  # rows and tokens, as bench/fleet_checkin.py
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(Broker(work / "broker-idle"))
+        port = free_port()
+        log = stack.enter_context((folder / "server.log").open("ab"))
+        server = subprocess.Popen([*fleet_checkin.CLI, "server", "run", "--data", str(folder / "data"), "--port",
+                                   str(port)], env={**os.environ, **env, "EDGEFLEET_SERVER_MQTT_URL": broker.url},
+                                  stdout=log, stderr=log)
+        stack.callback(_stop_process, server)
+        url = f"http://127.0.0.1:{port}"
+        fleet_checkin.wait_http(f"{url}/healthz")
+        wait_for(lambda: metrics_of(url).get("edgefleet_mqtt_connected") == 1, 30, "the server's MQTT connection",
+                 [folder / "server.log"])
+        time.sleep(2)
+        idle_s = min(10.0, seconds)
+        c0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        time.sleep(idle_s)
+        idle = (cpu_seconds(server.pid) - c0) / (time.perf_counter() - t0)
+        print(f"  {'':34} {'check-ins/s':>11} {'done':>6} {'server CPU':>10} {'- idle':>7} {'ms CPU each':>11} "
+              f"{'p50 ms':>7} {'p99 ms':>7}")
+        print(f"  {'idle (MQTT connected, no requests)':34} {0:11.1f} {0:6d} {idle * 100:9.2f}%")
+        rows = {}
+        for label, interval in (("push: 15-min poll (n / 900 s)", 900.0), ("60 s polling (n / 60 s)", 60.0)):
+            rate = n / interval
+            jobs = devices[: max(1, round(rate * seconds))]
+            c0 = cpu_seconds(server.pid)
+            r = paced_checkins(port, jobs, rate, keepalive)
+            cpu = (cpu_seconds(server.pid) - c0) / r["wall"]
+            each = (cpu - idle) / r["per_s"] * 1e3
+            rows[interval] = cpu
+            print(f"  {label:34} {r['per_s']:11.1f} {r['count']:6.0f} {cpu * 100:9.2f}% {(cpu - idle) * 100:+6.2f}% "
+                  f"{each:11.2f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f}"
+                  + (f"  ({r['not_304']:.0f} not 304!)" if r["not_304"] else "")
+                  + (f"  (fell {r['behind_s']:.2f} s behind schedule)" if r["behind_s"] > 0.5 else ""))
+    print(f"  push and a 15-minute poll cost {rows[900.0] * 100:.2f}% of a core against {rows[60.0] * 100:.2f}% for "
+          f"60 s polling ({rows[60.0] / max(rows[900.0], 1e-9):.1f}x); every check-in here writes last_seen (its "
+          "granularity is 60 s, each device's previous check-in was longer ago), as in steady state")
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -977,6 +1114,10 @@ def main() -> None:
     ap.add_argument("--cpu-seconds", type=float, default=12.0, help="agent-cpu section: seconds per window")
     ap.add_argument("--cpu-rounds", type=int, default=2, help="agent-cpu section: rounds of off / 1 s / 60 s")
     ap.add_argument("--runs", type=int, default=6, help="cmd section: assignments")
+    ap.add_argument("--devices", type=int, default=10_000, help="idle section: devices in the fleet")
+    ap.add_argument("--seconds", type=float, default=60.0, help="idle section: seconds per rate")
+    ap.add_argument("--keepalive", action="store_true",
+                    help="idle section: 8 kept-alive connections (bench/fleet_checkin.py's way) instead of one each")
     args = ap.parse_args()
     chosen = [s for s in SECTIONS if getattr(args, s)] or list(SECTIONS)
     print(machine_line())
@@ -996,6 +1137,8 @@ def main() -> None:
                 bench_agent_cpu(work, max(1.0, args.cpu_seconds), max(1, args.cpu_rounds))
             elif s == "cmd":
                 bench_cmd(work, max(1, args.runs))
+            else:
+                bench_idle(work, max(100, args.devices), max(5.0, args.seconds), args.keepalive)
             print(f"({s}: {time.perf_counter() - t:.0f} s)")
 
 
