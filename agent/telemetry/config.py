@@ -65,6 +65,12 @@ class MqttFleetConfig(_Strict):
         default="", max_length=128, description="MQTT client id; empty: the device id (one connection per device)"
     )
     keepalive: int = Field(default=60, ge=5, le=3600, description="keep-alive interval, seconds")
+    resend_unrouted: bool = Field(
+        default=True,
+        description="keep a message the broker acknowledged with 'no matching subscribers' (MQTT 5) and send it "
+        "again: the server was not subscribed (a broker restart that lost a shared subscription); false: "
+        "acknowledged means delivered",
+    )
     telemetry_interval_s: float = Field(
         default=60.0, ge=1.0, le=86400.0, description="seconds between two telemetry messages"
     )

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ACTIONS", "MAX_CMD_BYTES", "Backoff", "CmdCallback", "Publisher", "parse_cmd", "status_payload"]
 
+NO_MATCHING_SUBSCRIBERS = 16  # MQTT 5 reason code in a PUBACK
+UNROUTED_RETRY_S = 5.0  # seconds before messages that reached no subscriber are sent again
 log = logging.getLogger(__name__)
 
 ACTIONS = ("check-in",)  # what a cmd may ask
@@ -201,8 +203,14 @@ class Publisher:
         self.connected = threading.Event()  # CONNACK received, cleared on disconnect
         self.last_error: str | None = None
         self._counters = Counters(
-            "connects", "disconnects", "connect_failures", "published", "refused", "cmd_received", "cmd_invalid"
+            "connects", "disconnects", "connect_failures", "published", "refused", "unrouted", "cmd_received",
+            "cmd_invalid"
         )
+        # MQTT 5 PUBACK "no matching subscribers" (16): the broker took the message and dropped it (the server
+        # is not subscribed yet, e.g. a Mosquitto restart that lost a shared subscription). Such seqs stay in
+        # the outbox and are sent again after UNROUTED_RETRY_S: delivered means stored by the server.
+        self._unrouted: list[int] = []
+        self._resend_at: float | None = None
         self._rng = rng or random.Random()
         try:
             files = config.tls_files(identity_dir)
@@ -394,6 +402,11 @@ class Publisher:
         from the outbox a batch at a time: one query per PREFETCH messages, not per window)."""
         import paho.mqtt.client as mqtt
 
+        if self._unrouted and self._resend_at is not None and time.monotonic() >= self._resend_at:
+            self._cursor = min(min(self._unrouted) - 1, self._cursor)  # from the first one nobody received
+            self._ahead.clear()
+            self._unrouted.clear()
+            self._resend_at = None
         room = self._window - len(self._inflight)
         while room > 0:
             if not self._ahead:
@@ -499,6 +512,14 @@ class Publisher:
             self._lost.append(seq)
             self.last_error = f"the broker refused seq {seq}: {reason}"
             log.warning("mqtt fleet: %s (dropped, counted)", self.last_error)
+            return
+        if self.config.resend_unrouted and getattr(reason, "value", 0) == NO_MATCHING_SUBSCRIBERS:
+            self._counters.inc("unrouted")
+            self._unrouted.append(seq)
+            if self._resend_at is None:
+                self._resend_at = time.monotonic() + UNROUTED_RETRY_S
+                log.info("mqtt fleet: seq %d reached no subscriber (the server is not subscribed); kept, sent "
+                         "again in %.0f s", seq, UNROUTED_RETRY_S)
             return
         self._counters.inc("published")
         self._acked.append(seq)

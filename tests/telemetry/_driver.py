@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--no-publish", action="store_true")
     ap.add_argument("--hold", action="store_true")
+    ap.add_argument("--drop-unrouted", action="store_true", help="resend_unrouted = false (no subscriber at all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="driver %(levelname)s %(name)s: %(message)s")
 
@@ -57,7 +58,8 @@ def main() -> int:
     pub = None
     if not args.no_publish:
         cfg = MqttFleetConfig(host="127.0.0.1", port=args.port, tls=False, protocol=args.protocol, keepalive=5,
-                              reconnect_min_s=0.1, reconnect_max_s=0.8, close_timeout_s=10)
+                              reconnect_min_s=0.1, reconnect_max_s=0.8, close_timeout_s=10,
+                              resend_unrouted=not args.drop_unrouted)
         pub = Publisher(cfg, args.device, outbox)
         pub.start()
     start = time.monotonic()

@@ -194,11 +194,7 @@ def test_a_server_sigkill_with_uncommitted_messages_loses_nothing(
 
 @pytest.mark.parametrize("subscription", [
     "plain",
-    pytest.param("shared", marks=pytest.mark.xfail(strict=True, reason=(
-        "Mosquitto (2.0.11 here) does not restore a shared subscription from its persistence file: after a "
-        "broker restart, messages published before the server reconnects are acknowledged to the device "
-        "(PUBACK 0x10, no matching subscribers) and delivered to no one. Fixes: the agent keeps a message "
-        "acknowledged with 0x10 queued; or mqtt_shared_subscription = false on a single Mosquitto"))),
+    "shared",
 ])
 def test_a_broker_restart_keeps_the_servers_subscription(
     subscription: str, broker: Callable[..., Broker], driver: Callable[..., Driver],
@@ -210,9 +206,10 @@ def test_a_broker_restart_keeps_the_servers_subscription(
     before the server comes back; then one more, and once that is stored everything before it
     (queued ahead of it in the session) must be.
 
-    With the shared subscription (the server's default) Mosquitto acknowledges seqs 201..1200 to the
-    device with "No matching subscribers" and drops them: the strict xfail below. It turns into a
-    failure (XPASS) once the ingestion or the agent's publisher stops losing them; then drop the mark."""
+    With the shared subscription (the server's default) Mosquitto 2.0.11 does not restore it from its
+    persistence file, and acknowledges seqs 201..1200 to the device with "No matching subscribers": the
+    agent's publisher keeps such messages queued and sends them again (UNROUTED_RETRY_S), so they are
+    stored once the server is back."""
     b = broker(persistent=True)
     srv = ingesting(b.port, shared=subscription == "shared")
     device = srv.enroll()
