@@ -1,0 +1,112 @@
+"""The whole monitoring loop: an agent serving a bundle with a drift baseline is fed a shifted
+distribution; its telemetry goes through a real Mosquitto into the server's ingestion, which raises a
+drift alert that reaches a webhook receiver (a real HTTP server, the signature checked the Standard
+Webhooks way) and the alert topic."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from updater._fleet import Fleet, models
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from telemetry._mqtt import Broker, Subscriber
+
+from edgefleet.converters.package import package_model
+
+
+def _mosquitto() -> str:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
+        pytest.skip("the mosquitto binary is not installed")
+    return exe
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.hits: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.hits.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _signed(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    want = base64.b64encode(hmac.new(key, f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body,
+                                     hashlib.sha256).digest()).decode()
+    return any(s.partition(",")[2] == want for s in headers["webhook-signature"].split())
+
+
+def test_a_shifted_input_distribution_raises_a_drift_alert_at_the_webhook_and_on_the_alert_topic(
+    tmp_path: Path,
+) -> None:
+    model_file = tmp_path / "model.onnx"
+    model_file.write_bytes(models.onnx_model("good", "1.0.0"))
+    x = np.stack([models.sample_input(i) for i in range(200)])  # (200, 1, 64): the training-like data
+    bundle, _ = package_model(model_file, "digits", "1.0.0", out=tmp_path / "bundle",
+                              golden={"x": x[:8]}, baseline={"x": x})
+    broker = Broker(_mosquitto(), tmp_path / "broker")
+    sub = Subscriber(broker.port)
+    hook = _Receiver()
+    env = {"EDGEFLEET_SERVER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "EDGEFLEET_SERVER_ALERT_DELIVERY_POLL": "0.2"}
+    try:
+        with Fleet(tmp_path / "fleet", server_env=env) as fleet:
+            fleet.push(bundle)
+            r = fleet.http.put("/api/v1/models/digits/alert-rules", json={"drift_psi_max": 0.5, "min_samples": 5})
+            assert r.status_code == 200, r.text
+            r = fleet.http.post("/api/v1/webhooks", json={"url": hook.url})
+            assert r.status_code == 201, r.text
+            secret = r.json()["secret"]
+            mqtt = {"fleet": {"host": "127.0.0.1", "port": broker.port, "tls": False, "telemetry_interval_s": 1.0}}
+            agent = fleet.agent(bundle, config={"mqtt": mqtt})
+            for i in range(60):  # the distribution shifted: every pixel brighter by 8 (of 16)
+                agent.infer(np.clip(models.sample_input(i) + 8.0, 0, 16).astype(np.float32))
+                time.sleep(0.02)
+            drift = [m.get("drift") for b in (x.body for x in sub.on("/telemetry")) for m in b["models"]]
+            print("drift in telemetry:", [d for d in drift if d])
+            fleet.wait_for(lambda: hook.hits, 60, "the drift alert at the webhook")
+            headers, body = hook.hits[0]
+            assert _signed(secret, headers, body)
+            alert = json.loads(body)
+            text = json.dumps(alert)
+            assert "drift" in text and "digits" in text and "1.0.0" in text, alert
+            on_topic = fleet.wait_for(lambda: [m for m in sub.on("/alerts/digits")] or None, 30, "the alert topic")
+            assert "drift" in json.dumps(on_topic[0].body)
+            listed = fleet.http.get("/api/v1/alerts", params={"state": "open"}).json()
+            assert [a["kind"] for a in listed] == ["drift"], listed
+    finally:
+        hook.close()
+        sub.close()
+        broker.stop()
