@@ -261,7 +261,7 @@ class AgentService:
                                 agent_version=__version__, hardware_profile=self.profile.name)
         if self.telemetry is not None:
             outbox = self.telemetry.outbox
-            machine.st._sequencer = lambda body: outbox.put("events", body)[0]
+            machine.sequence_events(lambda body: outbox.put("events", body)[0])
             self.telemetry.on_cmd = machine.wake
         return machine
 

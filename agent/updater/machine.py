@@ -162,6 +162,11 @@ class UpdateMachine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def sequence_events(self, put: Callable[[dict[str, Any]], int]) -> None:
+        """Give every event from now on the seq ``put(event)`` returns (the telemetry outbox's, where it is
+        queued for MQTT), so the HTTP report, the fallback, carries the same one."""
+        self.st._sequencer = put
+
     def wake(self) -> None:
         """Check in now instead of at the next interval (a push from the server: it carries no
         authority; whatever the check-in brings is verified through TUF as always)."""
