@@ -183,11 +183,41 @@ class Broker:
                 raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-1000:]}")
             time.sleep(0.05)
 
+        self.sinks: list[subprocess.Popen[bytes]] = []
+
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    def add_sink(self) -> None:
+        """A ``mosquitto_sub`` (C, its own process, output discarded) on the ingester's shared
+        subscriptions, QoS 1: the publisher drops a message from its outbox only when the broker routed
+        it to a subscriber (a PUBACK "no matching subscribers" keeps it), as the server is in a fleet.
+        Returns once a probe message is routed."""
+        exe = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+        argv = [exe, "-h", "127.0.0.1", "-p", str(self.port), "-V", "5", "-q", "1", "-i",
+                f"sink-{secrets.token_hex(4)}"]
+        for kind in ("telemetry", "events"):
+            argv += ["-t", f"$share/edgefleet-ingest/edgefleet/v1/+/{kind}"]
+        self.sinks.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        routed = threading.Event()
+        c = _client(f"probe-{secrets.token_hex(4)}")
+        c.on_publish = lambda _c, _u, _mid, reason, _p: routed.set() if getattr(reason, "value", 16) == 0 else None
+        c.connect("127.0.0.1", self.port)
+        c.loop_start()
+        try:
+            for _ in range(100):
+                c.publish("edgefleet/v1/probe/telemetry", b"{}", qos=1)
+                if routed.wait(0.1):
+                    return
+            raise RuntimeError("mosquitto_sub did not subscribe within 10 s")
+        finally:
+            c.disconnect()
+            c.loop_stop()
+
     def stop(self) -> None:
+        for p in self.sinks:
+            _stop_process(p)
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
@@ -377,6 +407,7 @@ def bench_publish(work: Path, n: int, rounds: int) -> None:
     disk.mkdir(parents=True, exist_ok=True)
     rates: dict[str, list[float]] = {k: [] for k in ("bare", "drain", "forward", "forward_shm", "put", "put_shm")}
     with Broker(work / "broker-publish") as broker:
+        broker.add_sink()
         runs: dict[str, Callable[[], None]] = {
             "bare": lambda: rates["bare"].append(n / _bare_run(broker.port, topic, payloads)),
             "forward": lambda: rates["forward"].append(n / _forward_run(disk, broker.port, bodies)),
@@ -405,7 +436,8 @@ def bench_publish(work: Path, n: int, rounds: int) -> None:
         shutil.rmtree(shm, ignore_errors=True)
     bare = statistics.median(rates["bare"])
     print(f"payload: {size:.0f} bytes of JSON on average (topic {len(topic)} bytes); broker: Mosquitto defaults "
-          "(receive-maximum 20: the Publisher keeps 19 in flight, one left for its status; the bare loop 20)")
+          "(receive-maximum 20: the Publisher keeps 19 in flight, one left for its status; the bare loop 20), a "
+          "mosquitto_sub on the ingester's shared subscription receiving every message")
     labels = {
         "bare": "bare paho QoS 1 loop",
         "drain": "outbox drain (a backlog of n, Publisher)",
@@ -846,6 +878,7 @@ def bench_agent_cpu(work: Path, seconds: float, rounds: int) -> None:
     size = statistics.mean(sizes) if sizes else 0.0
     observe_us, drift_us, predict_us = measurement_cost(bundle)
     with Broker(work / "broker-cost") as broker:
+        broker.add_sink()
         msg_cpu_ms, msg_wall_ms = message_cost(work / "cost", broker.port, bundle)
     always = LOAD_RATE * observe_us + min(LOAD_RATE, 20.0) * drift_us  # µs per second
     print(f"  the measurement on every inference (runs with or without [mqtt.fleet]; in-process, {predict_us:.1f} µs "
