@@ -25,13 +25,14 @@ and ``edgefleet agent run`` processes (the harness of ``tests/updater/_fleet.py`
                (``update.json``'s ``last_checkin``), its ``switch.ok`` (the event's ``at``). Goal: <= 2 s.
 ``--idle``     the server's CPU for 10,000 devices checking in at the rate push allows (15-min poll:
                10,000/900 s) against 60 s polling (10,000/60 s), each for ``--seconds`` (60), driven by
-               paced raw HTTP/1.1 clients with ``bench/fleet_checkin.py``'s devices and tokens; and idle.
+               paced raw HTTP/1.1 check-ins (a new connection each, or ``--keepalive``: 8 kept-alive ones,
+               as ``bench/fleet_checkin.py``'s client) with that script's devices and tokens; and idle.
 
 No section asserts a figure: each prints what it measured. With no section flag, all run.
 
     .venv/bin/python bench/telemetry.py [--publish] [--ingest] [--agent-cpu] [--cmd] [--idle]
         [--messages 5000] [--rounds 5] [--ingest-messages 20000] [--db sqlite,postgresql] [--profile]
-        [--cpu-seconds 12] [--cpu-rounds 2] [--runs 6] [--devices 10000] [--seconds 60]
+        [--cpu-seconds 12] [--cpu-rounds 2] [--runs 6] [--devices 10000] [--seconds 60] [--keepalive]
 """
 
 from __future__ import annotations
