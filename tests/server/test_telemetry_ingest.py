@@ -201,9 +201,22 @@ def test_events_join_the_http_reports_and_a_new_epoch_loses_nothing(settings_for
         assert (streams[new]["contiguous_seq"], streams[new]["max_seq"]) == (2, 2)
 
 
-def test_ingestion_resumes_after_a_broker_restart_on_a_plain_subscription(settings_for: Any, broker: Broker) -> None:
+def test_ingestion_resumes_after_a_broker_restart_on_a_plain_subscription(
+    settings_for: Any, broker: Broker, clean_db: str, tmp_path: Path
+) -> None:
     broker.stop()  # down when the server starts: the server serves, and connects once the broker is up
     settings = settings_for(mqtt_shared_subscription=False, mqtt_reconnect_max=1)
+    if clean_db.startswith("sqlite"):
+        # A database file of its own: after this test the session's SQLite file was reported malformed
+        # to the next module's first writes (not root-caused yet: see the issue 11 closing note).
+        from edgefleet.server.db import migrate
+
+        url = f"sqlite:///{tmp_path / 'own.db'}"
+        engine = make_engine(url)
+        migrate(engine)
+        engine.dispose()
+        settings = ingest_settings(url, tmp_path / "data", broker.url, mqtt_shared_subscription=False,
+                                   mqtt_reconnect_max=1)
     init_server(settings)
     state = open_state(settings, run_migrations=False)
     add_devices(state, "re-1")
