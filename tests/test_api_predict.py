@@ -346,8 +346,9 @@ def test_clients_posting_images_at_the_limit_at_once_are_bounded_by_the_decode_s
         single, growth = (one - idle) / 1024, (_vm(proc.pid, "VmHWM") - one) / 1024
         print(f"one 4-Mpx JPEG: peak RSS +{single:.0f} MiB; then 4 clients, {len(statuses)} more: +{growth:.0f} MiB")
         assert statuses and set(statuses) == {200}
-        # four at once would add about three images' work; two slots add one (plus allocator slack)
-        assert growth < 2 * single, f"peak RSS grew by {growth:.0f} MiB after one request's {single:.0f} MiB"
+        # four at once would add about three images' work; two slots add one (plus allocator slack, which
+        # reached 2.02x once under CI load: 2.5x still tells two slots from four)
+        assert growth < 2.5 * single, f"peak RSS grew by {growth:.0f} MiB after one request's {single:.0f} MiB"
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
