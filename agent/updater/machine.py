@@ -324,6 +324,11 @@ class UpdateMachine:
                     return _PROBATION_POLL
                 self._enter(p, "commit")
             elif p.phase == "commit":
+                if self._live.candidate is None:
+                    # A restart after probation passed: the agent started on the old version, so serve the
+                    # new one again (self-tested again) before it is committed: committed == served.
+                    self._live.candidate = self._selftest(p)
+                    self._switch(p)
                 self._commit(p)
             elif p.phase == "rollback":
                 self._refuse(p, Refused(p.detail or "rolled back", p.reason or "rollback"))
