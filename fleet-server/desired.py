@@ -16,10 +16,10 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
-from edgefleet.server.models import Assignment, Device, ModelVersion
+from edgefleet.server.models import Assignment, Device, ModelVersion, Rollout, RolloutMember
 
 if TYPE_CHECKING:  # the director writes the ETag through store_etag: no import cycle at run time
     from edgefleet.server.tuf.director import DirectorRepository
@@ -50,16 +50,23 @@ def timestamp_version(etag: str | None) -> int | None:
 
 
 def _models(s: Session, device_id: str) -> list[dict[str, Any]]:
+    shadow = aliased(ModelVersion)
     rows = s.execute(
-        select(Assignment.model_name, ModelVersion.version, ModelVersion.sha256, ModelVersion.size, Assignment.source)
+        select(Assignment.model_name, ModelVersion.version, ModelVersion.sha256, ModelVersion.size, Assignment.source,
+               shadow.version, shadow.sha256, shadow.size)
         .join(ModelVersion, ModelVersion.id == Assignment.version_id)
+        .outerjoin(shadow, shadow.id == Assignment.shadow_version_id)
         .where(Assignment.device_id == device_id)
         .order_by(Assignment.model_name)
     ).all()
-    return [
-        {"name": name, "version": version, "sha256": sha, "size": size, "url": f"/api/v1/blobs/{sha}", "source": source}
-        for name, version, sha, size, source in rows
-    ]
+    out: list[dict[str, Any]] = []
+    for name, version, sha, size, source, s_version, s_sha, s_size in rows:
+        m: dict[str, Any] = {"name": name, "version": version, "sha256": sha, "size": size,
+                             "url": f"/api/v1/blobs/{sha}", "source": source}
+        if s_version is not None:  # only then: a state without shadows hashes as it did before them
+            m["shadow"] = {"version": s_version, "sha256": s_sha, "size": s_size, "url": f"/api/v1/blobs/{s_sha}"}
+        out.append(m)
+    return out
 
 
 def desired_state(s: Session, device_id: str, etag: str | None) -> dict[str, Any]:
@@ -94,8 +101,19 @@ def refresh_etag(s: Session, device_id: str, director: DirectorRepository | None
 
 
 def version_in_use(s: Session, version_id: int) -> str | None:
-    """Why a version cannot be deleted, or None when nothing uses it."""
-    n = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.version_id == version_id)) or 0
+    """Why a version cannot be deleted, or None when nothing uses it: an assignment (served or shadow),
+    an active rollout of it, or a rollout member's previous version (what an abort restores)."""
+    n = s.scalar(select(func.count()).select_from(Assignment).where(
+        or_(Assignment.version_id == version_id, Assignment.shadow_version_id == version_id))) or 0
     if n:
         return f"assigned to {n} device(s) (by an operator or a rollout)"
+    active = ("running", "paused")
+    r = s.scalar(select(Rollout.id).where(
+        or_(Rollout.version_id == version_id, Rollout.version_b_id == version_id), Rollout.state.in_(active)).limit(1))
+    if r is not None:
+        return f"rolled out by rollout {r}"
+    r = s.scalar(select(RolloutMember.rollout_id).join(Rollout, Rollout.id == RolloutMember.rollout_id).where(
+        RolloutMember.previous_version_id == version_id, Rollout.state.in_(active)).limit(1))
+    if r is not None:
+        return f"the version rollout {r} rolls back to"
     return None

@@ -24,15 +24,19 @@ __all__ = [
     "Assignment",
     "AuditEntry",
     "Base",
+    "ControllerLease",
     "Device",
     "DeviceEvent",
     "EnrollmentToken",
     "ModelVersion",
+    "Rollout",
+    "RolloutMember",
     "ServerSecret",
     "TelemetryClassRollup",
     "TelemetryDeviceRollup",
     "TelemetryMessage",
     "TelemetryRollup",
+    "TelemetryShadowRollup",
     "TelemetryStream",
     "TufMetadata",
     "UTCDateTime",
@@ -157,14 +161,20 @@ class ModelVersion(Base):
 
 
 class Assignment(Base):
-    """Which version of a model a device should run (set by an operator now, by rollouts later)."""
+    """Which version of a model a device should serve, and optionally a candidate it runs beside it in
+    shadow. ``source`` says who set it, in the order of precedence (see
+    :mod:`edgefleet.server.rollouts.assign`): ``pin`` (no rollout changes it) beats ``operator`` beats
+    ``rollout:<id>``."""
 
     __tablename__ = "assignments"
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True)
-    source: Mapped[str] = mapped_column(String(32), default="operator")  # operator | rollout:<id>
+    source: Mapped[str] = mapped_column(String(32), default="operator")  # pin | operator | rollout:<id>
     updated_at: Mapped[datetime]
+    # a candidate run beside the served version (director role "shadow"); None: no shadow
+    shadow_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="RESTRICT", name="fk_assignments_shadow_version_id"), index=True)
 
 
 _HAS_SEQ = text("seq IS NOT NULL")
@@ -426,3 +436,86 @@ class AlertDelivery(Base):
     created_at: Mapped[datetime]
     done_at: Mapped[datetime | None]  # delivered, failed or skipped
     __table_args__ = (Index("ix_alert_deliveries_due", "state", "next_attempt_at"),)
+
+
+# -- staged rollouts (edgefleet.server.rollouts) -----------------------------------------------------------
+
+
+class Rollout(Base):
+    """A model version rolled out in stages to the devices its tags select (see
+    :mod:`edgefleet.server.rollouts`). ``state_version`` is the fencing counter: every change is an
+    ``UPDATE ... WHERE id = ? AND state_version = ?`` that raises it, so a controller replica acting on
+    a stale read changes nothing. ``gates``: the :class:`~edgefleet.server.rollouts.types.Gates` as JSON;
+    ``last_gates``: the last judgement's gate results (what ``rollout show`` prints)."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"), index=True)
+    version_b_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"))
+    tags: Mapped[list[Any]]
+    gates: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16))  # running | paused | aborted | completed
+    stage: Mapped[int] = mapped_column(Integer, default=0)  # index into gates["stages"]
+    phase: Mapped[str] = mapped_column(String(8))  # shadow | serve | hold
+    stage_started_at: Mapped[datetime]
+    phase_started_at: Mapped[datetime]
+    state_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    last_gates: Mapped[list[Any]] = mapped_column(default=list)
+    last_judged_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(160))
+    updated_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    __table_args__ = (Index("ix_rollouts_model_state", "model", "state"),)
+
+
+class RolloutMember(Base):
+    """A device a rollout selected at creation (fixed from then on): its rank in the order of
+    sha256(rollout id, device id), the arm of an A/B stage, its status
+    (:data:`~edgefleet.server.rollouts.types.MEMBER_STATUSES`) and the assignment it had before, which
+    an abort restores."""
+
+    __tablename__ = "rollout_members"
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True,
+                                           index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    arm: Mapped[str] = mapped_column(String(1), default="a")
+    status: Mapped[str] = mapped_column(String(16))
+    previous_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="RESTRICT"))
+    previous_source: Mapped[str | None] = mapped_column(String(32))
+    assigned_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
+    detail: Mapped[str] = mapped_column(String(256), default="")
+
+
+class ControllerLease(Base):
+    """Which server replica runs a background controller (``rollouts``) until ``expires_at``. Taken or
+    renewed by compare-and-set; ``token`` grows with every takeover (the fencing token)."""
+
+    __tablename__ = "controller_leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime]
+
+
+class TelemetryShadowRollup(Base):
+    """Shadow comparisons per device, model, served version, candidate and window: live inputs the
+    candidate also ran on (``compared``), those it agreed on, those offered but not compared
+    (``skipped``) and the sum of mean absolute differences (see :class:`TelemetryRollup`)."""
+
+    __tablename__ = "telemetry_shadow_rollups"
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    candidate: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    compared: Mapped[int] = mapped_column(BigInteger, default=0)
+    agreed: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    abs_error_sum: Mapped[float] = mapped_column(default=0.0)
+    __table_args__ = (Index("ix_telemetry_shadow_rollups_candidate_bucket", "model", "candidate", "bucket"),
+                      Index("ix_telemetry_shadow_rollups_bucket", "bucket"))

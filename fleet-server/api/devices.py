@@ -22,6 +22,7 @@ from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, SEQ_MAX, TAG, As
 from edgefleet.server.desired import desired_state, refresh_etag
 from edgefleet.server.errors import ApiError
 from edgefleet.server.models import Assignment, Device, DeviceEvent, ModelVersion, upsert_insert, utcnow
+from edgefleet.server.rollouts.assign import release_members
 from edgefleet.server.state import ServerState, audit
 from edgefleet.server.tuf.director import DirectorRepository
 from edgefleet.server.tuf.routes import director_repository
@@ -200,8 +201,9 @@ def assign(
     state: StateDep,
     actor: Annotated[Actor, Depends(require("operator"))],
 ) -> DeviceOut:
-    """Pin a version of model ``name`` on the device (rollouts will set these too). Its director metadata
-    is signed in the same transaction; the new timestamp version is its check-in ETag."""
+    """Assign a version of model ``name`` to the device (an operator's assignment: it takes the device out
+    of any active rollout of that model; see :mod:`edgefleet.server.rollouts.assign`). Its director
+    metadata is signed in the same transaction; the new timestamp version is its check-in ETag."""
     director = _director(request)
     with state.sessions.begin() as s:
         d = _get(s, device_id)
@@ -218,8 +220,9 @@ def assign(
         if a is not None:
             s.expire(a)
         refresh_etag(s, device_id, director)
+        released = release_members(s, device_id, name, f"assigned {v.version} by {actor.label}")
         audit(s, actor.label, "device.assign", f"device:{device_id}/model:{name}", before,
-              {"version": v.version, "sha256": v.sha256})
+              {"version": v.version, "sha256": v.sha256, **({"released_from_rollouts": released} if released else {})})
         s.refresh(d)
         out = _out(d, state, s)
     _push_check_in(state, device_id)  # committed: the device may check in now
@@ -242,7 +245,9 @@ def unassign(
         changed = bool(gone.rowcount)  # type: ignore[attr-defined]
         if changed:
             refresh_etag(s, device_id, director)
-            audit(s, actor.label, "device.unassign", f"device:{device_id}/model:{name}", {"model": name}, None)
+            released = release_members(s, device_id, name, f"unassigned by {actor.label}")
+            audit(s, actor.label, "device.unassign", f"device:{device_id}/model:{name}", {"model": name},
+                  {"released_from_rollouts": released} if released else None)
     if changed:
         _push_check_in(state, device_id)
     return Response(status_code=204)

@@ -4,7 +4,8 @@
   keys init --server`` publishes it) and naming the server's online ``director-targets``, ``snapshot``
   and ``timestamp`` keys. Stored as repo ``director`` in ``tuf_metadata``.
 - Per device (repo ``director/<device_id>``): **targets** listing exactly the bundles of its committed
-  assignments (``NAME-VERSION.efb``, length, sha256, ``custom: {"model": NAME, "role": "serve"}``), signed
+  assignments (``NAME-VERSION.efb``, length, sha256, ``custom: {"model": NAME, "role": "serve"|"shadow",
+  "device": ID}``; a shadow target is a candidate the device runs beside the served version), signed
   online by the director-targets key, then **snapshot** and **timestamp** as in the image repository.
 
 Signing happens in the transaction that changes a device's assignments
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp  # type: ignore[attr-defined]
 
@@ -45,29 +46,36 @@ DIRECTOR_EXPIRY: dict[str, timedelta] = {
     Snapshot.type: timedelta(days=3),
     Timestamp.type: timedelta(days=1),
 }
-SERVE = "serve"  # the only role assigned now; "shadow" (a candidate run beside it) is reserved
+SERVE = "serve"  # the version the device serves
+SHADOW = "shadow"  # a candidate it runs beside the served version on live inputs, never serving it
 
 
 def assigned_targets(s: Session, device_id: str) -> dict[str, TargetFile]:
-    """The targets the device's committed assignments name, by target path."""
-    rows = s.execute(
-        select(Assignment.model_name, ModelVersion.version, ModelVersion.sha256, ModelVersion.size)
-        .join(ModelVersion, ModelVersion.id == Assignment.version_id)
-        .where(Assignment.device_id == device_id)
-    ).all()
+    """The targets the device's committed assignments name, by target path: each served version (role
+    ``serve``) and each shadow candidate (role ``shadow``)."""
     out: dict[str, TargetFile] = {}
-    for name, version, sha, size in rows:
-        path = target_path(name, version)
-        out[path] = TargetFile(length=size, hashes={"sha256": sha}, path=path,
-                               unrecognized_fields={"custom": {"model": name, "role": SERVE, "device": device_id}})
+    for role, column in ((SERVE, Assignment.version_id), (SHADOW, Assignment.shadow_version_id)):
+        rows = s.execute(
+            select(Assignment.model_name, ModelVersion.version, ModelVersion.sha256, ModelVersion.size)
+            .join(ModelVersion, ModelVersion.id == column)
+            .where(Assignment.device_id == device_id)
+        ).all()
+        for name, version, sha, size in rows:
+            path = target_path(name, version)
+            if path in out:
+                continue  # a shadow of the served version itself: it is served
+            out[path] = TargetFile(length=size, hashes={"sha256": sha}, path=path,
+                                   unrecognized_fields={"custom": {"model": name, "role": role, "device": device_id}})
     return out
 
 
 def is_assigned(s: Session, device_id: str, sha256: str) -> bool:
-    """Whether a committed assignment of the device names a bundle with this sha256 (what any route that
-    sends bundle bytes to a device must check: its director targets name exactly these)."""
+    """Whether a committed assignment of the device names a bundle with this sha256, served or shadow
+    (what any route that sends bundle bytes to a device must check: its director targets name exactly
+    these)."""
     return s.scalar(
-        select(Assignment.model_name).join(ModelVersion, ModelVersion.id == Assignment.version_id)
+        select(Assignment.model_name).join(ModelVersion, or_(ModelVersion.id == Assignment.version_id,
+                                                             ModelVersion.id == Assignment.shadow_version_id))
         .where(Assignment.device_id == device_id, ModelVersion.sha256 == sha256).limit(1)
     ) is not None
 
