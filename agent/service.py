@@ -128,6 +128,20 @@ class _Host:
     def running(self) -> dict[str, str]:
         return {s.name: s.version for s in self.service.registry.all()}
 
+    def set_shadow(self, name: str, model: Model, version: str) -> None:
+        from edgefleet.agent.shadow import ShadowRunner
+
+        model.telemetry = None  # the candidate's calls are the runner's, not served calls
+        runner = ShadowRunner(name, model, version).start()
+        old = self.service.app.telemetry.set_shadow(name, runner)
+        if old is not None:
+            old.stop()
+
+    def clear_shadow(self, name: str) -> None:
+        old = self.service.app.telemetry.clear_shadow(name)
+        if old is not None:
+            old.stop()
+
 
 class AgentService:
     """The agent process. ``run()`` blocks until SIGTERM/SIGINT and returns the exit code."""

@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgefleet.agent.metrics import BUCKETS
+from edgefleet.agent.shadow import ServedSpec
 from edgefleet.agent.telemetry.drift import DriftMeter, InputBaseline, load_baseline, parse_baseline
 from edgefleet.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from edgefleet.agent.runtime import Model
+    from edgefleet.agent.shadow import ShadowRunner
 
 __all__ = [
     "BOUNDS",
@@ -319,6 +321,10 @@ class ModelStats:
         self.accuracy = LiveAccuracy(accuracy_window)
         self._reported_feedback = 0
         self._next_drift = -math.inf
+        self.shadow: ShadowRunner | None = None
+        """A candidate run beside this version (:mod:`edgefleet.agent.shadow`): offered every successful
+        call's feeds and outputs, reported as the entry's ``shadow`` block. Set by :class:`TelemetryRegistry`."""
+        self.served_spec: ServedSpec | None = None  # what the shadow runner needs of the served model
         self._fresh()
 
     def _fresh(self) -> None:
@@ -347,7 +353,9 @@ class ModelStats:
             base = baseline
         quant = {s.name: (s.quantization.scale, s.quantization.zero_point) for s in model.inputs if s.quantization}
         kw.setdefault("classes_output", classifier_output(model))
-        return cls(name, version, base, model.labels, quantization=quant, **kw)
+        stats = cls(name, version, base, model.labels, quantization=quant, **kw)
+        stats.served_spec = ServedSpec.of(model)
+        return stats
 
     def class_index(self, label: Any) -> int | None:
         """A feedback label as a class index: an int as is, a string through the labels; None if neither."""
@@ -374,6 +382,9 @@ class ModelStats:
                 if now >= self._next_drift:
                     self._next_drift = now + self.drift_interval_s
                     self.drift.add(feeds)
+        shadow = self.shadow
+        if shadow is not None and outputs is not None:
+            shadow.offer(feeds, outputs, self.served_spec)  # never raises, never waits for the candidate
 
     @property
     def has_news(self) -> bool:
@@ -393,6 +404,9 @@ class ModelStats:
                 "drift": self.drift.summary() if self.drift is not None else None,
                 "classes": self.classes.to_dict() if self.classes is not None else {},
             }
+            shadow = self.shadow
+            if shadow is not None:
+                entry["shadow"] = shadow.take(reset)
             if reset:
                 self._fresh()
                 self._reported_feedback = self.accuracy.recorded
@@ -407,13 +421,18 @@ class TelemetryRegistry:
     A version stops being served with :meth:`retire`: it stays (late feedback on its predictions still
     lands in its own accuracy window) and is reported while it has news, then dropped after
     ``keep_retired`` snapshots without any. At most ``max_entries`` are kept; the retired ones that were
-    idle longest go first."""
+    idle longest go first.
+
+    A shadow candidate is attached by model name (:meth:`set_shadow`): the served version of that name
+    offers it its calls and reports its ``shadow`` block, whichever version is served (a swap moves it
+    to the new one); a retired version loses it."""
 
     def __init__(self, keep_retired: int = 10, max_entries: int = 64) -> None:
         self.keep_retired = keep_retired
         self.max_entries = max_entries
         self._stats: dict[tuple[str, str], ModelStats] = {}
         self._idle: dict[tuple[str, str], int] = {}  # retired key -> snapshots without news
+        self._shadows: dict[str, ShadowRunner] = {}  # model name -> the candidate run beside it
         self._lock = threading.Lock()
 
     def track(self, stats: ModelStats) -> ModelStats:
@@ -422,8 +441,33 @@ class TelemetryRegistry:
         with self._lock:
             self._stats[key] = stats
             self._idle.pop(key, None)
+            stats.shadow = self._shadows.get(stats.name)
             self._bound()
         return stats
+
+    def set_shadow(self, name: str, runner: ShadowRunner) -> ShadowRunner | None:
+        """Run ``runner``'s candidate beside the served version of ``name`` (now, and after a swap);
+        returns the runner it replaces (the caller stops it), or None."""
+        with self._lock:
+            old = self._shadows.get(name)
+            self._shadows[name] = runner
+            for (n, _), s in self._stats.items():
+                if n == name:
+                    s.shadow = runner if (n, s.version) not in self._idle else None
+        return old
+
+    def clear_shadow(self, name: str) -> ShadowRunner | None:
+        """No candidate beside ``name`` any more; returns the runner that was attached (the caller stops
+        it), or None."""
+        with self._lock:
+            old = self._shadows.pop(name, None)
+            for (n, _), s in self._stats.items():
+                if n == name:
+                    s.shadow = None
+        return old
+
+    def shadow_of(self, name: str) -> ShadowRunner | None:
+        return self._shadows.get(name)
 
     def track_model(self, name: str, version: str, model: Model, **kw: Any) -> ModelStats:
         """The stats of a model now served (:meth:`ModelStats.from_model`); a version tracked before
@@ -432,14 +476,17 @@ class TelemetryRegistry:
             old = self._stats.get((name, version))
             if old is not None:
                 self._idle.pop((name, version), None)
+                old.shadow = self._shadows.get(name)
                 return old
         return self.track(ModelStats.from_model(name, version, model, **kw))
 
     def retire(self, name: str, version: str) -> None:
         """``version`` of ``name`` is no longer served."""
         with self._lock:
-            if (name, version) in self._stats:
+            s = self._stats.get((name, version))
+            if s is not None:
                 self._idle.setdefault((name, version), 0)
+                s.shadow = None
 
     def get(self, name: str, version: str) -> ModelStats | None:
         return self._stats.get((name, version))

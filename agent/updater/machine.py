@@ -11,10 +11,18 @@
     probation  N runtime calls and T seconds: error rate and p95 against the previous version
     commit     current -> previous, older versions deleted                  | rollback: old model back, refused
 
+    shadow targets (role "shadow", after every serve target is settled):
+    download, install, selftest as above, then the candidate runs beside the served version
+    (``host.set_shadow``; ``state.shadow``; event ``shadow.ok``) until the director stops listing it
+    (``host.clear_shadow``; event ``shadow.stopped``; its files stay until the next cleanup)
+
 After a restart the agent serves ``current`` (complete by construction) and resumes: a download
 continues where it stopped, an install or self-test is redone, a switch or probation is redone from the
 self-test (counted: ``max_probation_restarts`` restarts in one probation roll it back, for a model that
-crashes the agent). A refused target's sha256 is remembered and not tried again until the director stops
+crashes the agent). A shadow candidate is loaded and self-tested again and put back beside its model at
+the first step after a restart. Promotion after shadow (the director lists the same version with role
+"serve") stops the shadow and updates as usual: the version is installed, so nothing is downloaded.
+A refused target's sha256 is remembered and not tried again until the director stops
 assigning it. Transient failures retry with exponential back-off up to ``max_attempts``, then the target
 is given up the same way. Every transition is an event (``state.outbox``) sent with the next report.
 
@@ -68,6 +76,15 @@ class Host(Protocol):
         """Every served model's name and version (agent.toml's included)."""
         ...
 
+    def set_shadow(self, name: str, model: Model, version: str) -> None:
+        """Run ``model`` (version ``version``) beside the served ``name`` on a sample of its live calls,
+        off the serving path; it replaces any candidate run there before."""
+        ...
+
+    def clear_shadow(self, name: str) -> None:
+        """Stop the candidate run beside ``name`` (nothing when there is none)."""
+        ...
+
 
 @dataclass
 class _Live:
@@ -115,6 +132,7 @@ class UpdateMachine:
         self._report_due = True  # the server learns what this device runs at start, events or not
         self.stop_event = threading.Event()
         self._wake = threading.Event()  # set by wake(): check in now (the server's `cmd` over MQTT)
+        self._shadows_attached = not self.st.shadow  # persisted shadows are put back at the first step
         self._resume_after_restart()
 
     # start ---------------------------------------------------------------------------------------
@@ -135,15 +153,14 @@ class UpdateMachine:
         if p is None:
             # A cut after a commit (or a refusal) was saved may have left the older version's folder and
             # the staging file: finish that cleanup now.
-            for name, cur in self.st.current.items():
-                prev = self.st.previous.get(name)
-                inst_mod.prune(self.state_dir, name, {cur.version} | ({prev.version} if prev else set()))
+            for name in self.st.current:
+                inst_mod.prune(self.state_dir, name, self._kept_versions(name))
             inst_mod.clear_staging(self.state_dir)
             return
         if p.phase in ("selftest", "switch", "probation"):
             p.probation_restarts += 1
             if p.probation_restarts > self.config.max_probation_restarts:
-                p.phase, p.reason = "rollback", "crashed_in_probation"
+                p.phase, p.reason = "rollback", "crashed_in_probation" if p.role == "serve" else "crashed_in_selftest"
                 p.detail = f"the agent restarted {p.probation_restarts - 1} times while testing {p.target}"
             else:
                 p.phase = "selftest"  # the candidate was only in memory: load and test it again
@@ -189,6 +206,8 @@ class UpdateMachine:
         with self._lock:
             now = self.clock()
             self._maybe_renew(now)
+            if not self._shadows_attached:
+                self._reattach_shadows(now)
             p = self.st.pending
             pause = self._advance(p, now) if p is not None else self._check(now)
             self._flush()
@@ -246,9 +265,14 @@ class UpdateMachine:
             self.st.refused[key] = RefusedTarget(target=target, reason=e.reason, detail=str(e), at=now)
             self.st.event("update.refused", target=target, reason=e.reason, detail=str(e))
             self.st.last_failure = {"at": now, "target": target, "reason": e.reason, "detail": str(e)}
+        shadows = {a.name: a for a in assigned if a.role == "shadow"}
+        for name, inst in list(self.st.shadow.items()):  # first: a promotion must not find it still shadowing
+            want = shadows.get(name)
+            if want is None or want.sha256 != inst.sha256:
+                self._stop_shadow(name, "no longer assigned" if want is None else f"replaced by {want.version}")
         for a in assigned:
             if a.role != "serve":
-                continue  # shadow candidates: the rollout issue runs them beside the served version
+                continue
             cur = self.st.current.get(a.name)
             if cur is not None and cur.sha256 == a.sha256:
                 continue
@@ -258,6 +282,16 @@ class UpdateMachine:
                                       sha256=a.sha256, length=a.length, role=a.role)
             self._live = _Live()
             self.st.event("update.started", model=a.name, version=a.version, target=a.target, sha256=a.sha256,
+                          detail=f"{a.length} bytes")
+            return
+        for name, a in sorted(shadows.items()):  # serve updates first: only when none is due
+            cur = self.st.current.get(name)
+            if name in self.st.shadow or a.sha256 in self.st.refused or (cur is not None and cur.sha256 == a.sha256):
+                continue
+            self.st.pending = Pending(phase="download", name=a.name, version=a.version, target=a.target,
+                                      sha256=a.sha256, length=a.length, role=a.role)
+            self._live = _Live()
+            self.st.event("shadow.started", model=a.name, version=a.version, target=a.target, sha256=a.sha256,
                           detail=f"{a.length} bytes")
             return
 
@@ -308,6 +342,9 @@ class UpdateMachine:
             elif p.phase == "selftest":
                 self._live.candidate = self._selftest(p)
                 self.st.event("selftest.ok", model=p.name, version=p.version, target=p.target)
+                if p.role == "shadow":
+                    self._start_shadow(p)
+                    return 0.0
                 self._enter(p, "switch")
             elif p.phase == "switch":
                 if self._live.candidate is None:
@@ -429,7 +466,7 @@ class UpdateMachine:
             self.st.previous[p.name] = old
         self.st.current[p.name] = new
         self.st.pending = None
-        keep = {new.version} | ({self.st.previous[p.name].version} if p.name in self.st.previous else set())
+        keep = self._kept_versions(p.name)
         self.st.event("update.committed", model=p.name, version=p.version, target=p.target, sha256=p.sha256,
                       detail=f"kept {sorted(keep)}")
         self._save()
@@ -453,18 +490,74 @@ class UpdateMachine:
         now = self.clock()
         self.st.refused[p.sha256] = RefusedTarget(target=p.target, reason=e.reason, detail=str(e), at=now)
         self.st.last_failure = {"at": now, "target": p.target, "reason": e.reason, "detail": str(e)}
-        self.st.event("update.rolled_back" if rolled_back or p.phase in ("probation", "rollback") else "update.refused",
+        rollback = rolled_back or (p.role == "serve" and p.phase in ("probation", "rollback"))
+        self.st.event("update.rolled_back" if rollback else "update.refused",
                       model=p.name, version=p.version, target=p.target, sha256=p.sha256, reason=e.reason,
                       detail=str(e))
         self.st.pending = None
         self._save()
-        cur = self.st.current.get(p.name)
-        prev = self.st.previous.get(p.name)
-        keep = {v.version for v in (cur, prev) if v is not None and v.sha256 != p.sha256}
+        keep = {v.version for v in (self.st.current.get(p.name), self.st.previous.get(p.name),
+                                    self.st.shadow.get(p.name)) if v is not None and v.sha256 != p.sha256}
         inst_mod.prune(self.state_dir, p.name, keep)
         inst_mod.clear_staging(self.state_dir)
         self._live = _Live()
         _release_memory()
+
+    # shadow mode ---------------------------------------------------------------------------------
+
+    def _kept_versions(self, name: str) -> set[str]:
+        """The versions of ``name`` whose files a cleanup keeps: served, kept for rollback, in shadow."""
+        return {v.version for v in (self.st.current.get(name), self.st.previous.get(name), self.st.shadow.get(name))
+                if v is not None}
+
+    def _start_shadow(self, p: Pending) -> None:
+        """The self-tested candidate of a shadow target runs beside the served version from now on."""
+        model = self._live.candidate
+        assert model is not None
+        model.watch = None  # not served: no probation counts it
+        inst = Installed(name=p.name, version=p.version, target=p.target, sha256=p.sha256, length=p.length,
+                         path=str(Path("models") / p.name / p.version / inst_mod.BUNDLE))
+        self.host.set_shadow(p.name, model, p.version)
+        self.st.shadow[p.name] = inst
+        self.st.pending = None
+        served = self.host.running().get(p.name)
+        self.st.event("shadow.ok", model=p.name, version=p.version, target=p.target, sha256=p.sha256,
+                      detail=f"running beside {p.name} {served}" if served else f"no {p.name} served yet")
+        self._save()
+        inst_mod.clear_staging(self.state_dir)
+        self._live = _Live()
+
+    def _stop_shadow(self, name: str, why: str) -> None:
+        """Stop the candidate beside ``name``; its files stay until a cleanup (a promotion switches to them)."""
+        inst = self.st.shadow.pop(name)
+        self.host.clear_shadow(name)
+        self.st.event("shadow.stopped", model=name, version=inst.version, target=inst.target, sha256=inst.sha256,
+                      detail=why)
+        self._save()
+        _release_memory()
+
+    def _reattach_shadows(self, now: float) -> None:
+        """After a restart: load, self-test and run again each persisted shadow candidate; one that fails
+        now is refused (and forgotten) as at its first self-test."""
+        self._shadows_attached = True
+        for name, inst in list(self.st.shadow.items()):
+            p = Pending(phase="selftest", name=name, version=inst.version, target=inst.target, sha256=inst.sha256,
+                        length=inst.length, role="shadow")
+            try:
+                if inst_mod.installed(self.state_dir, name, inst.version, inst.sha256) is None:
+                    raise Refused(f"{inst.target}: installed files missing or changed", "bad_bundle")
+                model = self._selftest(p)
+            except Refused as e:
+                del self.st.shadow[name]
+                self.st.refused[inst.sha256] = RefusedTarget(target=inst.target, reason=e.reason, detail=str(e), at=now)
+                self.st.last_failure = {"at": now, "target": inst.target, "reason": e.reason, "detail": str(e)}
+                self.st.event("update.refused", model=name, version=inst.version, target=inst.target,
+                              sha256=inst.sha256, reason=e.reason, detail=f"shadow after a restart: {e}")
+                self._save()
+                continue
+            model.watch = None
+            self.host.set_shadow(name, model, inst.version)
+            log.info("shadow: %s %s runs beside %s again", name, inst.version, name)
 
     def _reload_current(self, name: str) -> Model | None:
         cur = self.st.current.get(name)

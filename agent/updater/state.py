@@ -75,6 +75,9 @@ class UpdateState(_Strict):
     schema_: int = Field(default=SCHEMA, alias="schema")
     current: dict[str, Installed] = Field(default_factory=dict)  # name -> the version served
     previous: dict[str, Installed] = Field(default_factory=dict)  # name -> the version kept for rollback
+    # name -> the candidate self-tested and run beside the served version (director role "shadow"); a
+    # file written before shadow mode has no such key (the default: none)
+    shadow: dict[str, Installed] = Field(default_factory=dict)
     pending: Pending | None = None
     refused: dict[str, RefusedTarget] = Field(default_factory=dict)  # sha256 -> why
     last_failure: dict[str, Any] | None = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edgefleet.agent.metrics import BUCKETS
 from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, REASON, SEQ_MAX, SHA256, TARGET_PATH, VERSION
@@ -30,6 +30,7 @@ __all__ = [
     "ModelFigures",
     "Parsed",
     "Rejected",
+    "Shadow",
     "TelemetryIn",
     "parse",
     "topic_device",
@@ -103,6 +104,29 @@ class Accuracy(_Wire):
     recall: dict[Label, Ratio] = Field(default_factory=dict, max_length=1000)
 
 
+class Shadow(_Wire):
+    """A candidate version run beside the served one over the interval (shadow mode): ``compared`` live
+    inputs also run on the candidate, ``agreed`` of them with the same top-1 (classifier outputs) or a mean
+    absolute difference within the golden tolerance (dense outputs), ``skipped`` offered but not compared
+    (rate limit, busy), ``abs_error_sum`` the sum over compared inputs of the mean |served - candidate| of
+    the first output, ``errors`` candidate runs that raised (counted in ``compared``, not ``agreed``)."""
+
+    version: str = Field(pattern=VERSION)
+    compared: Count
+    agreed: Count
+    skipped: Count = 0
+    abs_error_sum: Figure = 0.0
+    errors: Count = 0
+
+    @field_validator("agreed")
+    @classmethod
+    def _agreed_within_compared(cls, value: int, info: ValidationInfo) -> int:
+        compared = info.data.get("compared")
+        if compared is not None and value > compared:
+            raise ValueError(f"agreed ({value}) is more than compared ({compared})")
+        return value
+
+
 class ModelFigures(_Wire):
     """One served model version over the interval."""
 
@@ -114,6 +138,7 @@ class ModelFigures(_Wire):
     drift: Drift | None = None
     classes: dict[Label, Count] = Field(default_factory=dict, max_length=1000)
     accuracy: Accuracy | None = None
+    shadow: Shadow | None = None
 
 
 class DeviceFigures(_Wire):
