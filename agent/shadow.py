@@ -110,7 +110,8 @@ class ShadowRunner:
         self._golden = (golden.atol, golden.rtol) if golden is not None else None
         self._clock = clock
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
+        self._ready = threading.Condition(self._lock)  # an input is queued (or stop): the shadow thread waits
+        self._done = threading.Condition(self._lock)  # an input was compared: wait_idle waits
         self._items: collections.deque[tuple[dict[str, Array], Array | None, ServedSpec]] = collections.deque()
         self._held = 0  # inputs copied or being copied, queued, or running on the candidate (<= queue)
         self._tokens = float(min(self.queue, max(1.0, self.max_rate)))
@@ -145,6 +146,7 @@ class ShadowRunner:
             self._held -= len(self._items)
             self._items.clear()
             self._ready.notify_all()
+            self._done.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -152,6 +154,16 @@ class ShadowRunner:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopped
+
+    @property
+    def held(self) -> int:
+        """Copied inputs held now (queued or running on the candidate): never more than ``queue``."""
+        return self._held
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every kept input was compared (for tests and benchmarks); False on timeout."""
+        with self._lock:
+            return self._done.wait_for(lambda: self._held == 0 or self._stopped, timeout)
 
     # the serving side ----------------------------------------------------------------------------
 
@@ -173,11 +185,13 @@ class ShadowRunner:
             with self._lock:
                 self._held -= 1
                 self.skipped += 1
+                self._done.notify_all()
             return False
         with self._lock:
             if self._stopped:
                 self._held -= 1
                 self.skipped += 1
+                self._done.notify_all()
                 return False
             self._items.append(item)
             self._ready.notify()
@@ -231,6 +245,7 @@ class ShadowRunner:
                 compared, agreed, err, failed = 1, 0, 0.0, True
             with self._lock:
                 self._held -= 1
+                self._done.notify_all()
                 if self._stopped:
                     return
                 self.compared += compared
