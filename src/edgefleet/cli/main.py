@@ -35,6 +35,7 @@ app.add_typer(keys_cmd.app, name="keys")
 app.command("demo")(demo_cmd.demo)
 fleet_cmd.register(app)  # device, token, server
 alerts_cmd.register(app)  # alert list|show|ack, alert rules, alert webhook
+app.command("sim")(__import__("edgefleet.cli.sim", fromlist=["sim"]).sim)  # edgefleet sim (docs/sim.md)
 
 
 def _version(value: bool) -> None:
