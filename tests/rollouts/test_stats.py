@@ -13,7 +13,7 @@ from edgefleet.server.rollouts import stats
 from edgefleet.server.rollouts.stats import hodges_lehmann, mann_whitney, ratio_interval, wilson, z_quantile
 
 try:
-    import scipy.stats as sps
+    import scipy.stats as sps  # type: ignore[import-untyped]
 except ImportError:  # scipy is a test-only extra: fall back to the hand-worked values below
     sps = None
 
