@@ -151,13 +151,24 @@ def _ab_stage(view: RolloutView) -> bool:
 
 
 def _n(x: float | None) -> str:
+    """A figure in words: 2.01, 0.0123, 3e-5, 700."""
     if x is None or math.isnan(x):
         return "?"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    if x != 0 and abs(x) < 1e-3:
-        return _p(x)
-    return f"{x:.3g}"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    if abs(x) >= 1e-3:
+        return f"{x:.3g}"
+    return _p(x)
+
+
+def _pct(r: float) -> str:
+    return f"{r * 100:.3g}%"
 
 
 def _p(p: float | None) -> str:
@@ -217,7 +228,7 @@ def _soak(view: RolloutView, st: _Stage, now: float) -> GateResult:
     verb = ">=" if status == "pass" else "<"
     return GateResult(
         "soak", status, threshold=need, estimate=soaked, n_candidate=len(updated),
-        detail=f"soak: {len(updated)} online members {what}, the shortest for {_n(soaked)}s {verb} {_n(need)}s",
+        detail=f"soak: {len(updated)} online members {what}, the shortest for {soaked:.0f}s {verb} {need:.0f}s",
     )
 
 
@@ -232,7 +243,7 @@ def _failure(view: RolloutView, st: _Stage) -> GateResult:
     op = ">" if status == "fail" else "<="
     return GateResult(
         "failure", status, threshold=limit, estimate=ratio, n_candidate=len(counted),
-        detail=f"failure {failed} of {len(counted)} ({_n(ratio * 100)}%) {op} {_n(limit * 100)}%",
+        detail=f"failure {failed} of {len(counted)} ({_pct(ratio)}) {op} {_pct(limit)}",
     )
 
 
@@ -328,7 +339,7 @@ def _comparative(
     else:
         status = "pass" if high <= threshold else "fail" if low > threshold else "wait"
         op = {"pass": "<=", "fail": ">", "wait": "straddles"}[status]
-    words = (f"{metric.words} {_n(est)} [{_n(low)}, {_n(high)}] {op} {_n(threshold)} with {len(c)} vs {len(b)} "
+    words = (f"{metric.words} {_n(est)} [{_n(low)}, {_n(high)}] {op} {threshold:g} with {len(c)} vs {len(b)} "
              f"devices, p={_p(p)}")
     if not (math.isfinite(low) and math.isfinite(high)):
         words += f" (too few devices for a {g.confidence:.0%} interval)"
@@ -359,7 +370,7 @@ def _agreement(view: RolloutView, st: _Stage, figures: Figures) -> GateResult:
     return GateResult(
         "agreement", status, threshold=t, estimate=est, low=low, high=high, n_candidate=len(devices),
         samples_candidate=compared,
-        detail=(f"agreement {_n(est)} [{_n(low)}, {_n(high)}] {op} {_n(t)} over {compared} comparisons "
+        detail=(f"agreement {_n(est)} [{_n(low)}, {_n(high)}] {op} {t:g} over {compared} comparisons "
                 f"on {len(devices)} devices"),
     )
 
@@ -448,9 +459,9 @@ def decide(view: RolloutView, figures: Figures, now: float) -> Decision:
         if held >= hold:
             ab_words = _join([r for r in results if r.name == "ab"]) or "no A/B figures"
             return Decision("complete" if last else "advance",
-                            f"{where}: A/B hold of {_n(hold)}s over ({ab_words}): {nxt}",
+                            f"{where}: A/B hold of {hold:.0f}s over ({ab_words}): {nxt}",
                             results, stage=None if last else k + 1)
-        return Decision("wait", f"{where}: holding A/B for {_n(hold - held)}s more", results)
+        return Decision("wait", f"{where}: holding A/B for {hold - held:.0f}s more", results)
     waiting = [r for r in deciding if r.status == "wait"]
     if not waiting:
         passed = [r for r in deciding if r.status == "pass"]
@@ -458,14 +469,14 @@ def decide(view: RolloutView, figures: Figures, now: float) -> Decision:
         if view.phase == "shadow":
             return Decision("promote_shadow", f"{where}: shadow {summary}: promote the candidate to serve", results)
         if _ab_stage(view) and g.hold_s is not None:
-            return Decision("hold", f"{where}: {summary}: hold the A/B comparison for {_n(g.hold_s)}s", results)
+            return Decision("hold", f"{where}: {summary}: hold the A/B comparison for {g.hold_s:.0f}s", results)
         return Decision("complete" if last else "advance", f"{where}: {summary}: {nxt}", results,
                         stage=None if last else k + 1)
     elapsed = now - view.stage_started_at
     if elapsed > g.stage_timeout_s:
         return Decision(
             g.on_fail,
-            f"{where}: stage timeout after {_n(elapsed)}s > {_n(g.stage_timeout_s)}s, undecided: "
+            f"{where}: stage timeout after {elapsed:.0f}s > {g.stage_timeout_s:.0f}s, undecided: "
             f"{_join(waiting)}: {g.on_fail}",
             results,
         )
