@@ -133,6 +133,9 @@ class UpdateMachine:
         self.stop_event = threading.Event()
         self._wake = threading.Event()  # set by wake(): check in now (the server's `cmd` over MQTT)
         self._shadows_attached = not self.st.shadow  # persisted shadows are put back at the first step
+        # One target at a time: when one ends, the others the metadata named (a shadow after a serve
+        # update) are planned at the next check-in even if nothing changed on the server.
+        self._replan = self.st.pending is not None
         self._resume_after_restart()
 
     # start ---------------------------------------------------------------------------------------
@@ -223,7 +226,8 @@ class UpdateMachine:
             return _retry_after(e, interval)
         self.st.last_checkin = now
         age = None if self.st.last_refresh is None else now - self.st.last_refresh
-        if not ci.changed and age is not None and age < self.config.max_metadata_age and self._metadata_problem is None:
+        if (not ci.changed and age is not None and age < self.config.max_metadata_age
+                and self._metadata_problem is None and not self._replan):
             return interval
         try:
             trusted = refresh(self.state_dir, self.server_url, self.device_id, self.client.tuf_fetcher())
@@ -243,6 +247,7 @@ class UpdateMachine:
         self.st.last_refresh = now
         self.st.etag = ci.etag
         assigned, bad = resolve(trusted)
+        self._replan = False
         self._plan(assigned, bad, now)
         self._save()
         return 0.0 if self.st.pending is not None else interval
@@ -466,6 +471,7 @@ class UpdateMachine:
             self.st.previous[p.name] = old
         self.st.current[p.name] = new
         self.st.pending = None
+        self._replan = True
         keep = self._kept_versions(p.name)
         self.st.event("update.committed", model=p.name, version=p.version, target=p.target, sha256=p.sha256,
                       detail=f"kept {sorted(keep)}")
@@ -495,6 +501,7 @@ class UpdateMachine:
                       model=p.name, version=p.version, target=p.target, sha256=p.sha256, reason=e.reason,
                       detail=str(e))
         self.st.pending = None
+        self._replan = True
         self._save()
         keep = {v.version for v in (self.st.current.get(p.name), self.st.previous.get(p.name),
                                     self.st.shadow.get(p.name)) if v is not None and v.sha256 != p.sha256}
@@ -520,6 +527,7 @@ class UpdateMachine:
         self.host.set_shadow(p.name, model, p.version)
         self.st.shadow[p.name] = inst
         self.st.pending = None
+        self._replan = True
         served = self.host.running().get(p.name)
         self.st.event("shadow.ok", model=p.name, version=p.version, target=p.target, sha256=p.sha256,
                       detail=f"running beside {p.name} {served}" if served else f"no {p.name} served yet")
