@@ -149,6 +149,15 @@ class Settings(BaseModel):
     alert_delivery_poll: float = Field(
         default=1.0, ge=0.01, le=3600, description="how often the delivery worker looks for due deliveries, s"
     )
+    # -- staged rollouts (edgefleet.server.rollouts.controller): one replica at a time judges them, by lease
+    rollout_enabled: bool = Field(default=True, description="run the rollout controller in this replica (replicas "
+                                  "share the work by a lease: one judges at a time)")
+    rollout_interval: float = Field(default=5.0, gt=0, le=3600,
+                                    description="how often the rollout controller judges every active rollout, s")
+    rollout_lease: float = Field(
+        default=15.0, gt=0, le=86400, description="how long the controller's lease lasts unrenewed, s: a replica that "
+        "stops renewing (dead, stuck) is replaced this long after its last renewal; above rollout_interval",
+    )
 
     @model_validator(mode="after")
     def _mqtt_consistent(self) -> Settings:
@@ -159,6 +168,12 @@ class Settings(BaseModel):
         if self.mqtt_batch_max > self.mqtt_receive_maximum:
             raise ValueError("mqtt_batch_max: must not exceed mqtt_receive_maximum (the broker sends no more "
                              "unacknowledged messages than that)")
+        return self
+
+    @model_validator(mode="after")
+    def _rollouts_consistent(self) -> Settings:
+        if self.rollout_lease <= self.rollout_interval:
+            raise ValueError("rollout_lease: must be above rollout_interval (the holder renews it once per interval)")
         return self
 
     @model_validator(mode="after")
