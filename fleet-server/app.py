@@ -20,7 +20,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from edgefleet import __version__
 from edgefleet.server.alerts import routes as alert_routes
-from edgefleet.server.api import checkin, devices, identity, registry, tokens
+from edgefleet.server.api import checkin, devices, identity, registry, rollouts, tokens
 from edgefleet.server.api.deps import PEER_KEY
 from edgefleet.server.errors import install_handlers
 from edgefleet.server.limits import BodyLimit
@@ -116,6 +116,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     app.include_router(tuf_routes.router)
     app.include_router(telemetry_routes.router)
     app.include_router(alert_routes.router)
+    app.include_router(rollouts.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:  # on the loop, no I/O: answers while the pool or database is stuck

@@ -18,6 +18,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.api.deps import Actor, SessionDep, StateDep, device_caller, require
+from edgefleet.server.api.rollout_schemas import PinIn, PinOut
 from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, SEQ_MAX, TAG, AssignIn, DeviceOut, EventOut, TagsIn
 from edgefleet.server.desired import desired_state, refresh_etag
 from edgefleet.server.errors import ApiError
@@ -251,6 +252,52 @@ def unassign(
     if changed:
         _push_check_in(state, device_id)
     return Response(status_code=204)
+
+
+@router.put("/devices/{device_id}/pins/{name}", response_model=PinOut)
+def pin_device(
+    device_id: DevicePath,
+    name: Annotated[str, Path(pattern=MODEL_NAME)],
+    body: PinIn,
+    request: Request,
+    state: StateDep,
+    actor: Annotated[Actor, Depends(require("operator"))],
+) -> PinOut:
+    """Pin a version of model ``name`` on the device: no rollout changes it (the top of the precedence
+    rule: pin > operator > rollout); an active rollout that governed the device releases it."""
+    from edgefleet.server.rollouts import service
+
+    director = _director(request)
+    with state.sessions.begin() as s:
+        released = service.pin(s, director, device_id, name, body.version, actor.label)
+    _push_check_in(state, device_id)
+    return PinOut(device_id=device_id, model=name, version=body.version, source="pin", changed=True,
+                  released_from_rollouts=released)
+
+
+@router.delete("/devices/{device_id}/pins/{name}", response_model=PinOut)
+def unpin_device(
+    device_id: DevicePath,
+    name: Annotated[str, Path(pattern=MODEL_NAME)],
+    request: Request,
+    state: StateDep,
+    actor: Annotated[Actor, Depends(require("operator"))],
+) -> PinOut:
+    """Unpin: the pin becomes an operator's assignment of the same version (``changed`` false when the
+    device's ``name`` was not pinned). 404 when the device has no assignment of ``name``."""
+    from edgefleet.server.rollouts import service
+
+    director = _director(request)
+    with state.sessions.begin() as s:
+        changed = service.unpin(s, director, device_id, name, actor.label)
+        a = s.get(Assignment, (device_id, name))
+        assert a is not None  # unpin answered 404 otherwise
+        v = s.get(ModelVersion, a.version_id)
+        out = PinOut(device_id=device_id, model=name, version=v.version if v is not None else "?", source=a.source,
+                     changed=changed)
+    if changed:
+        _push_check_in(state, device_id)
+    return out
 
 
 def _push_check_in(state: ServerState, device_id: str) -> None:
