@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
@@ -30,6 +31,11 @@ from edgefleet.server.settings import Settings
 from edgefleet.server.state import ServerState, open_state
 from edgefleet.server.telemetry import routes as telemetry_routes
 from edgefleet.server.tuf import routes as tuf_routes
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+    from edgefleet.server.tuf.director import DirectorRepository
 
 __all__ = ["UPLOAD_ROUTE", "TrustedProxy", "create_app"]
 
@@ -67,6 +73,20 @@ def _sync_revocations(settings: Settings) -> None:
         log.info("broker: %d revoked device(s) replayed", n)
 
 
+def _director_getter(app: FastAPI) -> Callable[[], DirectorRepository | None]:
+    """The app's director repositories for work outside a request (the rollout controller): the same
+    instance the routes use, made on first use; None while the server has no online TUF keys."""
+    from edgefleet.server.errors import ApiError
+
+    def get() -> DirectorRepository | None:
+        try:
+            return tuf_routes.director_repository(cast("Request", SimpleNamespace(app=app)))  # reads .app.state only
+        except ApiError:
+            return None
+
+    return get
+
+
 def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     """The server app: connects, migrates (per settings) and loads the CA unless ``state`` is given.
     Raises :class:`edgefleet.errors.ConfigError` when the server was never initialised."""
@@ -95,9 +115,20 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
         worker = DeliveryWorker(settings, st.sessions, publish=ingester_publisher(st) if ingester is not None else None)
         worker.start()
         app.state.alert_worker = worker
+        # Staged rollouts: every replica runs the controller; a lease lets one judge at a time.
+        controller = None
+        if settings.rollout_enabled:
+            from edgefleet.server.rollouts.controller import RolloutController
+
+            controller = RolloutController(st, _director_getter(app), interval=settings.rollout_interval,
+                                           lease_ttl=settings.rollout_lease, registry=st.metrics.registry)
+            controller.start()
+        app.state.rollout_controller = controller
         try:
             yield
         finally:
+            if controller is not None:
+                await run_in_threadpool(controller.stop)
             await run_in_threadpool(worker.stop)
             if ingester is not None:
                 await run_in_threadpool(ingester.stop)

@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,6 +56,22 @@ ACTOR = "controller"  # the audit log's actor for the controller's decisions
 def default_holder() -> str:
     """This replica's name in the lease: host, process and a random part (a restarted process is new)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+_COUNTERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _decisions_counter(registry: Any) -> Any:
+    """``edgefleet_rollout_decisions{action, result}`` in ``registry``, registered once per registry (an
+    app restarted on the same server state makes a second controller)."""
+    counter = _COUNTERS.get(registry)
+    if counter is None:
+        from prometheus_client import Counter
+
+        counter = Counter("edgefleet_rollout_decisions", "Rollout controller judgements by action and result "
+                          "(committed, skipped, lease, cas, error)", ["action", "result"], registry=registry)
+        _COUNTERS[registry] = counter
+    return counter
 
 
 @dataclass(frozen=True)
@@ -102,12 +119,7 @@ class RolloutController:
         self.token: int | None = None  # the fencing token of the lease while we hold it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._decisions = None
-        if registry is not None:
-            from prometheus_client import Counter
-
-            self._decisions = Counter("edgefleet_rollout_decisions", "Rollout controller judgements by action and "
-                                      "result (committed, lease, cas, error)", ["action", "result"], registry=registry)
+        self._decisions = _decisions_counter(registry) if registry is not None else None
 
     def _notify_check_in(self, device_id: str) -> object:
         from edgefleet.server.telemetry.ingest import notify_check_in

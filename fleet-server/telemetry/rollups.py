@@ -12,6 +12,9 @@ their retention.
 - **The window** of a message is the one its ``at`` falls in (the device's clock: store-and-forward
   messages land where they were measured); an ``at`` more than :data:`MAX_FUTURE` ahead of the server's
   clock is taken as the arrival time instead.
+- **Shadow comparisons** (a candidate run beside the served version) are summed per device, model,
+  served version, candidate and window into :class:`~edgefleet.server.models.TelemetryShadowRollup`
+  (counts and the absolute-difference sum add), which the rollout gates read.
 - **Accuracy** is a mean of the devices' sliding-window accuracies weighted by their window sizes;
   per-class precision and recall are not merged (they cannot be without the confusion counts).
 
@@ -36,6 +39,7 @@ from edgefleet.server.models import (
     TelemetryDeviceRollup,
     TelemetryMessage,
     TelemetryRollup,
+    TelemetryShadowRollup,
     TelemetryStream,
     upsert_insert,
 )
@@ -143,11 +147,21 @@ class _DeviceAcc:
 
 
 @dataclass
+class _ShadowAcc:
+    compared: int = 0
+    agreed: int = 0
+    skipped: int = 0
+    abs_error_sum: float = 0.0
+
+
+@dataclass
 class RollupBatch:
-    """What a batch of telemetry adds, keyed by (device, model, version, bucket) and (device, bucket)."""
+    """What a batch of telemetry adds, keyed by (device, model, version, bucket), (device, bucket) and,
+    for shadow comparisons, (device, model, served version, candidate, bucket)."""
 
     models: dict[tuple[str, str, str, int], _ModelAcc] = field(default_factory=dict)
     devices: dict[tuple[str, int], _DeviceAcc] = field(default_factory=dict)
+    shadows: dict[tuple[str, str, str, str, int], _ShadowAcc] = field(default_factory=dict)
 
 
 def accumulate(messages: Iterable[TelemetryIn], received_at: datetime) -> RollupBatch:
@@ -175,6 +189,12 @@ def accumulate(messages: Iterable[TelemetryIn], received_at: datetime) -> Rollup
                 acc.accuracy_wsum += m.accuracy.accuracy * m.accuracy.window
                 acc.accuracy_window += m.accuracy.window
             acc.classes.update(m.classes)
+            if m.shadow is not None:
+                sh = out.shadows.setdefault((t.device_id, m.name, m.version, m.shadow.version, b), _ShadowAcc())
+                sh.compared += m.shadow.compared
+                sh.agreed += m.shadow.agreed
+                sh.skipped += m.shadow.skipped
+                sh.abs_error_sum += m.shadow.abs_error_sum
         dv = t.device
         dacc = out.devices.setdefault((t.device_id, b), _DeviceAcc())
         dacc.reports += 1
@@ -205,6 +225,7 @@ def _sql_min(old: Any, new: Any) -> ColumnElement[Any]:
 _SUMS = ("reports", "inferences", "errors", "latency_sum", *LAT_COLUMNS, "drift_reports", "drift_samples",
          "psi_mean_wsum", "accuracy_wsum", "accuracy_window")
 _MAXES = ("psi_max", "mean_shift_max", "std_ratio_max")
+_SHADOW_SUMS = ("compared", "agreed", "skipped", "abs_error_sum")
 _DEVICE_MAXES = ("cpu_percent_max", "memory_rss_max", "memory_percent_max", "temperature_max", "queue_depth_max",
                  "dropped_max", "uptime_max")
 
@@ -245,6 +266,14 @@ def upsert(s: Session, batch: RollupBatch) -> None:
         dset.update({c: _sql_max(dt[c], dins.excluded[c]) for c in _DEVICE_MAXES})
         dset["disk_free_min"] = _sql_min(dt["disk_free_min"], dins.excluded["disk_free_min"])
         s.connection().execute(dins.on_conflict_do_update(index_elements=["device_id", "bucket"], set_=dset), drows)
+    if batch.shadows:
+        srows = [{"device_id": dev, "model": model, "version": version, "candidate": cand, "bucket": b, **vars(acc)}
+                 for (dev, model, version, cand, b), acc in sorted(batch.shadows.items())]
+        sins = upsert_insert(s, TelemetryShadowRollup)
+        st = TelemetryShadowRollup.__table__.c
+        sset = {c: st[c] + sins.excluded[c] for c in _SHADOW_SUMS}
+        s.connection().execute(sins.on_conflict_do_update(
+            index_elements=["device_id", "model", "version", "candidate", "bucket"], set_=sset), srows)
 
 
 # -- reading ---------------------------------------------------------------------------------------------
@@ -365,7 +394,7 @@ def retention(s: Session, now: datetime, raw_days: float, rollup_days: float) ->
         oldest = upto
     deleted["telemetry_messages"] = n
     old_bucket = int((now - timedelta(days=rollup_days)).timestamp())
-    for model in (TelemetryRollup, TelemetryClassRollup, TelemetryDeviceRollup):
+    for model in (TelemetryRollup, TelemetryClassRollup, TelemetryDeviceRollup, TelemetryShadowRollup):
         deleted[model.__tablename__] = _count(s.execute(delete(model).where(model.bucket < old_bucket)))
         s.commit()
     gone = now - timedelta(days=rollup_days)
