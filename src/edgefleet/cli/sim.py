@@ -36,7 +36,7 @@ def sim(
     accuracy: list[str] = typer.Option([], "--accuracy", help="VERSION=0.7: live accuracy (default 0.95); "
                                        "repeatable"),
     error_rate: list[str] = typer.Option([], "--error-rate", help="VERSION=0.05: runtime errors per call "
-                                         "(default 0.0005); repeatable"),
+                                         "(default 0.0001); repeatable"),
     latency_ms: float = typer.Option(5.0, "--latency-ms", help="median latency of one inference at slow-model 1"),
     rate: float = typer.Option(20.0, "--rate", help="inferences per second per device"),
     interval: float = typer.Option(5.0, "--interval", help="seconds between telemetry messages"),

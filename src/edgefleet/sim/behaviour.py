@@ -75,7 +75,7 @@ def _check_map(name: str, m: Mapping[str, float], lo: float, hi: float | None) -
 class Behaviour:
     base_latency_s: float = 0.005
     sigma: float = 0.25
-    error_rate: float = 0.0005
+    error_rate: float = 0.0001
     rate: float = 20.0
     shadow_rate: float = 5.0
     default_accuracy: float = 0.95

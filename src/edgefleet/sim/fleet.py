@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 def default_updates(checkin: float) -> UpdatesConfig:
     """The simulated devices' ``[updates]``: check-ins every ``checkin`` seconds, a short probation
-    (20 calls and 2 s; 30 s at most), the agent's defaults otherwise."""
-    return UpdatesConfig(checkin_interval=checkin, probation_inferences=20, probation_seconds=2.0,
+    (100 calls and 2 s; 30 s at most), the agent's defaults otherwise. Not fewer calls: the machine
+    allows ``int(max_error_rate * max(calls, probation_inferences))`` errors, so with 50 calls or fewer
+    a single runtime error (the cost model's base rate) rolls a good version back."""
+    return UpdatesConfig(checkin_interval=checkin, probation_inferences=100, probation_seconds=2.0,
                          probation_max_seconds=30.0, backoff_max=30.0)
 
 
