@@ -470,6 +470,42 @@ def device_assign(
     _echo(out, as_json) if as_json else typer.echo(f"{device_id}: {model} {version}")
 
 
+@device_app.command("pin")
+def device_pin(
+    device_id: str = typer.Argument(...),
+    model: str = typer.Option(..., "--model", help="model name"),
+    version: str = typer.Option(..., "--version", help="the version it keeps running"),
+    server: str | None = _SERVER,
+    as_json: bool = _JSON,
+) -> None:
+    """Pin a model version on one device: no rollout changes it (a pin beats an operator's assignment
+    beats a rollout); a rollout that governed the device lets it be."""
+    out = _call("PUT", f"/api/v1/devices/{device_id}/pins/{model}", server, json={"version": version})
+    if as_json:
+        _echo(out, True)
+        return
+    released = out.get("released_from_rollouts") or []
+    typer.echo(f"{device_id}: {model} {version} pinned"
+               + (f" (released from rollout {', '.join(map(str, released))})" if released else ""))
+
+
+@device_app.command("unpin")
+def device_unpin(
+    device_id: str = typer.Argument(...),
+    model: str = typer.Option(..., "--model", help="model name"),
+    server: str | None = _SERVER,
+    as_json: bool = _JSON,
+) -> None:
+    """Unpin: the device keeps its version as an operator's assignment, which later rollouts may take."""
+    out = _call("DELETE", f"/api/v1/devices/{device_id}/pins/{model}", server)
+    if as_json:
+        _echo(out, True)
+    elif out["changed"]:
+        typer.echo(f"{device_id}: {model} {out['version']} unpinned (now an operator's assignment)")
+    else:
+        typer.echo(f"{device_id}: {model} was not pinned ({out['version']}, source {out['source']}): nothing changed")
+
+
 @device_app.command("enroll-token")
 def enroll_token(
     tag: list[str] = typer.Option([], "--tag", help="tag given to devices enrolling with it (repeatable)"),

@@ -13,6 +13,7 @@ from edgefleet.cli import demo as demo_cmd
 from edgefleet.cli import fleet as fleet_cmd
 from edgefleet.cli import keys as keys_cmd
 from edgefleet.cli import model as model_cmd
+from edgefleet.cli import rollout as rollout_cmd
 from edgefleet.errors import EdgefleetError
 
 try:  # typer >= 0.25 carries its own copy of click
@@ -35,6 +36,7 @@ app.add_typer(keys_cmd.app, name="keys")
 app.command("demo")(demo_cmd.demo)
 fleet_cmd.register(app)  # device, token, server
 alerts_cmd.register(app)  # alert list|show|ack, alert rules, alert webhook
+rollout_cmd.register(app)  # rollout create|list|show|members|pause|resume|abort|promote|watch
 app.command("sim")(__import__("edgefleet.cli.sim", fromlist=["sim"]).sim)  # edgefleet sim (docs/sim.md)
 
 
