@@ -29,6 +29,10 @@ from edgefleet.server.state import ServerState, init_server, open_state  # noqa:
 
 PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLES = (
+    "rollout_members",
+    "rollouts",
+    "controller_leases",
+    "telemetry_shadow_rollups",
     "device_events",
     "assignments",
     "audit_log",
