@@ -116,6 +116,7 @@ class ShadowRunner:
         self._held = 0  # inputs copied or being copied, queued, or running on the candidate (<= queue)
         self._tokens = float(min(self.queue, max(1.0, self.max_rate)))
         self._refilled = clock()
+        self._next_token = -math.inf if self.max_rate > 0 else math.inf  # when the bucket holds a token again
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._zero()
@@ -143,6 +144,7 @@ class ShadowRunner:
         run in progress (the thread is a daemon: a candidate that hangs does not hold the agent)."""
         with self._lock:
             self._stopped = True
+            self._next_token = math.inf
             self._held -= len(self._items)
             self._items.clear()
             self._ready.notify_all()
@@ -171,6 +173,11 @@ class ShadowRunner:
         """An answer the served model just computed for ``feeds``. Kept (copied) for the candidate when
         the rate allows and a slot is free, else counted as skipped; returns whether it was kept.
         Never raises for what the inputs are, never waits for the candidate."""
+        # Fast path, no lock (most calls: the bucket is empty): a race between serving threads loses a
+        # skipped count at worst, as the runtime's Watch may lose a sample.
+        if self._clock() < self._next_token or self._held >= self.queue:
+            self.skipped += 1
+            return False
         spec = spec or _PLAIN
         with self._lock:
             if self._stopped or self._held >= self.queue or not self._take_token():
@@ -206,8 +213,11 @@ class ShadowRunner:
         self._tokens = min(cap, self._tokens + (now - self._refilled) * self.max_rate)
         self._refilled = now
         if self._tokens < 1.0:
+            self._next_token = now + (1.0 - self._tokens) / self.max_rate
             return False
         self._tokens -= 1.0
+        if self._tokens < 1.0:
+            self._next_token = now + (1.0 - self._tokens) / self.max_rate
         return True
 
     # telemetry -----------------------------------------------------------------------------------
