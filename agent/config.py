@@ -228,6 +228,11 @@ class UpdatesConfig(_Strict):
     max_probation_restarts: int = Field(
         default=3, ge=1, le=100, description="agent restarts during one probation before the version is rolled back"
     )
+    shadow_max_rate: float = Field(
+        default=5.0, ge=0, le=1000,
+        description="live calls a second a shadow candidate also runs on, at most (off the serving path)",
+    )
+    shadow_queue: int = Field(default=2, ge=1, le=64, description="live inputs held for a busy shadow candidate, at most")
 
 
 class MqttConfig(_Strict):

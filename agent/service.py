@@ -132,7 +132,9 @@ class _Host:
         from edgefleet.agent.shadow import ShadowRunner
 
         model.telemetry = None  # the candidate's calls are the runner's, not served calls
-        runner = ShadowRunner(name, model, version).start()
+        updates = self.service.config.updates
+        runner = ShadowRunner(name, model, version, max_rate=updates.shadow_max_rate,
+                              queue=updates.shadow_queue).start()
         old = self.service.app.telemetry.set_shadow(name, runner)
         if old is not None:
             old.stop()

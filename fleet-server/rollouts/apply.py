@@ -35,7 +35,7 @@ from edgefleet.server.models import Assignment, ModelVersion, Rollout, RolloutMe
 from edgefleet.server.rollouts import assign
 from edgefleet.server.rollouts.codec import decision_to_json, gate_result_to_json, gates_from_json
 from edgefleet.server.rollouts.judge import initial_phase
-from edgefleet.server.rollouts.types import Decision
+from edgefleet.server.rollouts.types import ACTIVE_STATES, Decision
 from edgefleet.server.state import audit
 
 if TYPE_CHECKING:
@@ -105,6 +105,12 @@ def _version_b(s: Session, rollout: Rollout) -> int | None:
     return int(found) if found is not None else None
 
 
+def _active_other_sources(s: Session, model: str, rollout_id: int) -> set[str]:
+    ids = s.scalars(select(Rollout.id).where(Rollout.model == model, Rollout.id != rollout_id,
+                                             Rollout.state.in_(ACTIVE_STATES)))
+    return {assign.rollout_source(i) for i in ids}
+
+
 def _assign(s: Session, director: DirectorRepository | None, rollout: Rollout, device_ids: tuple[str, ...],
             arm_b: set[str], now: datetime) -> list[str]:
     rid, model = rollout.id, rollout.model
@@ -113,12 +119,13 @@ def _assign(s: Session, director: DirectorRepository | None, rollout: Rollout, d
     vb = _version_b(s, rollout) if arm_b else None
     members = [m for m in _members(s, rid, list(device_ids)) if m.status == "waiting"]
     current = _assignments(s, model, [m.device_id for m in members])
+    others = _active_other_sources(s, model, rid)
     changed: list[str] = []
     for m in members:
         cur = current.get(m.device_id)
-        if cur is not None and (cur[1] == assign.PIN or (assign.is_rollout_source(cur[1])
-                                                          and not assign.is_rollout_source(cur[1], rid))):
-            continue  # a pin, or another rollout's device: never ours to change
+        if cur is not None and (cur[1] == assign.PIN or cur[1] in others):
+            continue  # a pin, or a device another active rollout governs: never ours to change
+            # (an ended rollout's assignment is the standing one a new rollout replaces)
         version = vb if (m.device_id in arm_b and vb is not None) else rollout.version_id
         if shadow and cur is not None:
             assign.set_assignment(s, director, m.device_id, model, cur[0], source, shadow_version_id=version)
