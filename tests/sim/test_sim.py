@@ -148,6 +148,15 @@ def _on(sim: SimFleet, world: World, version: str, ids: set[str] | None = None, 
         f"{[s for s in sim.snapshot() if s['running'].get(MODEL) != version][:3]}")
 
 
+def _serving(sim: SimFleet, world: World) -> None:
+    """Every device serves some version (run alone, a test starts from devices that serve nothing)."""
+    idle = {s["device_id"] for s in sim.snapshot() if MODEL not in s["running"]}
+    for i in idle:
+        world.assign(i, BASE)
+    if idle:
+        _on(sim, world, BASE, idle)
+
+
 def test_every_device_enrolls_and_an_operator_assignment_reaches_all_of_them(sim: SimFleet, world: World) -> None:
     snap = sim.snapshot()
     ids = {s["device_id"] for s in snap}
@@ -173,6 +182,7 @@ def test_every_device_enrolls_and_an_operator_assignment_reaches_all_of_them(sim
 
 
 def test_a_version_whose_self_test_fails_everywhere_is_refused_by_every_device(sim: SimFleet, world: World) -> None:
+    _serving(sim, world)
     before = {s["device_id"]: s["running"][MODEL] for s in sim.snapshot()}
     for i in before:
         world.assign(i, BROKEN)
@@ -196,6 +206,7 @@ def _p95(world: World, version: str) -> tuple[float | None, int]:
 
 def test_telemetry_is_valid_and_a_twice_as_slow_version_shows_twice_the_p95_in_the_rollups(
         sim: SimFleet, world: World) -> None:
+    _serving(sim, world)
     ids = sorted(s["device_id"] for s in sim.snapshot())
     slow, rest = set(ids[: N // 2]), set(ids[N // 2:])
     baseline = {s["running"][MODEL] for s in sim.snapshot() if s["device_id"] in rest}
@@ -241,3 +252,17 @@ def test_the_cli_runs_for_a_few_seconds_and_prints_the_final_snapshot_as_json(wo
     assert len(out["devices"]) == 3 and out["summary"]["devices"] == 3
     assert all(d["device_id"].startswith("dev-") and d["telemetry_sent"] >= 1 for d in out["devices"])
     assert (tmp_path / "state" / "dev-00000" / "identity" / "identity.json").is_file()
+
+
+def test_two_hundred_devices_enroll_in_parallel_and_all_take_an_assignment(world: World, tmp_path: Path) -> None:
+    n = 200
+    with SimFleet(world.fleet.server.url, world.token(n), n, state=tmp_path / "state", workers=8, checkin=5.0,
+                  broker=f"mqtt://127.0.0.1:{world.broker.port}", interval=5.0, seed=3) as fleet:
+        snap = fleet.snapshot()
+        assert len({s["device_id"] for s in snap}) == n
+        for s in snap:
+            world.assign(s["device_id"], NEXT)
+        assert fleet.wait(lambda snap: _running(snap, NEXT), 600, 2.0), fleet.summary()
+        summary = fleet.summary()
+        assert summary["running"] == {f"{MODEL} {NEXT}": n} and summary["errors"] == 0
+        print(f"200 devices: {summary}")

@@ -20,8 +20,11 @@
   agent's own :class:`~edgefleet.agent.telemetry.measure.TelemetryRegistry`, the served model's
   ``Watch`` (probation) and the shadow counters; :meth:`SimDevice.telemetry` is the telemetry message.
 
-A device holds no thread and no socket of its own; every method is called by one scheduler job at a
-time (so none of them locks).
+A device holds no thread and no socket of its own. Its machine is run by one scheduler job at a time;
+the traffic and the telemetry message (:meth:`SimDevice.advance`, :meth:`SimDevice.telemetry`) are
+also called by the fleet's telemetry thread, under ``SimDevice.lock``. A step swapping models while
+the telemetry thread reads them is the race the agent has between its inference threads and its
+updater (benign: a ``Watch`` may lose a sample).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import io
 import json
 import logging
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -242,6 +246,7 @@ class SimDevice:
         self.seq = 0
         self.telemetry_sent = 0
         self.started = time.monotonic()
+        self.lock = threading.Lock()  # advance() and telemetry(): the telemetry thread and a step's
         self.last_traffic = self.started
         self.next_step = 0.0
         self.next_telemetry = 0.0

@@ -1,13 +1,15 @@
-"""N virtual devices in one process, driven by a small worker pool from one heap scheduler.
+"""N virtual devices in one process, driven by a small worker pool from heap schedulers.
 
-Each device has one entry in a heap keyed by when it next wants to run (its update machine's pause,
-its next telemetry message, whichever is first). A dispatcher thread pops what is due and hands it to
-a pool of ``workers`` threads; a device is never run by two threads at once. One run of a device
-(:meth:`SimFleet._tick`): draw the traffic since its last run, publish its telemetry if due, and call
-``machine.step()`` if due (the machine's own thread loop does exactly that and waits the seconds it
-returns; here the wait is the heap). A ``cmd`` from the server (over MQTT) moves the device to the
-front, as the agent's ``wake()`` does. Pauses shorter than ``min_pause`` (the probation poll, 0.1 s)
-are stretched to it so thousands of devices in probation do not spin.
+Updates: each device has one entry in a heap keyed by when its update machine next wants to run (the
+seconds ``machine.step()`` returned: the agent's updater thread waits exactly that). A dispatcher
+thread pops what is due and hands it to a pool of ``workers`` threads; a device's machine is never
+run by two threads at once. One run (:meth:`SimFleet._tick`): draw the traffic since the device's
+last run (what probation judges), then ``machine.step()``. A ``cmd`` from the server (over MQTT)
+moves the device to the front, as the agent's ``wake()`` does. Pauses shorter than ``min_pause``
+(the probation poll, 0.1 s) are stretched to it so thousands of devices in probation do not spin.
+
+Telemetry: one thread with a second heap publishes each device's message every ``interval`` seconds
+(:meth:`SimFleet._publish`), so a step waiting on a slow server never delays telemetry.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class SimFleet:
         self._stop = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._dispatcher: threading.Thread | None = None
+        self._telemetry: threading.Thread | None = None
+        self._theap: list[tuple[float, int]] = []  # (due, device index): telemetry messages
         self.started_at: float | None = None
         self.steps = 0
         self.errors = 0
@@ -191,10 +195,15 @@ class SimFleet:
             d.last_traffic = now
             d.next_step = now + rnd.uniform(0, min(checkin, 2.0))  # spread the first check-ins
             d.next_telemetry = now + rnd.uniform(0.2, 1.0) * self.interval
-            heapq.heappush(self._heap, (min(d.next_step, d.next_telemetry), next(self._tiebreak), d.index, 0))
+            heapq.heappush(self._heap, (d.next_step, next(self._tiebreak), d.index, 0))
+            self._theap.append((d.next_telemetry, d.index))
+        heapq.heapify(self._theap)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="sim-device")
         self._dispatcher = threading.Thread(target=self._dispatch, name="sim-dispatch", daemon=True)
         self._dispatcher.start()
+        if self.link is not None:
+            self._telemetry = threading.Thread(target=self._publish, name="sim-telemetry", daemon=True)
+            self._telemetry.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -203,8 +212,9 @@ class SimFleet:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._dispatcher is not None:
-            self._dispatcher.join(timeout)
+        for t in (self._dispatcher, self._telemetry):
+            if t is not None:
+                t.join(timeout)
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         if self.link is not None:
@@ -279,20 +289,39 @@ class SimFleet:
             self._cond.notify()
 
     def _tick(self, d: SimDevice) -> float:
-        now = time.monotonic()
-        d.advance(now, self._rng())
-        if now >= d.next_telemetry:
-            if self.link is not None:
-                topic, payload = d.telemetry(time.time())
-                self.link.publish(d.device_id, topic, payload)
-            d.next_telemetry = max(d.next_telemetry + self.interval, now + self.interval / 2)
-        if now >= d.next_step and not self._stop.is_set():
+        with d.lock:
+            d.advance(time.monotonic(), self._rng())  # what probation judges
+        if not self._stop.is_set():
             pause = d.machine.step()
             self.steps += 1
             if 0 < pause < self.min_pause:
                 pause = self.min_pause
             d.next_step = time.monotonic() + max(0.0, pause)
-        return min(d.next_step, d.next_telemetry)
+        return d.next_step
+
+    def _publish(self) -> None:
+        """The telemetry thread: each device's message when due, whatever its machine is doing (a step
+        waiting on the server never delays telemetry). Drawing the traffic and building the message
+        take the device's lock; publishing does not."""
+        link = self.link
+        assert link is not None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if not self._theap or self._theap[0][0] > now:
+                self._stop.wait(min(0.5, self._theap[0][0] - now) if self._theap else 0.5)
+                continue
+            _, i = heapq.heappop(self._theap)
+            d = self.devices[i]
+            try:
+                with d.lock:
+                    d.advance(now, self._rng())
+                    topic, payload = d.telemetry(time.time())
+                link.publish(d.device_id, topic, payload)
+            except Exception:
+                log.exception("sim: telemetry of %s", d.device_id)
+                self.errors += 1
+            d.next_telemetry = max(d.next_telemetry + self.interval, now + self.interval / 2)
+            heapq.heappush(self._theap, (d.next_telemetry, i))
 
     # views ---------------------------------------------------------------------------------------
 
