@@ -1,6 +1,6 @@
 """``edgefleet agent status``: what this device runs and trusts, read from its state directory alone
-(no network, no running agent needed): running versions, the update under way, the last failure, refused
-targets, events not yet delivered, and the TUF metadata's versions and expiries."""
+(no network, no running agent needed): running versions, shadow candidates, the update under way, the
+last failure, refused targets, events not yet delivered, and the TUF metadata's versions and expiries."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def describe(state_dir: Path, st: UpdateState | None = None) -> dict[str, Any]:
         **identity,
         "running": {n: {"version": i.version, "sha256": i.sha256, "target": i.target} for n, i in st.current.items()},
         "previous": {n: i.version for n, i in st.previous.items()},
+        "shadow": {n: {"version": i.version, "sha256": i.sha256, "target": i.target} for n, i in st.shadow.items()},
         "update": None if p is None else {"phase": p.phase, "target": p.target, "attempts": p.attempts,
                                           "probation_restarts": p.probation_restarts},
         "last_failure": None if st.last_failure is None else {
@@ -57,6 +58,8 @@ def format_status(d: dict[str, Any]) -> list[str]:
                          + (f", previous {prev} kept" if prev else ""))
     else:
         lines.append("running: nothing installed by the updater (models from agent.toml only)")
+    for name, r in sorted(d["shadow"].items()):
+        lines.append(f"shadow: {name} {r['version']} (sha256 {r['sha256'][:12]}…) runs beside it on live inputs")
     u = d["update"]
     lines.append("update: idle" if u is None else f"update: {u['target']} in {u['phase']} "
                  f"(attempts {u['attempts']}, restarts {u['probation_restarts']})")

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from updater._fleet import Agent, Fleet, models
 
 from edgefleet.agent.updater.state import Installed, UpdateState, load_state
+from edgefleet.agent.updater.status import describe, format_status
 from edgefleet.converters.package import package_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -225,6 +226,9 @@ def test_a_shadow_survives_a_restart_and_stops_when_the_director_drops_it_its_fi
     sh, fleet, agent = shadowed, shadowed.fleet, shadowed.agent
     sh.assign(serve="1.0.0", shadow="1.1.0")
     fleet.wait_event(sh.device_id, "shadow.ok", timeout=60, version="1.1.0")
+    status = describe(agent.state_dir)  # `edgefleet agent status` shows the candidate
+    assert status["shadow"][NAME]["version"] == "1.1.0"
+    assert any(line.startswith(f"shadow: {NAME} 1.1.0") for line in format_status(status))
     n = len(fleet.events(sh.device_id))
     agent.restart()
     mark = len(sh.sub.on("/telemetry"))
