@@ -64,6 +64,7 @@ if str(ROOT / "tests") not in sys.path:
 
 from updater._fleet import Fleet, models  # noqa: E402
 
+from edgefleet.errors import ConfigError  # noqa: E402
 from edgefleet.sim import Behaviour, SimFleet, default_updates  # noqa: E402
 
 
@@ -84,6 +85,7 @@ V1, V2 = "1.0.0", "2.0.0"
 PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL = 0.2  # s between reads of the rollout's row
+ENROLL_RETRIES = 20  # enrollment passes after a 503 (the server's "database busy, retry later")
 
 
 # ------------------------------------------------------------------ measuring
@@ -275,7 +277,8 @@ class Bench:
     # --------------------------------------------------------------- plumbing
 
     def say(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t_start:7.1f} s] {msg}", flush=True)
+        # sys.__stdout__: SimFleet.enroll redirects sys.stdout (what ``agent enroll`` prints) meanwhile
+        print(f"[{time.monotonic() - self.t_start:7.1f} s] {msg}", file=sys.__stdout__, flush=True)
 
     def row(self, what: str, figure: str) -> None:
         self.rows.append((what, figure))
@@ -322,7 +325,7 @@ class Bench:
 
     def enroll(self) -> None:
         token = str(self.fleet.cli("device", "enroll-token", "--keys", self.fleet.keys, "--max-uses",
-                                   str(self.n))["token"])
+                                   str(self.n + ENROLL_RETRIES * self.args.workers))["token"])
         updates = default_updates(float(self.args.checkin))
         self.rss0 = rss_mb()
         self.sim = SimFleet(self.fleet.server.url, token, self.n, behaviour=Behaviour(rate=float(self.args.rate)),
@@ -341,15 +344,25 @@ class Bench:
 
         counter = threading.Thread(target=count, daemon=True)
         counter.start()
+        refused: list[str] = []
         try:
-            self.sim.enroll()
+            while True:  # a 503 ("retry later") is retried, as a device would: enroll() skips the enrolled ones
+                try:
+                    self.sim.enroll()
+                    break
+                except ConfigError as e:
+                    if ": 503:" not in str(e) or len(refused) >= ENROLL_RETRIES:
+                        raise
+                    refused.append(str(e))
+                    done = sum(1 for _ in (self.work / "sim").glob("dev-*/identity/identity.json"))
+                    self.say(f"enrollment refused after {done} devices, {time.monotonic() - t:.0f} s: {e}; retrying")
         finally:
             stop.set()
         took = time.monotonic() - t
         cpu = cpu_seconds(self.fleet.server.pid) - cpu0
         self.row("enrollment (enroll + open the devices)",
                  f"{self.n} devices in {took:.1f} s = {self.n / took:.1f}/s; server CPU {cpu:.1f} s = "
-                 f"{1000 * cpu / self.n:.1f} ms a device")
+                 f"{1000 * cpu / self.n:.1f} ms a device; 503 answers retried: {len(refused)}")
         self.sim.start()
         self.say(f"sim started: {self.args.workers} workers, check-in {self.args.checkin} s, telemetry "
                  f"{self.args.interval} s")
@@ -495,7 +508,7 @@ class Bench:
               f"{self.args.workers}, rate {self.args.rate:g}/s, min pause {self.args.min_pause:g} s, controller "
               f"interval {self.args.rollout_interval} s; total "
               f"{time.monotonic() - self.t_start:.0f} s")
-        width = max(len(w) for w, _ in self.rows)
+        width = max((len(w) for w, _ in self.rows), default=0)
         for what, fig in self.rows:
             print(f"  {what:<{width}}  {fig}")
         print(machine_line(), flush=True)
