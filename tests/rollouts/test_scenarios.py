@@ -14,7 +14,9 @@ seconds:
 - a version that disagrees with the served one on 30% of inputs (5.0.0) is stopped by the shadow gate
   before it serves anyone;
 - a version whose live accuracy falls (6.0.0; labels fed back for 30% of predictions) is stopped by
-  the accuracy gate.
+  the accuracy gate;
+- an A/B stage (7.0.0 against the slow 4.0.0 on disjoint halves of the first stage) is held, its
+  comparison says the p95 difference is significant, and the rollout then completes on 7.0.0.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ pytestmark = pytest.mark.slow
 
 N = 200
 MODEL = "digits"
-BASE, GOOD, BROKEN, SLOW, DISAGREE, INACCURATE = "1.0.0", "2.0.0", "3.0.0", "4.0.0", "5.0.0", "6.0.0"
+BASE, GOOD, BROKEN, SLOW, DISAGREE, INACCURATE, NEXT = (
+    "1.0.0", "2.0.0", "3.0.0", "4.0.0", "5.0.0", "6.0.0", "7.0.0")
 STAGES = [5, 25, 100]
 FIRST = 10  # devices in the first stage: ceil(5% of 200)
 GATES: dict[str, Any] = {  # durations in seconds, so the scenarios take seconds
@@ -67,7 +70,7 @@ class World:
         self.fleet = Fleet(root / "fleet", server_env=env).start()
         self.sim: SimFleet | None = None
         bundles = root / "bundles"
-        for v in (BASE, GOOD, BROKEN, SLOW, DISAGREE, INACCURATE):
+        for v in (BASE, GOOD, BROKEN, SLOW, DISAGREE, INACCURATE, NEXT):
             self.fleet.push(models.bundle("good", v, bundles / v))
         token = str(self.fleet.cli("device", "enroll-token", "--keys", self.fleet.keys, "--max-uses", str(N))["token"])
         behaviour = Behaviour(fail={BROKEN: 1.0}, slow={SLOW: 2.0}, disagree={DISAGREE: 0.3},
@@ -220,3 +223,20 @@ def test_a_version_whose_live_accuracy_falls_is_stopped_by_the_accuracy_gate(wor
     done = _stopped_in_first_stage(world, out["id"], "accuracy_ratio", before)
     g = _gate(done, "accuracy_ratio")
     assert g["high"] < 0.9, g
+
+
+def test_an_ab_stage_is_held_with_two_versions_and_its_comparison_is_significant(world: World) -> None:
+    out = world.rollout(NEXT, on_fail="abort", stages=[10, 100], version_b=SLOW, hold=3)
+    rid = out["id"]
+    held = world.fleet.wait_for(lambda: (o := world.show(rid))["phase"] == "hold" and o, 180, "the A/B hold")
+    first = [m for m in world.members(rid) if m["stage"] == 1]
+    arms = {m["arm"] for m in first}
+    assert arms == {"a", "b"} and abs(sum(m["arm"] == "b" for m in first) - len(first) / 2) <= 1, first
+    ab = {g["detail"].split(" ")[1]: g for g in held["ab"]}  # "A/B p95 ratio b/a 2.01 [...]: significant"
+    p95 = ab["p95"]
+    assert p95["estimate"] > 1.5 and p95["low"] > 1 and "significant" in p95["detail"], held["ab"]
+    assert "not significant" not in p95["detail"], p95
+    done = world.until_ended(rid)
+    assert done["state"] == "completed", done["explanation"]
+    world.on(NEXT)  # leaving the A/B stage, arm b was given version a
+    assert "rollout.hold" in _actions(world, rid)
