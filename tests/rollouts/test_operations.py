@@ -556,15 +556,27 @@ def test_a_stage_advances_without_its_offline_members_and_they_catch_up_when_bac
     assert _by_status(world.members(rid), "updated") == set(world.ids)
 
 
+@pytest.mark.xfail(strict=True, reason="bug: a rollout completes with its offline members still waiting and "
+                   "never assigns them (judge.decide completes; apply_decision's complete assigns nobody), so a "
+                   "device offline through the last stage keeps its old version; docs/rollouts.md says it picks "
+                   "up its stage's version when it next checks in")
 def test_a_device_offline_through_a_whole_rollout_catches_up_when_back(world: World) -> None:
     late = world.stop_late()
     try:
         world.wait(lambda: not any(world.online(d) for d in late), "the late devices offline", ONLINE_WINDOW + 60)
         out = world.rollout(OFFLINE_LAST, stages=[50, 100])
-        done = world.until_ended(out["id"])
+        rid = out["id"]
+        done = world.until_ended(rid)
         assert done["state"] == "completed", done["explanation"]  # the offline members held nothing back
     finally:
         world.start_late()
+    world.wait(lambda: all(world.online(d) for d in late), "the late devices online again")
+    # the server assigns them the version of the stage they belong to (the last: the candidate) ...
+    world.wait(lambda: all((world.desired(d) or {}).get("version") == OFFLINE_LAST for d in late),
+               lambda: f"the late devices assigned {OFFLINE_LAST}: members "
+               f"{ {d: world.members(rid)[d]['status'] for d in late} }, assigned "
+               f"{ {d: (world.desired(d) or {}).get('version') for d in late} }", timeout=60)
+    # ... and they run it
     world.idle(lambda s: s["running"].get(MODEL) == OFFLINE_LAST, set(late), "the late devices, back")
 
 
@@ -572,6 +584,7 @@ def test_a_device_offline_through_a_whole_rollout_catches_up_when_back(world: Wo
 
 
 def test_rollout_show_explains_the_state_in_words_and_numbers(world: World) -> None:
+    before = world.running()
     out = world.rollout(SHOWN, stages=[10, 100], soak=3600)
     rid = out["id"]
     n = len(world.ids)
@@ -596,13 +609,14 @@ def test_rollout_show_explains_the_state_in_words_and_numbers(world: World) -> N
     assert {g["name"] for g in shown["last_gates"]} >= {"soak", "failure"}, shown["last_gates"]
 
     text = world.cli_text("rollout", "show", str(rid))
-    assert words in text, text
+    settled = words.split(" Last decision:")[0]  # the decision's words count the soak's seconds
+    assert settled in text and "Last decision: stage 1 (10%): waiting: soak:" in text, text
     assert f"{MODEL} {SHOWN}, state running, stage 1 (10%), phase serve" in text, text
     assert "gates (last judgement)" in text and "3.6e+03" in text, text  # the soak's threshold, 3600 s
-    assert soak["detail"] in text, text
+    assert f"{len(stage1)} online members serving" in text, text
 
     world.cli("rollout", "abort", str(rid), "--reason", "show done")
     text = world.cli_text("rollout", "show", str(rid))
     assert "is aborted: the devices it touched were given back their previous version" in text, text
     assert "show done" in text, text
-    world.idle(lambda s: s["running"].get(MODEL) == OFFLINE_LAST)
+    world.idle(lambda s: s["running"].get(MODEL) == before[s["device_id"]])
