@@ -20,7 +20,8 @@ audit entry ``rollout.<action>`` with the decision's figures, for every action b
 - ``advance``: the next stage, in phase ``shadow`` when ``shadow_s`` is set, else ``serve``; leaving
   the A/B stage, the members of arm ``b`` are given the candidate.
 - ``hold``: phase ``hold``. ``complete``: state ``completed`` (leaving the A/B stage as ``advance``
-  does). ``pause``: state ``paused``. ``abort``: :func:`roll_back`.
+  does); members still ``waiting`` (offline through the last stage) are assigned the candidate then, and
+  pick it up at their next check-in. ``pause``: state ``paused``. ``abort``: :func:`roll_back`.
 """
 
 from __future__ import annotations
@@ -112,10 +113,10 @@ def _active_other_sources(s: Session, model: str, rollout_id: int) -> set[str]:
 
 
 def _assign(s: Session, director: DirectorRepository | None, rollout: Rollout, device_ids: tuple[str, ...],
-            arm_b: set[str], now: datetime) -> list[str]:
+            arm_b: set[str], now: datetime, serve: bool = False) -> list[str]:
     rid, model = rollout.id, rollout.model
     source = assign.rollout_source(rid)
-    shadow = rollout.phase == "shadow"
+    shadow = rollout.phase == "shadow" and not serve
     vb = _version_b(s, rollout) if arm_b else None
     members = [m for m in _members(s, rid, list(device_ids)) if m.status == "waiting"]
     current = _assignments(s, model, [m.device_id for m in members])
@@ -202,6 +203,10 @@ def apply_decision(s: Session, director: DirectorRepository | None, rollout: Rol
         values.update(phase="hold", phase_started_at=now)
     elif act == "complete":
         changed = _leave_ab(s, director, rollout, now)
+        # members still waiting (offline through the last stage, or a promote before the controller
+        # assigned it) get the version now: each picks it up at its next check-in
+        rest = tuple(m.device_id for m in _members(s, rollout.id, statuses=("waiting",)))
+        changed += _assign(s, director, rollout, rest, set(), now, serve=True)
         values.update(state="completed", ended_at=now)
     elif act == "pause":
         values.update(state="paused")

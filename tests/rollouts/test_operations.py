@@ -556,10 +556,6 @@ def test_a_stage_advances_without_its_offline_members_and_they_catch_up_when_bac
     assert _by_status(world.members(rid), "updated") == set(world.ids)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a rollout completes with its offline members still waiting and "
-                   "never assigns them (judge.decide completes; apply_decision's complete assigns nobody), so a "
-                   "device offline through the last stage keeps its old version; docs/rollouts.md says it picks "
-                   "up its stage's version when it next checks in")
 def test_a_device_offline_through_a_whole_rollout_catches_up_when_back(world: World) -> None:
     late = world.stop_late()
     try:

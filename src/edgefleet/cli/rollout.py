@@ -229,8 +229,8 @@ def _print_show(out: dict[str, Any]) -> None:
     if out["last_gates"]:
         _echo(_gate_rows(out["last_gates"]), False, _GATE_COLUMNS, "gates (last judgement)")
         for g in out["last_gates"]:
-            if g.get("detail"):
-                typer.echo(f"  {g['name']}: {g['detail']}")
+            if g.get("detail"):  # the detail names its gate already ("soak: 4 online members ...")
+                typer.echo(f"  {g['detail']}")
     if out.get("ab"):
         _echo(_gate_rows(out["ab"]), False, _GATE_COLUMNS, "A/B: arm b against arm a")
         for g in out["ab"]:
