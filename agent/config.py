@@ -232,7 +232,9 @@ class UpdatesConfig(_Strict):
         default=5.0, ge=0, le=1000,
         description="live calls a second a shadow candidate also runs on, at most (off the serving path)",
     )
-    shadow_queue: int = Field(default=2, ge=1, le=64, description="live inputs held for a busy shadow candidate, at most")
+    shadow_queue: int = Field(
+        default=2, ge=1, le=64, description="live inputs held for a busy shadow candidate, at most"
+    )
 
 
 class MqttConfig(_Strict):
