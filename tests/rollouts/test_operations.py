@@ -18,8 +18,6 @@ operator's commands do, not about judging telemetry (tests/rollouts/test_scenari
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import threading
 import time
@@ -32,7 +30,7 @@ from updater._fleet import Fleet, models, run_cli
 from updater._proxy import Proxy, Reply, Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker
+from telemetry._mqtt import Broker, mosquitto_binary
 
 from edgefleet.sim import SimFleet, default_updates
 
@@ -49,14 +47,6 @@ GATES: dict[str, Any] = {"soak": 3, "max_p95_ratio": None, "max_error_rate": Non
                          "min_devices": 2}
 TIMEOUT = 240.0  # s: the machine is shared; every wait is for a state, this only bounds a hang
 
-
-def _mosquitto() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
-        pytest.skip("the mosquitto binary is not installed")
-    return exe
 
 
 class Hold:
@@ -107,7 +97,7 @@ class World:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.broker = Broker(_mosquitto(), root / "broker")
+        self.broker = Broker(mosquitto_binary(), root / "broker")
         self.mqtt = f"mqtt://127.0.0.1:{self.broker.port}"
         env = {"EDGEFLEET_SERVER_MQTT_URL": self.mqtt, "EDGEFLEET_SERVER_ROLLOUT_INTERVAL": "0.5",
                "EDGEFLEET_SERVER_ROLLOUT_LEASE": "5", "EDGEFLEET_SERVER_ONLINE_WINDOW": str(ONLINE_WINDOW),

@@ -21,8 +21,6 @@ seconds:
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ import pytest
 from updater._fleet import Fleet, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker
+from telemetry._mqtt import Broker, mosquitto_binary
 
 from edgefleet.sim import Behaviour, SimFleet, default_updates
 
@@ -50,21 +48,13 @@ GATES: dict[str, Any] = {  # durations in seconds, so the scenarios take seconds
 }
 
 
-def _mosquitto() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
-        pytest.skip("the mosquitto binary is not installed")
-    return exe
-
 
 class World:
     """A fleet server with telemetry ingestion from a private broker, the operator's keys, every version
     pushed and signed, and 200 simulated devices serving 1.0.0."""
 
     def __init__(self, root: Path) -> None:
-        self.broker = Broker(_mosquitto(), root / "broker")
+        self.broker = Broker(mosquitto_binary(), root / "broker")
         env = {"EDGEFLEET_SERVER_MQTT_URL": f"mqtt://127.0.0.1:{self.broker.port}",
                "EDGEFLEET_SERVER_ROLLOUT_INTERVAL": "0.5", "EDGEFLEET_SERVER_ROLLOUT_LEASE": "5"}
         self.fleet = Fleet(root / "fleet", server_env=env).start()

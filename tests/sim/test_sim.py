@@ -11,8 +11,6 @@ Plus the cost model alone (pure: no server)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from updater._fleet import CLI, Fleet, models
 from updater._procs import clean_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker, Subscriber
+from telemetry._mqtt import Broker, Subscriber, mosquitto_binary
 
 from edgefleet.agent.telemetry.measure import LatencyHistogram
 from edgefleet.errors import ConfigError
@@ -38,14 +36,6 @@ N = 30
 MODEL = "digits"
 BASE, NEXT, BROKEN, SLOW = "1.0.0", "2.0.0", "3.0.0", "4.0.0"
 
-
-def _mosquitto() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
-        pytest.skip("the mosquitto binary is not installed")
-    return exe
 
 
 # the cost model ---------------------------------------------------------------------------------
@@ -94,7 +84,7 @@ def test_overrides_parse_and_bad_values_are_refused() -> None:
 
 class World:
     def __init__(self, root: Path) -> None:
-        self.broker = Broker(_mosquitto(), root / "broker")
+        self.broker = Broker(mosquitto_binary(), root / "broker")
         self.sub = Subscriber(self.broker.port, topic="edgefleet/v1/+/telemetry")
         env = {"EDGEFLEET_SERVER_MQTT_URL": f"mqtt://127.0.0.1:{self.broker.port}"}
         self.fleet = Fleet(root / "fleet", server_env=env).start()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,14 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from _support import free_port, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-__all__ = ["DRIVER", "Broker", "Driver", "Received", "Subscriber"]
+__all__ = ["DRIVER", "Broker", "Driver", "Received", "Subscriber", "mosquitto_binary"]
 
 DRIVER = Path(__file__).resolve().parent / "_driver.py"
+
+
+def mosquitto_binary() -> str:
+    """The ``mosquitto`` executable; a test without it skips, or fails under ``CI=true``."""
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
+        pytest.skip("the mosquitto binary is not installed")
+    return exe
 
 
 def _reachable(port: int) -> bool:

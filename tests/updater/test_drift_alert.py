@@ -10,8 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
-import shutil
 import sys
 import threading
 import time
@@ -20,23 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from updater._fleet import Fleet, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker, Subscriber
+from telemetry._mqtt import Broker, Subscriber, mosquitto_binary
 
 from edgefleet.bundle.manifest import PipelineSpec
 from edgefleet.converters.package import package_model
-
-
-def _mosquitto() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
-        pytest.skip("the mosquitto binary is not installed")
-    return exe
 
 
 class _Receiver:
@@ -80,7 +68,7 @@ def test_a_shifted_input_distribution_raises_a_drift_alert_at_the_webhook_and_on
     bundle, _ = package_model(model_file, "digits", "1.0.0", out=tmp_path / "bundle",
                               golden={"x": x[:8]}, baseline={"x": x},
                               pipeline=PipelineSpec.model_validate({"postprocess": [{"op": "topk", "k": 3}]}))
-    broker = Broker(_mosquitto(), tmp_path / "broker")
+    broker = Broker(mosquitto_binary(), tmp_path / "broker")
     sub = Subscriber(broker.port)
     hook = _Receiver()
     env = {"EDGEFLEET_SERVER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "EDGEFLEET_SERVER_ALERT_DELIVERY_POLL": "0.2"}

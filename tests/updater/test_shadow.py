@@ -10,8 +10,6 @@ transaction (the server process keeps running; the agent checks in every half se
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,19 +25,11 @@ from edgefleet.agent.updater.status import describe, format_status
 from edgefleet.converters.package import package_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker, Subscriber
+from telemetry._mqtt import Broker, Subscriber, mosquitto_binary
 
 FAST = {"checkin_interval": 0.5, "probation_inferences": 0, "probation_seconds": 0.2}
 NAME = models.MODEL_NAME
 
-
-def _mosquitto() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
-        pytest.skip("the mosquitto binary is not installed")
-    return exe
 
 
 def _package(tmp: Path, onnx_bytes: bytes, version: str) -> Path:
@@ -69,7 +59,7 @@ class Shadowed:
     """A fleet with a broker, a subscriber on it, and one agent publishing telemetry every second."""
 
     def __init__(self, root: Path, bundles: dict[str, Path]) -> None:
-        self.broker = Broker(_mosquitto(), root / "broker")
+        self.broker = Broker(mosquitto_binary(), root / "broker")
         self.sub = Subscriber(self.broker.port)
         self.fleet = Fleet(root / "fleet").start()
         for b in bundles.values():

@@ -5,33 +5,21 @@ hour-long poll interval."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from updater._fleet import Fleet, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from telemetry._mqtt import Broker, Subscriber
-
-
-def _mosquitto() -> str:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is not installed (CI=true: not skipping)")
-        pytest.skip("the mosquitto binary is not installed")
-    return exe
+from telemetry._mqtt import Broker, Subscriber, mosquitto_binary
 
 
 def test_an_agent_publishes_telemetry_the_server_stores_and_an_assignment_reaches_it_through_cmd_at_once(
     update_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    broker = Broker(_mosquitto(), tmp_path / "broker")
+    broker = Broker(mosquitto_binary(), tmp_path / "broker")
     sub = Subscriber(broker.port)
     env = {"EDGEFLEET_SERVER_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}"}
     try:
@@ -99,7 +87,7 @@ def test_feedback_published_on_the_local_broker_lands_in_the_live_accuracy_of_th
     from edgefleet.agent.telemetry.local import FeedbackSubscriber
     from edgefleet.agent.telemetry.measure import TelemetryRegistry
 
-    broker = Broker(_mosquitto(), tmp_path / "broker")
+    broker = Broker(mosquitto_binary(), tmp_path / "broker")
     sub = Subscriber(broker.port)
     predictions, stats = RecentPredictions(), TelemetryRegistry()
     truth = [3, 3, 5, 1, 3]
