@@ -546,8 +546,10 @@ def main() -> None:
                 bench.first_version()
                 bench.measured()
             finally:
-                bench.table()
-                bench.close()
+                try:
+                    bench.table()
+                finally:
+                    bench.close()  # the server, the broker and the sim, whatever the table raised
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
