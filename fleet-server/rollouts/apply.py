@@ -77,7 +77,9 @@ def _members(s: Session, rollout_id: int, device_ids: list[str] | None = None,
         q = q.where(RolloutMember.device_id.in_(device_ids))
     if statuses is not None:
         q = q.where(RolloutMember.status.in_(statuses))
-    return list(s.scalars(q.order_by(RolloutMember.rank, RolloutMember.device_id)))
+    # device id order: the order every multi-device writer (the telemetry store) locks device rows in,
+    # so two such transactions cannot deadlock on PostgreSQL
+    return list(s.scalars(q.order_by(RolloutMember.device_id)))
 
 
 def _assignments(s: Session, model: str, device_ids: list[str]) -> dict[str, tuple[int, str, int | None]]:
@@ -118,7 +120,9 @@ def _assign(s: Session, director: DirectorRepository | None, rollout: Rollout, d
     source = assign.rollout_source(rid)
     shadow = rollout.phase == "shadow" and not serve
     vb = _version_b(s, rollout) if arm_b else None
-    members = [m for m in _members(s, rid, list(device_ids)) if m.status == "waiting"]
+    # device id order: the order every multi-device writer (the telemetry store) locks device rows in
+    members = sorted((m for m in _members(s, rid, list(device_ids)) if m.status == "waiting"),
+                     key=lambda m: m.device_id)
     current = _assignments(s, model, [m.device_id for m in members])
     others = _active_other_sources(s, model, rid)
     changed: list[str] = []

@@ -29,7 +29,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -45,12 +45,13 @@ if TYPE_CHECKING:
     from edgefleet.server.state import ServerState
     from edgefleet.server.tuf.director import DirectorRepository
 
-__all__ = ["ACTOR", "LEASE", "Outcome", "RolloutController", "default_holder"]
+__all__ = ["ACTOR", "ASSIGN_BATCH", "LEASE", "Outcome", "RolloutController", "default_holder"]
 
 log = logging.getLogger(__name__)
 
 LEASE = "rollouts"  # the ControllerLease row's name
 ACTOR = "controller"  # the audit log's actor for the controller's decisions
+ASSIGN_BATCH = 50  # members assigned (director metadata signed) per transaction
 
 
 def default_holder() -> str:
@@ -196,7 +197,36 @@ class RolloutController:
         with self.sessions() as s:
             figs = collect.figures(s, view, now, WINDOW)
         decision = judge.decide(view, figs, now.timestamp())
-        return self.commit(view.id, view.state_version, decision, token, now)
+        if decision.action != "assign" or len(decision.assign) <= ASSIGN_BATCH:
+            return self.commit(view.id, view.state_version, decision, token, now)
+        return self._assign_in_batches(view.id, view.state_version, decision, token, now)
+
+    def _assign_in_batches(self, rollout_id: int, state_version: int, decision: Decision, token: int,
+                           now: datetime) -> Outcome:
+        """A large ``assign`` (a whole stage of thousands of devices) as one transaction per
+        :data:`ASSIGN_BATCH` members, in device id order: each batch signs its devices' director
+        metadata and commits on its own, under the lease and the compare-and-set (one state version per
+        batch), so no transaction holds SQLite's write lock, or PostgreSQL's device rows, for minutes
+        while check-ins and telemetry wait on them. A lost lease or compare-and-set stops the rest:
+        the next pass judges again."""
+        ids = sorted(decision.assign)
+        arm_b = set(decision.arm_b)
+        done: list[str] = []
+        last: Outcome | None = None
+        for i in range(0, len(ids), ASSIGN_BATCH):
+            if self._stop.is_set():
+                break
+            chunk = tuple(ids[i:i + ASSIGN_BATCH])
+            part = replace(decision, assign=chunk, arm_b=tuple(d for d in chunk if d in arm_b),
+                           reason=f"{decision.reason} (batch {i // ASSIGN_BATCH + 1} of "
+                                  f"{-(-len(ids) // ASSIGN_BATCH)}: {len(chunk)} members)")
+            last = self.commit(rollout_id, state_version, part, token, now)
+            if last.result != "committed":
+                return last
+            state_version += 1
+            done += last.devices
+        assert last is not None
+        return Outcome(rollout_id, "assign", "committed", decision.reason, tuple(done))
 
     def commit(self, rollout_id: int, state_version: int, decision: Decision, token: int,
                now: datetime) -> Outcome:
