@@ -243,16 +243,3 @@ def test_the_cli_runs_for_a_few_seconds_and_prints_the_final_snapshot_as_json(wo
     assert all(d["device_id"].startswith("dev-") and d["telemetry_sent"] >= 1 for d in out["devices"])
     assert (tmp_path / "state" / "dev-00000" / "identity" / "identity.json").is_file()
 
-
-def test_two_hundred_devices_enroll_in_parallel_and_all_take_an_assignment(world: World, tmp_path: Path) -> None:
-    n = 200
-    with SimFleet(world.fleet.server.url, world.token(n), n, state=tmp_path / "state", workers=8, checkin=5.0,
-                  broker=f"mqtt://127.0.0.1:{world.broker.port}", interval=5.0, seed=3) as fleet:
-        snap = fleet.snapshot()
-        assert len({s["device_id"] for s in snap}) == n
-        for s in snap:
-            world.assign(s["device_id"], NEXT)
-        assert fleet.wait(lambda snap: _running(snap, NEXT), 600, 2.0), fleet.summary()
-        summary = fleet.summary()
-        assert summary["running"] == {f"{MODEL} {NEXT}": n} and summary["errors"] == 0
-        print(f"200 devices: {summary}")
