@@ -57,8 +57,16 @@ class World:
         self.broker = Broker(mosquitto_binary(), root / "broker")
         env = {"EDGEFLEET_SERVER_MQTT_URL": f"mqtt://127.0.0.1:{self.broker.port}",
                "EDGEFLEET_SERVER_ROLLOUT_INTERVAL": "0.5", "EDGEFLEET_SERVER_ROLLOUT_LEASE": "5"}
-        self.fleet = Fleet(root / "fleet", server_env=env).start()
         self.sim: SimFleet | None = None
+        self.fleet = Fleet(root / "fleet", server_env=env)
+        try:
+            self._start(root)
+        except BaseException:
+            self.close()  # a set-up that fails leaves no server, broker or simulated devices behind
+            raise
+
+    def _start(self, root: Path) -> None:
+        self.fleet.start()
         bundles = root / "bundles"
         for v in (BASE, GOOD, BROKEN, SLOW, DISAGREE, INACCURATE, NEXT):
             self.fleet.push(models.bundle("good", v, bundles / v))
