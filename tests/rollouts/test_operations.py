@@ -9,8 +9,8 @@ bundle's download half way, so an abort can land while devices are in phase ``do
 Each test starts from whatever the previous one left (every device idle, serving some version of
 ``digits``) and says what it expects relative to that: a pause that holds a stage past its soak, an
 abort in the middle of downloads, a promote over a long soak, pins and operator assignments during a
-rollout, two models rolled out at once, stages that advance without their offline members (who catch
-up when they come back), and ``rollout show`` in JSON and in words.
+rollout, stages that advance without their offline members (who catch up when they come back), and
+``rollout show`` in JSON and in words. (Rollouts of two models at once: tests/rollouts/test_service.py.)
 
 The gates that compare figures (p95, error rate) are off here: these tests are about what the
 operator's commands do, not about judging telemetry (tests/rollouts/test_scenarios.py is).
@@ -497,29 +497,6 @@ def test_pins_and_operator_assignments_take_devices_out_of_a_rollout(world: Worl
     assert desired is not None and desired["source"] == "pin" and desired["version"] == before[pinned_during]
     assert [e["action"] for e in world.audit_of(f"device:{pinned_during}/model:{MODEL}")][-1] == "device.pin"
     world.cli("device", "unpin", pinned_during, "--model", MODEL)  # leave no pin for the next tests
-
-
-# two models -----------------------------------------------------------------------------------------------
-
-
-def test_rollouts_of_two_models_on_the_same_devices_progress_independently(world: World) -> None:
-    a = world.rollout(MULTI, stages=[10, 100])
-    b = world.rollout(BASE, model=OTHER, stages=[10, 100])
-    assert not b["skipped"] and b["members"]["total"] == len(world.ids), b  # not "in rollout" of digits
-    _first_assigned(world, a["id"])
-    world.post(f"/api/v1/rollouts/{a['id']}/pause", {"reason": "one at a time"})
-
-    done = world.until_ended(b["id"])
-    assert done["state"] == "completed", done["explanation"]
-    world.idle(lambda s: s["running"].get(OTHER) == BASE)
-    held = world.show(a["id"])
-    assert held["state"] == "paused" and held["stage"] == 0, held["explanation"]
-    assert held["members"]["waiting"] > 0 and "rollout.advance" not in _actions(world, a["id"]), held
-
-    world.post(f"/api/v1/rollouts/{a['id']}/resume")
-    done = world.until_ended(a["id"])
-    assert done["state"] == "completed", done["explanation"]
-    world.idle(lambda s: s["running"].get(MODEL) == MULTI and s["running"].get(OTHER) == BASE)
 
 
 # offline members ----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ BASE, GOOD, BROKEN, SLOW, DISAGREE, INACCURATE, NEXT = (
 STAGES = [5, 25, 100]
 FIRST = 10  # devices in the first stage: ceil(5% of 200)
 GATES: dict[str, Any] = {  # durations in seconds, so the scenarios take seconds
-    "stages": STAGES, "soak": 3, "stage_timeout": 120, "min_samples": 40, "min_devices": 3,
+    "stages": STAGES, "soak": 3, "stage_timeout": 300, "min_samples": 40, "min_devices": 3,
 }
 
 
@@ -92,7 +92,7 @@ class World:
         assert self.sim is not None
         return {s["device_id"]: s["running"].get(MODEL) for s in self.sim.snapshot()}
 
-    def on(self, version: str, ids: set[str] | None = None, timeout: float = 180.0) -> None:
+    def on(self, version: str, ids: set[str] | None = None, timeout: float = 600.0) -> None:
         assert self.sim is not None
         ok = self.sim.wait(lambda snap: all(s["running"].get(MODEL) == version and s["phase"] == "idle"
                                             for s in snap if ids is None or s["device_id"] in ids), timeout)
@@ -108,7 +108,7 @@ class World:
         assert r.status_code == 200, r.text
         return dict(r.json())
 
-    def until_ended(self, rid: int, timeout: float = 240.0) -> dict[str, Any]:
+    def until_ended(self, rid: int, timeout: float = 600.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             out = self.show(rid)

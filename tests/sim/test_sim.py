@@ -147,44 +147,6 @@ def _serving(sim: SimFleet, world: World) -> None:
         _on(sim, world, BASE, idle)
 
 
-def test_every_device_enrolls_and_an_operator_assignment_reaches_all_of_them(sim: SimFleet, world: World) -> None:
-    snap = sim.snapshot()
-    ids = {s["device_id"] for s in snap}
-    assert len(ids) == N
-    listed = {d["id"] for d in world.fleet.http.get("/api/v1/devices", params={"limit": 500}).json()}
-    assert ids <= listed
-    for i in sorted(ids):
-        world.assign(i, BASE)
-    _on(sim, world, BASE)
-    first = sorted(ids)[0]
-    world.fleet.assign(first, MODEL, NEXT)  # the operator's CLI for one, the same endpoint for the rest
-    for i in sorted(ids)[1:]:
-        world.assign(i, NEXT)
-    _on(sim, world, NEXT)
-    shown = world.fleet.device(first)
-    assert {(m["name"], m["version"]) for m in shown["running"]} == {(MODEL, NEXT)}
-    kinds = [e["kind"] for e in world.fleet.events(first) if e.get("version") == NEXT]
-    for kind in ("update.started", "download.ok", "install.ok", "selftest.ok", "switch.ok", "probation.ok",
-                 "update.committed"):
-        assert kind in kinds, kinds
-    counts = [(s["events_sent"], s["events_queued"], s["refused"]) for s in sim.snapshot()]
-    assert all(sent >= 14 and queued == 0 for sent, queued, _ in counts), counts
-
-
-def test_a_version_whose_self_test_fails_everywhere_is_refused_by_every_device(sim: SimFleet, world: World) -> None:
-    _serving(sim, world)
-    before = {s["device_id"]: s["running"][MODEL] for s in sim.snapshot()}
-    for i in before:
-        world.assign(i, BROKEN)
-    assert sim.wait(lambda snap: all(s["phase"] == "idle" and "selftest_failed" in s["refused"].values()
-                                     for s in snap), 90), sim.summary()
-    assert {s["device_id"]: s["running"][MODEL] for s in sim.snapshot()} == before
-    for i in before:
-        refused = world.fleet.wait_event(i, "update.refused", timeout=30, version=BROKEN)
-        assert refused["reason"] == "selftest_failed"
-        assert not [e for e in world.fleet.events(i) if e["kind"] == "update.committed" and e.get("version") == BROKEN]
-
-
 def _p95(world: World, version: str) -> tuple[float | None, int]:
     r = world.fleet.http.get(f"/api/v1/models/{MODEL}/{version}/telemetry", params={"since": "1800", "step": 1800})
     assert r.status_code == 200, r.text
