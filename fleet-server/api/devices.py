@@ -14,16 +14,16 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgefleet.server.api.deps import Actor, SessionDep, StateDep, device_caller, require
 from edgefleet.server.api.rollout_schemas import PinIn, PinOut
 from edgefleet.server.api.schemas import DEVICE_ID, MODEL_NAME, SEQ_MAX, TAG, AssignIn, DeviceOut, EventOut, TagsIn
-from edgefleet.server.desired import desired_state, refresh_etag
+from edgefleet.server.desired import desired_state
 from edgefleet.server.errors import ApiError
-from edgefleet.server.models import Assignment, Device, DeviceEvent, ModelVersion, upsert_insert, utcnow
-from edgefleet.server.rollouts.assign import release_members
+from edgefleet.server.models import Assignment, Device, DeviceEvent, ModelVersion, utcnow
+from edgefleet.server.rollouts.assign import OPERATOR, clear_assignment, release_members, set_assignment
 from edgefleet.server.state import ServerState, audit
 from edgefleet.server.tuf.director import DirectorRepository
 from edgefleet.server.tuf.routes import director_repository
@@ -213,14 +213,9 @@ def assign(
             raise ApiError(404, f"version: no model {name} version {body.version}", "version")
         a = s.get(Assignment, (device_id, name))
         before = None if a is None else {"version_id": a.version_id, "source": a.source}
-        # one upsert: two operators assigning the same model at once both succeed (the later wins)
-        now, row = utcnow(), {"version_id": v.id, "source": "operator"}
-        s.execute(upsert_insert(s, Assignment).values(device_id=device_id, model_name=name, updated_at=now, **row)
-                  .on_conflict_do_update(index_elements=[Assignment.device_id, Assignment.model_name],
-                                         set_={**row, "updated_at": now}))
-        if a is not None:
-            s.expire(a)
-        refresh_etag(s, device_id, director)
+        # one upsert (two operators assigning the same model at once both succeed: the later wins), any
+        # rollout's shadow candidate dropped, the director metadata signed
+        set_assignment(s, director, device_id, name, v.id, OPERATOR)
         released = release_members(s, device_id, name, f"assigned {v.version} by {actor.label}")
         audit(s, actor.label, "device.assign", f"device:{device_id}/model:{name}", before,
               {"version": v.version, "sha256": v.sha256, **({"released_from_rollouts": released} if released else {})})
@@ -242,10 +237,8 @@ def unassign(
     director = _director(request)
     with state.sessions.begin() as s:
         _get(s, device_id)
-        gone = s.execute(delete(Assignment).where(Assignment.device_id == device_id, Assignment.model_name == name))
-        changed = bool(gone.rowcount)  # type: ignore[attr-defined]
+        changed = clear_assignment(s, director, device_id, name)
         if changed:
-            refresh_etag(s, device_id, director)
             released = release_members(s, device_id, name, f"unassigned by {actor.label}")
             audit(s, actor.label, "device.unassign", f"device:{device_id}/model:{name}", {"model": name},
                   {"released_from_rollouts": released} if released else None)

@@ -15,16 +15,13 @@ from typing import Any
 
 import pytest
 from server.conftest import Fleet, _clean, _migrated, _postgres_schema, make_settings
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from edgefleet.server.db import make_engine
 from edgefleet.server.models import Assignment, Device, ModelVersion
 
 __all__ = ["NOW", "add_device", "add_version", "assign", "clean_rollouts", "db_url", "fleet"]
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-ROLLOUT_TABLES = ("rollout_members", "rollouts", "controller_leases")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -37,12 +34,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def clean_rollouts(url: str) -> None:
-    """Empty the rollout tables, then what tests/server/conftest.py empties (rollouts hold versions)."""
-    engine = make_engine(url)
-    with engine.begin() as c:
-        for t in ROLLOUT_TABLES:
-            c.execute(text(f"DELETE FROM {t}"))
-    engine.dispose()
+    """Empty every table tests/server/conftest.py empties (the rollout tables first: they hold versions)."""
     _clean(url)
 
 
