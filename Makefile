@@ -9,8 +9,11 @@
 #                    the root is cached in /var/cache/edgefleet-test). Also part of make test.
 #   make demo        the end-to-end demo (README).
 #
-# PYTEST_ARGS narrows a run: `make test PYTEST_ARGS=tests/test_docs.py`.
+# PYTEST_ARGS narrows a run: `make test PYTEST_ARGS=tests/test_docs.py`. PYTEST_XDIST: the suite runs in
+# two pytest-xdist workers, one test file at a time each (a file's module fixtures, such as a fleet of
+# simulated devices, are set up once); `make test PYTEST_XDIST=` runs it in one process.
 PY ?= python3
+PYTEST_XDIST ?= -n 2 --dist loadfile
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -61,7 +64,7 @@ lint: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
 define run_pytest
-	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests (exit 5): that is a failure" >&2; fi; \
 	exit $$rc
 endef

@@ -10,6 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 from _support import MODELS
+from hypothesis import settings
+
+# No per-example deadline: the suite shares 2 cores between two xdist workers and the servers they
+# start, and a slow example is not a failure (speed is measured in bench/, never asserted in a test).
+settings.register_profile("edgefleet", deadline=None)
+settings.load_profile("edgefleet")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -481,7 +481,7 @@ class UpdateMachine:
         if gone:
             log.info("updater: deleted %s %s", p.name, ", ".join(gone))
         self._live = _Live()
-        _release_memory()
+        self._release_memory()
 
     def _refuse(self, p: Pending, e: Refused) -> None:
         """Give the target up: put the old model back if the candidate was served, remember why."""
@@ -508,6 +508,10 @@ class UpdateMachine:
         inst_mod.prune(self.state_dir, p.name, keep)
         inst_mod.clear_staging(self.state_dir)
         self._live = _Live()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        """After a model is dropped: hand its memory back to the system (:func:`_release_memory`)."""
         _release_memory()
 
     # shadow mode ---------------------------------------------------------------------------------
@@ -542,7 +546,7 @@ class UpdateMachine:
         self.st.event("shadow.stopped", model=name, version=inst.version, target=inst.target, sha256=inst.sha256,
                       detail=why)
         self._save()
-        _release_memory()
+        self._release_memory()
 
     def _reattach_shadows(self, now: float) -> None:
         """After a restart: load, self-test and run again each persisted shadow candidate; one that fails

@@ -226,15 +226,21 @@ def test_a_version_whose_live_accuracy_falls_is_stopped_by_the_accuracy_gate(wor
 def test_an_ab_stage_is_held_with_two_versions_and_its_comparison_is_significant(world: World) -> None:
     out = world.rollout(NEXT, on_fail="abort", stages=[10, 100], version_b=SLOW, hold=3)
     rid = out["id"]
-    held = world.fleet.wait_for(lambda: (o := world.show(rid))["phase"] == "hold" and o, 180, "the A/B hold")
+    done = world.until_ended(rid)
+    assert done["state"] == "completed", done["explanation"]
     first = [m for m in world.members(rid) if m["stage"] == 1]
     arms = {m["arm"] for m in first}
     assert arms == {"a", "b"} and abs(sum(m["arm"] == "b" for m in first) - len(first) / 2) <= 1, first
-    ab = {g["detail"].split(" ")[1]: g for g in held["ab"]}  # "A/B p95 ratio b/a 2.01 [...]: significant"
+    # the decision that ended the hold carries the A/B comparison it was made on (read from the audit log,
+    # not from a `show` that would have to land inside the 3 s hold)
+    entries = sorted(world.audit(rid), key=lambda e: e["id"])
+    acts = [e["action"] for e in entries]
+    assert "rollout.hold" in acts, acts
+    after_hold = next(e for e in entries[acts.index("rollout.hold") + 1:] if e["action"] == "rollout.advance")
+    assert "A/B hold" in after_hold["after"]["decision"]["reason"], after_hold["after"]["decision"]
+    gates = [g for g in after_hold["after"]["decision"]["gates"] if g["name"] == "ab"]
+    ab = {g["detail"].split(" ")[1]: g for g in gates}  # "A/B p95 ratio b/a 2.01 [...]: significant"
     p95 = ab["p95"]
-    assert p95["estimate"] > 1.5 and p95["low"] > 1 and "significant" in p95["detail"], held["ab"]
+    assert p95["estimate"] > 1.5 and p95["low"] > 1 and "significant" in p95["detail"], gates
     assert "not significant" not in p95["detail"], p95
-    done = world.until_ended(rid)
-    assert done["state"] == "completed", done["explanation"]
     world.on(NEXT)  # leaving the A/B stage, arm b was given version a
-    assert "rollout.hold" in _actions(world, rid)

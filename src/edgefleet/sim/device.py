@@ -205,7 +205,13 @@ class SimHost:
 
 
 class SimMachine(UpdateMachine):
-    """The agent's update machine; only the self-test is the simulator's (see the module docstring)."""
+    """The agent's update machine; only the self-test is the simulator's (see the module docstring), and
+    nothing is handed back to the system after an update: a simulated model holds no memory, and a full
+    ``gc.collect()`` plus ``malloc_trim`` per update, in one process holding N devices (and, in a test,
+    the whole test session's heap), cost O(N x heap): 12% of the sim's time with 200 devices."""
+
+    def _release_memory(self) -> None:
+        pass
 
     def _selftest(self, p: Any) -> Any:
         path = self.state_dir / "models" / p.name / p.version / inst_mod.BUNDLE
