@@ -73,7 +73,9 @@ class World:
         token = str(self.fleet.cli("device", "enroll-token", "--keys", self.fleet.keys, "--max-uses", str(N))["token"])
         behaviour = Behaviour(fail={BROKEN: 1.0}, slow={SLOW: 2.0}, disagree={DISAGREE: 0.3},
                               accuracy={INACCURATE: 0.6}, feedback=0.3, rate=40.0)
-        updates = default_updates(2.0).model_copy(update={"max_latency_ratio": 5.0})  # a device alone lets 2x by
+        # check-ins every 10 s: an assignment reaches a device at once through `cmd`; the check-ins keep it
+        # online and catch up a lost command (at 2 s, 200 devices made 100 check-ins a second of the server)
+        updates = default_updates(10.0).model_copy(update={"max_latency_ratio": 5.0})  # a device alone lets 2x by
         self.sim = SimFleet(self.fleet.server.url, token, N, behaviour=behaviour, state=root / "sim",
                             broker=f"mqtt://127.0.0.1:{self.broker.port}", interval=1.0, updates=updates,
                             workers=8, seed=12)

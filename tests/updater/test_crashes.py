@@ -185,8 +185,8 @@ def _no_corrupt_state(state_dir: Path) -> None:
 
 # ================================================================================ kills by phase
 
-KILLS = 60  # a restart costs 0.3-1.1 s and each kill waits for its phase: ~1.7 s a kill on 2 busy cores
-MAX_KILLS = 90  # more, only while a required phase has fewer than MIN_HITS kills
+KILLS = 36  # 6 a required phase on average; a restart costs 0.3-1.1 s, each kill waits for its phase
+MAX_KILLS = 72  # more, only while a required phase has fewer than MIN_HITS kills
 MIN_HITS = 3  # kills each phase must get (the phases below)
 ORDER = ("idle", "download", "install", "selftest", "switch", "probation", "commit")
 REQUIRED = ("idle", "download", "install", "selftest", "switch", "probation")
