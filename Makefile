@@ -10,11 +10,11 @@
 #   make demo        the end-to-end demo (README).
 #
 # PYTEST_ARGS narrows a run: `make test PYTEST_ARGS=tests/test_docs.py`. PYTEST_XDIST: the suite runs
-# in three pytest-xdist workers (most tests wait on processes: three keep 2 cores busy), a test file at
-# a time each (a file's module fixtures, such as a fleet of simulated devices, are set up once),
-# heaviest files first (tests/conftest.py says which); `make test PYTEST_XDIST=` runs it in one process.
+# in two pytest-xdist workers, a test file at a time each (a file's module fixtures, such as a fleet of
+# simulated devices, are set up once), heaviest files first (tests/conftest.py says which);
+# `make test PYTEST_XDIST=` runs it in one process.
 PY ?= python3
-PYTEST_XDIST ?= -n 3 --dist loadfile --no-loadscope-reorder
+PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

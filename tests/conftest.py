@@ -12,22 +12,21 @@ import pytest
 from _support import MODELS
 from hypothesis import settings
 
-# No per-example deadline: the suite shares 2 cores between three xdist workers and the servers they
+# No per-example deadline: the suite shares 2 cores between two xdist workers and the servers they
 # start, and a slow example is not a failure (speed is measured in bench/, never asserted in a test).
 settings.register_profile("edgefleet", deadline=None)
 settings.load_profile("edgefleet")
 
 
 # The files that take longest (a clean-clone CI run of 2026-12-01: minutes each), first: the Makefile runs
-# the suite in three xdist workers a file at a time, in this order (--no-loadscope-reorder; xdist's own
-# order, most tests first, left the few-test fleet files to run alone at the end). Each worker takes two
-# files to start with, one from each of the first two rounds of three: the files of 200 and of 40
-# simulated devices, first and fourth, go to the same worker, one after the other.
+# the suite in two xdist workers a file at a time, in this order (--no-loadscope-reorder; xdist's own
+# order, most tests first, left the few-test fleet files to run alone at the end). The two files of
+# 200 and 40 simulated devices sit first and third, so one worker runs them one after the other.
 HEAVY_FIRST = (
     "rollouts/test_scenarios.py",
     "test_docs_container.py",
-    "updater/test_crashes.py",
     "rollouts/test_operations.py",
+    "updater/test_crashes.py",
     "test_docs_demo.py",
     "test_docs.py",
     "test_install.py",
