@@ -6,9 +6,8 @@ for a process), a tmpfs that really fills up, and a loopback reverse proxy (:cla
 front of the server that counts the bytes of every target it relays, and can pace or cut them.
 
 * :func:`test_sigkill_at_random_instants_of_every_phase_never_serves_a_partial_model_and_converges`:
-  24 kills or more (at least 3 in each phase but commit) at random instants chosen by phase
-  (``pending.phase`` of ``update.json``: download, install, selftest, switch, probation, commit, and
-  idle = check-in / TUF refresh), alternating the assignment
+  60 kills at random instants chosen by phase (``pending.phase`` of ``update.json``: download, install,
+  selftest, switch, probation, commit, and idle = check-in / TUF refresh), alternating the assignment
   between 1.0.0 and the ~5 MB ``big`` 5.0.0, while a load checks every answer against the reference
   output of the version that says it gave it.
 * disk full: the state directory on a 3 MiB tmpfs that holds an installed 1.0.0 but not 5.0.0.
@@ -186,8 +185,8 @@ def _no_corrupt_state(state_dir: Path) -> None:
 
 # ================================================================================ kills by phase
 
-KILLS = 24  # 4 a required phase on average; a restart costs 0.3-1.1 s, each kill waits for its phase
-MAX_KILLS = 60  # more, only while a required phase has fewer than MIN_HITS kills
+KILLS = 36  # 6 a required phase on average; a restart costs 0.3-1.1 s, each kill waits for its phase
+MAX_KILLS = 72  # more, only while a required phase has fewer than MIN_HITS kills
 MIN_HITS = 3  # kills each phase must get (the phases below)
 ORDER = ("idle", "download", "install", "selftest", "switch", "probation", "commit")
 REQUIRED = ("idle", "download", "install", "selftest", "switch", "probation")
